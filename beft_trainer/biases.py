@@ -1,0 +1,266 @@
+"""Which parameters of a model are its query/key/value/... bias vectors.
+
+Bias types are found by *exact* parameter names relative to a transformer layer, per
+architecture, never by substring: ``attention.output.dense.bias`` is the attention-output bias
+of a BERT layer and nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import BiasTypeError
+
+#: Every bias type name the library knows, in a stable order.
+BIAS_TYPES: tuple[str, ...] = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out", "ln")
+
+#: Names accepted as a shorthand for "every bias of the model" (BitFit).
+ALL_BIASES = "all"
+
+_BERT_LIKE = {
+    "attention.self.query.bias": "q",
+    "attention.self.key.bias": "k",
+    "attention.self.value.bias": "v",
+    "attention.output.dense.bias": "attn_out",
+    "intermediate.dense.bias": "mlp_in",
+    "output.dense.bias": "mlp_out",
+    "attention.output.LayerNorm.bias": "ln",
+    "output.LayerNorm.bias": "ln",
+}
+_OPT_LIKE = {
+    "self_attn.q_proj.bias": "q",
+    "self_attn.k_proj.bias": "k",
+    "self_attn.v_proj.bias": "v",
+    "self_attn.out_proj.bias": "attn_out",
+    "fc1.bias": "mlp_in",
+    "fc2.bias": "mlp_out",
+    "self_attn_layer_norm.bias": "ln",
+    "final_layer_norm.bias": "ln",
+}
+_LLAMA_LIKE = {
+    "self_attn.q_proj.bias": "q",
+    "self_attn.k_proj.bias": "k",
+    "self_attn.v_proj.bias": "v",
+    "self_attn.o_proj.bias": "attn_out",
+}
+
+#: Per ``config.model_type``: the regex of a layer's name prefix, and the exact names of the
+#: bias vectors inside one layer with their type.
+ARCHITECTURES: dict[str, tuple[str, dict[str, str]]] = {
+    "bert": (r"encoder\.layer", _BERT_LIKE),
+    "roberta": (r"encoder\.layer", _BERT_LIKE),
+    "xlm-roberta": (r"encoder\.layer", _BERT_LIKE),
+    "electra": (r"encoder\.layer", _BERT_LIKE),
+    "mpnet": (
+        r"encoder\.layer",
+        {
+            "attention.attn.q.bias": "q",
+            "attention.attn.k.bias": "k",
+            "attention.attn.v.bias": "v",
+            "attention.attn.o.bias": "attn_out",
+            "intermediate.dense.bias": "mlp_in",
+            "output.dense.bias": "mlp_out",
+            "attention.LayerNorm.bias": "ln",
+            "output.LayerNorm.bias": "ln",
+        },
+    ),
+    "distilbert": (
+        r"transformer\.layer",
+        {
+            "attention.q_lin.bias": "q",
+            "attention.k_lin.bias": "k",
+            "attention.v_lin.bias": "v",
+            "attention.out_lin.bias": "attn_out",
+            "ffn.lin1.bias": "mlp_in",
+            "ffn.lin2.bias": "mlp_out",
+            "sa_layer_norm.bias": "ln",
+            "output_layer_norm.bias": "ln",
+        },
+    ),
+    "opt": (r"decoder\.layers", _OPT_LIKE),
+    "gpt2": (
+        r"h",
+        {
+            # c_attn's fused bias is split into three parameters by split_fused_qkv_bias().
+            "attn.c_attn.bias_q": "q",
+            "attn.c_attn.bias_k": "k",
+            "attn.c_attn.bias_v": "v",
+            "attn.c_proj.bias": "attn_out",
+            "mlp.c_fc.bias": "mlp_in",
+            "mlp.c_proj.bias": "mlp_out",
+            "ln_1.bias": "ln",
+            "ln_2.bias": "ln",
+        },
+    ),
+    "qwen2": (r"layers", _LLAMA_LIKE),
+    "llama": (r"layers", _LLAMA_LIKE),
+    "mistral": (r"layers", _LLAMA_LIKE),
+}
+
+#: Projections that get a zero-initialised bias with ``add_missing_biases`` (bias-free models).
+_MISSING_BIAS_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"}
+
+
+@dataclass(frozen=True)
+class BiasVector:
+    """One bias vector of one layer: its full parameter name, layer index and type."""
+
+    name: str
+    layer: int
+    bias_type: str
+
+
+@dataclass
+class BiasLayout:
+    """The bias vectors of a model grouped by type, each list ordered by layer."""
+
+    model_type: str
+    vectors: dict[str, list[BiasVector]] = field(default_factory=dict)
+    other_biases: list[str] = field(default_factory=list)
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """The bias types present in the model, in ``BIAS_TYPES`` order."""
+        return tuple(t for t in BIAS_TYPES if self.vectors.get(t))
+
+    def names(self, bias_types: Iterable[str]) -> list[str]:
+        """Full parameter names of every vector of the given types."""
+        return [v.name for t in bias_types for v in self.vectors.get(t, [])]
+
+    def all_bias_names(self) -> list[str]:
+        """Every bias parameter of the model: typed vectors plus the others (embeddings LN, ...)."""
+        return self.names(self.types) + list(self.other_biases)
+
+    def require(self, bias_types: Iterable[str]) -> None:
+        """Raise ``BiasTypeError`` unless every type is a known name present in the model."""
+        for bias_type in bias_types:
+            if bias_type not in BIAS_TYPES:
+                raise BiasTypeError(
+                    f"Unknown bias type {bias_type!r}. Known types: {', '.join(BIAS_TYPES)}."
+                )
+            if not self.vectors.get(bias_type):
+                raise BiasTypeError(
+                    f"The {self.model_type!r} model has no {bias_type!r} biases; it has: "
+                    f"{', '.join(self.types) or 'none'}. Choose candidates among those, or for a "
+                    "bias-free model pass BeftConfig(add_missing_biases=True)."
+                )
+
+
+def model_type_of(model: nn.Module) -> str:
+    """The ``config.model_type`` of a transformers model (peft wrappers included)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise BiasTypeError(
+            f"{type(model).__name__} has no config.model_type; beft_trainer works on transformers models."
+        )
+    return model_type
+
+
+def _is_bias_parameter(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf == "bias" or leaf in ("bias_q", "bias_k", "bias_v")
+
+
+def find_biases(model: nn.Module) -> BiasLayout:
+    """Group every bias parameter of ``model`` by type, using exact per-architecture names."""
+    model_type = model_type_of(model)
+    if model_type not in ARCHITECTURES:
+        raise BiasTypeError(
+            f"Architecture {model_type!r} is not supported yet. Supported: "
+            f"{', '.join(sorted(ARCHITECTURES))}."
+        )
+    layer_prefix, table = ARCHITECTURES[model_type]
+    layer_re = re.compile(rf"^(?:.*\.)?{layer_prefix}\.(\d+)\.(.+)$")
+    layout = BiasLayout(model_type=model_type)
+    for name, _ in model.named_parameters():
+        if not _is_bias_parameter(name):
+            continue
+        match = layer_re.match(name)
+        bias_type = table.get(match.group(2)) if match else None
+        if bias_type is None:
+            layout.other_biases.append(name)
+            continue
+        layout.vectors.setdefault(bias_type, []).append(BiasVector(name, int(match.group(1)), bias_type))
+    for vectors in layout.vectors.values():
+        vectors.sort(key=lambda v: v.layer)
+    return layout
+
+
+def add_missing_biases(model: nn.Module, bias_types: Sequence[str] = ("q", "k", "v")) -> int:
+    """Give bias-free q/k/v projections (Llama, Mistral) a zero-initialised bias.
+
+    The output is unchanged at initialisation. The projection score is degenerate for such
+    biases (``b_pre = 0`` makes every moved layer score 1), so select with ``magnitude`` or
+    ``fisher``. Returns the number of biases added.
+    """
+    model_type = model_type_of(model)
+    layer_prefix, _ = ARCHITECTURES.get(model_type, (r"layers", {}))
+    added = 0
+    for bias_type in bias_types:
+        suffix = _MISSING_BIAS_MODULES.get(bias_type)
+        if suffix is None:
+            raise BiasTypeError(f"add_missing_biases supports q, k, v; got {bias_type!r}.")
+        pattern = re.compile(rf"^(?:.*\.)?{layer_prefix}\.\d+\.{re.escape(suffix)}$")
+        for name, module in model.named_modules():
+            if pattern.match(name) and isinstance(module, nn.Linear) and module.bias is None:
+                weight = module.weight
+                module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
+                added += 1
+    return added
+
+
+def split_fused_qkv_bias(model: nn.Module) -> int:
+    """Split GPT-2's fused ``c_attn.bias`` into ``bias_q``/``bias_k``/``bias_v`` parameters.
+
+    A slice of one tensor cannot be frozen exactly by an optimizer (its momentum and DeepSpeed's
+    flat partitions see one tensor), three parameters can. The forward pass is unchanged; the
+    state dict still holds the fused ``c_attn.bias``, so checkpoints stay loadable by
+    ``GPT2Model.from_pretrained``. Returns the number of modules split.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    split = 0
+    for name, module in model.named_modules():
+        if name.endswith("attn.c_attn") and type(module) is Conv1D and module.bias is not None:
+            _SplitBiasConv1D.convert(module)
+            split += 1
+    return split
+
+
+def _split_state_dict_hook(module, state_dict, prefix, local_metadata):
+    parts = [state_dict.pop(prefix + f"bias_{t}") for t in "qkv"]
+    state_dict[prefix + "bias"] = torch.cat(parts)
+    return state_dict
+
+
+def _split_load_pre_hook(state_dict, prefix, *args, **kwargs):
+    fused = state_dict.pop(prefix + "bias", None)
+    if fused is not None:
+        for t, part in zip("qkv", fused.chunk(3)):
+            state_dict[prefix + f"bias_{t}"] = part
+
+
+class _SplitBiasConv1D(nn.Module):
+    """Forward of a GPT-2 ``Conv1D`` whose bias lives in three parameters."""
+
+    @staticmethod
+    def convert(module: nn.Module) -> None:
+        fused = module._parameters.pop("bias")
+        for t, part in zip("qkv", fused.detach().chunk(3)):
+            module.register_parameter(f"bias_{t}", nn.Parameter(part.clone(), requires_grad=fused.requires_grad))
+        module.bias = None  # read by Conv1D.__repr__ only
+        module.forward = _SplitBiasConv1D.forward.__get__(module)
+        module._register_state_dict_hook(_split_state_dict_hook)
+        module._register_load_state_dict_pre_hook(_split_load_pre_hook)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - bound onto Conv1D instances
+        bias = torch.cat((self.bias_q, self.bias_k, self.bias_v))
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)

@@ -1,0 +1,92 @@
+"""Reading and writing full parameters and agreeing across ranks, on every backend.
+
+Under DeepSpeed ZeRO the module's parameters are working copies (bf16, or empty partitions at
+stage 3): the truth is the optimizer's fp32 master copy, which these helpers read and write.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def _is_zero_param(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+
+
+def _has_fp32_master(param: torch.Tensor) -> bool:
+    return getattr(param, "_hp_mapping", None) is not None or hasattr(param, "_z3_optimizer")
+
+
+def gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
+    """Context in which ZeRO-3 partitioned ``params`` hold their full values (no-op otherwise)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
+
+
+def read_full_fp32(param: torch.Tensor) -> torch.Tensor:
+    """The full fp32 value of ``param`` on CPU: the master copy under ZeRO, else the tensor."""
+    if _has_fp32_master(param):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        value = safe_get_full_fp32_param(param)
+        if value is not None:
+            return value.detach().float().cpu().clone()
+    with gathered([param]):
+        return param.detach().float().cpu().clone()
+
+
+def write_full_fp32(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Set ``param`` to ``value`` in the module and, under ZeRO, in the fp32 master copy."""
+    if _has_fp32_master(param):
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(param, value.to(param.device, torch.float32))
+    with gathered([param], modifier_rank=0), torch.no_grad():
+        if param.numel() == value.numel():
+            param.copy_(value.to(param.device, param.dtype).view_as(param))
+
+
+def is_distributed() -> bool:
+    """Whether a torch.distributed process group with more than one rank is active."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def all_reduce_sum(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Sum each tensor over ranks (returned on CPU); identity in a single process."""
+    if not is_distributed():
+        return [t.cpu() for t in tensors]
+    flat = torch.cat([t.flatten().double() for t in tensors]).to(device)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat = flat.cpu()
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset : offset + t.numel()].view_as(t).to(t.dtype))
+        offset += t.numel()
+    return out
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` must be picklable)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def is_zero_partitioned(param: torch.Tensor) -> bool:
+    """Whether ``param`` is managed by DeepSpeed ZeRO (its module tensor may not be the truth)."""
+    return _is_zero_param(param)

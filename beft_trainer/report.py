@@ -1,0 +1,121 @@
+"""The selection report: every score of every candidate, the decision, and its plot."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .biases import BiasLayout
+from .scores import fisher_score, magnitude_score, projection_score, random_score
+
+#: File name of the report in ``args.output_dir``.
+REPORT_NAME = "beft_selection.json"
+#: File name of the report's plot in ``args.output_dir``.
+PLOT_NAME = "beft_selection.png"
+
+#: The scores computed for every candidate, whichever one decides.
+REPORTED_SCORES = ("projection", "magnitude", "fisher", "random")
+
+
+@dataclass
+class SelectionReport:
+    """What the selection saw and decided; ``to_dict()`` is the ``beft_selection.json`` schema."""
+
+    model_type: str
+    candidates: list[str]
+    scores: dict[str, dict[str, Any]]
+    selected: list[str] = field(default_factory=list)
+    score: str = "projection"
+    probe_steps: int = 0
+    step: int = 0
+    inert: dict[str, str] = field(default_factory=dict)
+    rewind: bool = True
+    trainable_parameters: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        layout: BiasLayout,
+        candidates: Sequence[str],
+        pretrained: dict[str, torch.Tensor],
+        trained: dict[str, torch.Tensor],
+        squared_grads: dict[str, torch.Tensor],
+        grad_counts: dict[str, int],
+        seed: int,
+    ) -> SelectionReport:
+        """Score every candidate type with every score, per layer and overall."""
+        scores = {}
+        for bias_type in candidates:
+            vectors = layout.vectors[bias_type]
+            names = [v.name for v in vectors]
+            layers = [v.layer for v in vectors]
+            pre, post = [pretrained[n] for n in names], [trained[n] for n in names]
+            results = {
+                "projection": projection_score(pre, post),
+                "magnitude": magnitude_score(pre, post),
+                "fisher": fisher_score([squared_grads[n] for n in names], [grad_counts[n] for n in names]),
+                "random": random_score(bias_type, len(names), seed),
+            }
+            entry: dict[str, Any] = {name: value for name, (value, _) in results.items()}
+            entry["per_layer"] = {
+                name: {str(layer): v for layer, v in zip(layers, per_layer)}
+                for name, (_, per_layer) in results.items()
+            }
+            scores[bias_type] = entry
+        return cls(model_type=layout.model_type, candidates=list(candidates), scores=scores)
+
+    def finish(self, **decision: Any) -> None:
+        """Record the decision (selected, score, step, inert, ...) in the report."""
+        for key, value in decision.items():
+            setattr(self, key, value)
+
+    def type_scores(self, score: str) -> dict[str, float]:
+        """``{bias_type: value}`` of one score."""
+        return {t: self.scores[t][score] for t in self.candidates}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready report."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> SelectionReport:
+        """Inverse of ``to_dict``."""
+        return cls(**payload)
+
+    def log_metrics(self) -> dict[str, float]:
+        """Flat numeric metrics for the Trainer's loggers (TensorBoard, W&B, ...)."""
+        metrics = {f"beft/{t}/{s}": float(self.scores[t][s]) for t in self.candidates for s in REPORTED_SCORES}
+        metrics |= {f"beft/{t}/selected": float(t in self.selected) for t in self.candidates}
+        metrics |= {f"beft/{t}/inert": float(t in self.inert) for t in self.candidates}
+        if self.trainable_parameters:
+            metrics["beft/trainable_parameters"] = float(self.trainable_parameters["after"])
+        return metrics
+
+    def summary(self) -> str:
+        """One line for humans."""
+        ranked = ", ".join(
+            f"{t}={self.scores[t][self.score]:.4g}" + (" (inert)" if t in self.inert else "")
+            for t in self.candidates
+        )
+        share = ""
+        if self.trainable_parameters.get("total"):
+            share = f"; {self.trainable_parameters['after']:,} trainable parameters " + (
+                f"({100 * self.trainable_parameters['after'] / self.trainable_parameters['total']:.4f}% of the model)"
+            )
+        return f"BEFT selected {'+'.join(self.selected)} at step {self.step} by {self.score} [{ranked}]{share}"
+
+
+def write_report(report: SelectionReport, path: str) -> None:
+    """Write the report as JSON to ``path``."""
+    with open(path, "w") as f:
+        json.dump(report.to_dict(), f, indent=2)
+
+
+def read_report(path: str) -> SelectionReport:
+    """Read a ``beft_selection.json``."""
+    with open(path) as f:
+        return SelectionReport.from_dict(json.load(f))

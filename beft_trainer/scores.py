@@ -1,0 +1,86 @@
+"""Importance scores of a bias type, as pure functions of tensors.
+
+Each score takes one entry per layer and returns ``(type_score, per_layer_scores)``; the type
+score is the mean over layers. Higher means more important.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .errors import BeftConfigError
+
+#: Score names accepted by ``BiasSelectionCallback(score=...)``.
+SCORE_NAMES: tuple[str, ...] = ("projection", "magnitude", "fisher", "random")
+
+LayerScores = tuple[float, list[float]]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def projection_score(pre: Sequence[torch.Tensor], post: Sequence[torch.Tensor]) -> LayerScores:
+    """BEFT's score: ``1 - <b_pre, b_post> / max(|b_pre|^2, |b_post|^2)`` per layer.
+
+    Zero when a vector did not move. Degenerate when ``b_pre = 0`` (every moved layer scores 1).
+    """
+    per_layer = []
+    for before, after in zip(pre, post, strict=True):
+        before, after = before.double().flatten(), after.double().flatten()
+        scale = torch.maximum(before.dot(before), after.dot(after))
+        per_layer.append(0.0 if scale == 0 else float(1 - before.dot(after) / scale))
+    return _mean(per_layer), per_layer
+
+
+def magnitude_score(pre: Sequence[torch.Tensor], post: Sequence[torch.Tensor]) -> LayerScores:
+    """BitFit's score: the mean absolute change ``mean(|b_post - b_pre|)`` per layer."""
+    per_layer = [
+        float((after.double() - before.double()).abs().mean()) for before, after in zip(pre, post, strict=True)
+    ]
+    return _mean(per_layer), per_layer
+
+
+def fisher_score(squared_grad_sums: Sequence[torch.Tensor], num_batches: Sequence[int]) -> LayerScores:
+    """Empirical Fisher mass: the mean squared gradient of a layer's vector over probing batches."""
+    if min(num_batches, default=0) <= 0:
+        raise BeftConfigError("fisher_score needs at least one probing batch per layer.")
+    per_layer = [float(s.double().mean() / n) for s, n in zip(squared_grad_sums, num_batches, strict=True)]
+    return _mean(per_layer), per_layer
+
+
+def random_score(bias_type: str, num_layers: int, seed: int) -> LayerScores:
+    """A seeded random score: the same on every rank, different per type (a baseline)."""
+    generator = torch.Generator().manual_seed(seed * 7919 + sum(map(ord, bias_type)))
+    per_layer = torch.rand(num_layers, generator=generator, dtype=torch.float64).tolist()
+    return _mean(per_layer), per_layer
+
+
+def find_inert(fisher_by_type: dict[str, float], threshold: float) -> dict[str, str]:
+    """Types whose Fisher mass is below ``threshold`` times the largest one, with the reason.
+
+    A key bias shifts every attention logit of a row by the same amount, which softmax ignores:
+    its gradient is rounding noise, and Adam would amplify that noise into movement.
+    """
+    largest = max(fisher_by_type.values(), default=0.0)
+    if largest <= 0:
+        return {}
+    inert = {}
+    for bias_type, mass in fisher_by_type.items():
+        ratio = mass / largest
+        if ratio < threshold:
+            inert[bias_type] = (
+                f"gradient signal {ratio:.2e} of the strongest type's (threshold {threshold:.0e}): "
+                "its gradient is rounding noise, so its movement measures the optimizer, not the task"
+            )
+    return inert
+
+
+def rank_types(scores: dict[str, float], excluded: Sequence[str], top_k: int) -> list[str]:
+    """The ``top_k`` best types by score, skipping excluded ones; ties break by type order."""
+    eligible = [t for t in scores if t not in excluded]
+    if not eligible:
+        raise BeftConfigError("Every candidate bias type is inert; nothing can be selected.")
+    return sorted(eligible, key=lambda t: -scores[t])[:top_k]

@@ -1,0 +1,256 @@
+"""BeftTrainer: a ``transformers.Trainer`` that trains bias vectors and freezes them exactly.
+
+Overridden hooks: ``__init__`` (prepares the model and the trainable set), ``create_optimizer``
+(one parameter group per bias type) and ``train`` (remembers the checkpoint it resumes from).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from .biases import BiasLayout, add_missing_biases, find_biases, split_fused_qkv_bias
+from .config import BeftConfig
+from .distributed import read_full_fp32, write_full_fp32
+from .errors import BeftConfigError
+from .heads import find_head_parameters
+
+logger = logging.getLogger(__name__)
+
+HEAD_GROUP = "head"
+HEAD_DECAY_GROUP = "head_decay"
+OTHER_BIASES_GROUP = "other_biases"
+
+#: Optimizers that ignore a parameter group's lr, so an lr of 0 would not freeze anything.
+_LR_IGNORING_OPTIMIZERS = ("adafactor", "lomo", "adalomo", "schedule_free")
+
+
+class BeftTrainer(Trainer):
+    """A Trainer that trains only bias vectors (BitFit/BEFT) and the task head.
+
+    Use it like ``transformers.Trainer``. Without a ``BiasSelectionCallback`` it trains the fixed
+    ``beft_config.bias_types`` (default: the value biases). With the callback, the candidate
+    types train while probing; at the switch the others are frozen exactly: each bias type is
+    its own optimizer parameter group, and a frozen group's learning rate (and the scheduler's
+    base rate) is set to 0 and its optimizer state reset, which holds under DDP and DeepSpeed
+    ZeRO where flipping ``requires_grad`` does not.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: Any = None,
+        *trainer_args: Any,
+        beft_config: BeftConfig | None = None,
+        callbacks: list | None = None,
+        **trainer_kwargs: Any,
+    ) -> None:
+        if model is None:
+            raise BeftConfigError("BeftTrainer needs a model (model_init is not supported).")
+        self.beft_config = beft_config or BeftConfig()
+        selection = self._selection_callback(callbacks)
+        self.bias_layout = _prepare_model(model, self.beft_config)
+        self.parameter_groups = self._trainable_groups(model, selection)
+        self.frozen_groups: list[str] = []
+        _freeze_all_but(model, [n for names in self.parameter_groups.values() for n in names])
+        self.pretrained_biases = {
+            name: read_full_fp32(param)
+            for name, param in model.named_parameters()
+            if name in self._bias_names(self.parameter_groups)
+        }
+        self.resume_checkpoint_dir: str | None = None
+        if selection is not None:
+            selection.bind(self)
+        super().__init__(model, args, *trainer_args, callbacks=callbacks, **trainer_kwargs)
+        self._validate_backend()
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def _selection_callback(self, callbacks: list | None):
+        from .callback import BiasSelectionCallback
+
+        found = [cb for cb in callbacks or [] if isinstance(cb, BiasSelectionCallback)]
+        if len(found) > 1:
+            raise BeftConfigError("Pass at most one BiasSelectionCallback.")
+        if found and self.beft_config.bias_types is not None:
+            raise BeftConfigError(
+                "BeftConfig.bias_types fixes the trained types, BiasSelectionCallback selects them: "
+                "use one or the other (the callback's `candidates` say what is probed)."
+            )
+        return found[0] if found else None
+
+    def _trainable_groups(self, model: nn.Module, selection) -> dict[str, list[str]]:
+        layout = self.bias_layout
+        if selection is not None:
+            bias_types: Sequence[str] = selection.candidates
+        elif self.beft_config.is_bitfit:
+            bias_types = layout.types
+        else:
+            bias_types = self.beft_config.bias_types or ("v",)
+        layout.require(bias_types)
+        groups = {t: layout.names([t]) for t in bias_types}
+        if self.beft_config.is_bitfit and layout.other_biases:
+            groups[OTHER_BIASES_GROUP] = list(layout.other_biases)
+        if self.beft_config.train_head:
+            head = find_head_parameters(model, self.beft_config.head_modules)
+            head = [n for n in head if n not in self._bias_names(groups)]
+            decay = set(self.get_decay_parameter_names(model))
+            groups[HEAD_DECAY_GROUP] = [n for n in head if n in decay]
+            groups[HEAD_GROUP] = [n for n in head if n not in decay]
+        return {name: names for name, names in groups.items() if names}
+
+    @staticmethod
+    def _bias_names(groups: dict[str, list[str]]) -> set[str]:
+        return {n for g, names in groups.items() if g not in (HEAD_GROUP, HEAD_DECAY_GROUP) for n in names}
+
+    def _validate_backend(self) -> None:
+        if self.args.optim and any(name in str(self.args.optim) for name in _LR_IGNORING_OPTIMIZERS):
+            raise BeftConfigError(
+                f"optim={self.args.optim!r} ignores per-group learning rates, so frozen bias types "
+                "would keep moving. Use an Adam/SGD-family optimizer (the default adamw_torch works)."
+            )
+        if self.is_deepspeed_enabled:
+            ds_config = self.accelerator.state.deepspeed_plugin.hf_ds_config.config
+            if "optimizer" in ds_config:
+                raise BeftConfigError(
+                    "The DeepSpeed config has an 'optimizer' section, which replaces the Trainer's "
+                    "per-bias-type parameter groups. Remove it (ds_configs/*.json show how): the "
+                    "Trainer's AdamW then runs inside ZeRO."
+                )
+
+    # -- Trainer hooks ------------------------------------------------------------------------
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Override: one optimizer parameter group per bias type (plus the head's two)."""
+        if self.optimizer is not None:
+            return self.optimizer
+        params = dict((model or self.model).named_parameters())
+        self.group_index = {name: i for i, name in enumerate(self.parameter_groups)}
+        groups = [
+            {
+                "params": [params[n] for n in names],
+                "weight_decay": self.args.weight_decay if name == HEAD_DECAY_GROUP else 0.0,
+            }
+            for name, names in self.parameter_groups.items()
+        ]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model or self.model)
+        if any(key in optimizer_kwargs for key in ("params", "model", "optimizer_dict")):
+            raise BeftConfigError(f"optim={self.args.optim!r} builds its own parameter groups; use AdamW or SGD.")
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """Override: remember the checkpoint folder so the selection state resumes with it."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        self.resume_checkpoint_dir = resume_from_checkpoint or None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    # -- the switch ---------------------------------------------------------------------------
+
+    def freeze_groups(self, group_names: Sequence[str], rewind: bool = False) -> None:
+        """Freeze the given bias-type groups exactly for the rest of training.
+
+        Their learning rate and the scheduler's base rate become 0 and their optimizer state is
+        zeroed; with ``rewind`` their parameters return to the pretrained values (in the fp32
+        master copy too, under ZeRO). Idempotent, so a resumed run can apply it again.
+        """
+        unknown = [g for g in group_names if g not in self.parameter_groups]
+        if unknown:
+            raise BeftConfigError(f"Cannot freeze {unknown}: trainable groups are {list(self.parameter_groups)}.")
+        if self.optimizer is None:
+            raise BeftConfigError("freeze_groups() needs the optimizer: call it during training.")
+        indices = [self.group_index[g] for g in group_names]
+        _zero_group_learning_rates(self.optimizer, self.lr_scheduler, indices)
+        _reset_optimizer_state(self.optimizer, indices)
+        if rewind:
+            self._rewind([n for g in group_names for n in self.parameter_groups[g]])
+        if not self.is_deepspeed_enabled and self.args.world_size == 1:
+            # Only safe without DDP/ZeRO, whose gradient bookkeeping expects every grad.
+            params = dict(self.model.named_parameters())
+            for name in (n for g in group_names for n in self.parameter_groups[g]):
+                params[name].requires_grad_(False)
+        self.frozen_groups = sorted(set(self.frozen_groups) | set(group_names), key=list(self.group_index).index)
+
+    def _rewind(self, names: list[str]) -> None:
+        params = dict(self.model.named_parameters())
+        for name in names:
+            write_full_fp32(params[name], self.pretrained_biases[name])
+
+    # -- what trains --------------------------------------------------------------------------
+
+    @property
+    def active_groups(self) -> list[str]:
+        """Parameter groups that still train."""
+        return [g for g in self.parameter_groups if g not in self.frozen_groups]
+
+    def count_parameters(self, group_names: Sequence[str] | None = None) -> int:
+        """Number of scalars in the given groups (default: every group still training)."""
+        params = dict(self.model.named_parameters())
+        names = [n for g in (group_names or self.active_groups) for n in self.parameter_groups[g]]
+        return sum(_numel(params[n]) for n in names)
+
+    def total_parameters(self) -> int:
+        """Number of scalars in the whole model (ZeRO-3 partitions counted in full)."""
+        return sum(_numel(p) for p in self.model.parameters())
+
+    def checkpoint_dir(self, step: int) -> str:
+        """The folder the Trainer writes the checkpoint of ``step`` to."""
+        return os.path.join(self.args.output_dir, f"checkpoint-{step}")
+
+
+def _prepare_model(model: nn.Module, config: BeftConfig) -> BiasLayout:
+    split_fused_qkv_bias(model)
+    if config.add_missing_biases:
+        added = add_missing_biases(model)
+        logger.info("Added %d zero-initialised q/k/v biases.", added)
+    return find_biases(model)
+
+
+def _freeze_all_but(model: nn.Module, trainable: list[str]) -> None:
+    keep = set(trainable)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in keep)
+
+
+def _numel(param: torch.Tensor) -> int:
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def _innermost(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's and DeepSpeed's wrappers (they share its groups)."""
+    while hasattr(optimizer, "optimizer") and optimizer.optimizer is not optimizer:
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _zero_group_learning_rates(optimizer: Any, scheduler: Any, indices: list[int]) -> None:
+    groups = _innermost(optimizer).param_groups
+    for i in indices:
+        groups[i]["lr"] = 0.0
+        if "initial_lr" in groups[i]:
+            groups[i]["initial_lr"] = 0.0
+    while scheduler is not None and not hasattr(scheduler, "base_lrs") and hasattr(scheduler, "scheduler"):
+        scheduler = scheduler.scheduler
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        for i in indices:
+            scheduler.base_lrs[i] = 0.0
+        if hasattr(scheduler, "_last_lr"):
+            for i in indices:
+                scheduler._last_lr[i] = 0.0
+
+
+def _reset_optimizer_state(optimizer: Any, indices: list[int]) -> None:
+    inner = _innermost(optimizer)
+    for i in indices:
+        for param in inner.param_groups[i]["params"]:
+            for key, value in inner.state.get(param, {}).items():
+                if torch.is_tensor(value) and key != "step":
+                    value.zero_()
