@@ -35,6 +35,14 @@ class BeftConfig:
     train_head: bool = field(
         default=True, metadata={"help": "Train the task head alongside the biases."}
     )
+    frozen_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Store frozen parameters in this dtype ('bfloat16', 'float16', or 'auto' to follow "
+            "TrainingArguments bf16/fp16); trainable biases and the head stay fp32. Saves the fp32 copy "
+            "of every frozen weight. None keeps the model's dtypes."
+        },
+    )
     add_missing_biases: bool = field(
         default=False,
         metadata={

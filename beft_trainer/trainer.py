@@ -21,6 +21,7 @@ from .config import BeftConfig
 from .distributed import read_full_fp32, write_full_fp32
 from .errors import BeftConfigError
 from .heads import find_head_parameters
+from .precision import cast_frozen_parameters, resolve_frozen_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,11 @@ class BeftTrainer(Trainer):
         self.bias_layout = _prepare_model(model, self.beft_config)
         self.parameter_groups = self._trainable_groups(model, selection)
         self.frozen_groups: list[str] = []
-        _freeze_all_but(model, [n for names in self.parameter_groups.values() for n in names])
+        trainable = [n for names in self.parameter_groups.values() for n in names]
+        _freeze_all_but(model, trainable)
+        frozen_dtype = resolve_frozen_dtype(self.beft_config.frozen_dtype, args)
+        if frozen_dtype is not None:
+            cast_frozen_parameters(model, frozen_dtype, trainable)
         self.pretrained_biases = {
             name: read_full_fp32(param)
             for name, param in model.named_parameters()
