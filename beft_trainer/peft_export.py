@@ -1,0 +1,190 @@
+"""Export a BEFT adapter as a peft BEFT adapter folder (``PeftModel.from_pretrained`` loads it).
+
+peft's BEFT tuner (``peft.tuners.beft``, peft >= 0.20) wraps ``nn.Linear`` layers and adds a
+learned vector ``beft_bias`` to their output: exactly a bias delta. What it can represent:
+
+- bias deltas of linear projections (``q``, ``k``, ``v``, ``attn_out``, ``mlp_in``,
+  ``mlp_out``) as ``target_modules``;
+- the task head as ``modules_to_save`` (whole top-level modules such as ``classifier``); a head
+  bias inside the backbone (BERT's pooler bias) becomes one more BEFT delta on its ``nn.Linear``,
+  computed against the base model, which must then be given.
+
+What it cannot: LayerNorm biases (``ln``) and other non-linear biases (BitFit's
+``other_biases``), and GPT-2's q/k/v biases, which are slices of a fused ``Conv1D``. Exporting
+such an adapter raises ``PeftExportError`` naming them; ``load_adapter`` still loads it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .artifacts import (
+    AdapterError,
+    BeftAdapter,
+    adapter_from_trainer,
+    check_adapter,
+    exact_delta,
+    prepare_base_model,
+    read_adapter,
+)
+
+#: Bias types that live in ``nn.Linear`` layers in every architecture ``find_biases`` knows but GPT-2.
+PEFT_LINEAR_TYPES = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
+#: Architectures whose projections are not ``nn.Linear`` (GPT-2's ``Conv1D``).
+_NON_LINEAR_ARCHITECTURES = {
+    "gpt2": "GPT-2's projections are Conv1D layers and its q/k/v biases slices of the fused c_attn bias"
+}
+#: peft task types by the suffix of the model class, so ``from_pretrained`` builds the right wrapper.
+_TASK_TYPES = {
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+    "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",
+}
+_PEFT_PREFIX = "base_model.model."
+#: File names of a peft adapter folder.
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class PeftExportError(AdapterError):
+    """The adapter holds something peft's BEFT tuner cannot represent."""
+
+
+def peft_unsupported(adapter: BeftAdapter) -> list[str]:
+    """Why parts of ``adapter`` cannot be exported to peft (empty if all of it can)."""
+    metadata = adapter.metadata
+    reasons = []
+    if metadata.model_type in _NON_LINEAR_ARCHITECTURES and adapter.deltas:
+        reasons.append(
+            f"bias types {', '.join(metadata.bias_types)}: {_NON_LINEAR_ARCHITECTURES[metadata.model_type]}"
+        )
+        return reasons
+    for group, names in metadata.bias_groups.items():
+        if group not in PEFT_LINEAR_TYPES:
+            kind = "LayerNorm biases" if group == "ln" else "biases outside linear layers"
+            reasons.append(f"{group!r} ({len(names)} {kind}, e.g. {names[0]})")
+        elif any(not n.endswith(".bias") for n in names):
+            reasons.append(f"{group!r} (biases that are not a Linear layer's .bias)")
+    if not adapter.deltas:
+        reasons.append("no bias deltas (peft's BEFT tuner needs at least one target module)")
+    return reasons
+
+
+def export_peft(
+    source: Any, out_dir: str | os.PathLike, base_model: nn.Module | None = None, overwrite: bool = True
+) -> str:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for peft's BEFT tuner.
+
+    Args:
+        source: a ``BeftTrainer``, a ``BeftAdapter``, or the folder of a saved adapter.
+        out_dir: the peft adapter folder to write.
+        base_model: the adapter's base model. Needed when the head includes a bias inside the
+            backbone (BERT's pooler bias): peft gets it as one more BEFT delta, against the
+            base model's value. The base model is checked like ``load_adapter`` checks it.
+        overwrite: set False to refuse writing into a folder that already holds a peft adapter.
+
+    ``PeftModel.from_pretrained(base_model, out_dir)`` then gives the trained model's outputs
+    (to float rounding: peft adds the delta after the layer; after ``merge_and_unload()`` they
+    are bit-identical). Raises ``PeftExportError`` if the adapter holds biases peft cannot represent.
+    """
+    try:
+        import peft
+    except ImportError as error:  # pragma: no cover - peft is an optional extra
+        raise PeftExportError("Exporting to peft needs peft >= 0.20: pip install 'beft-trainer[peft]'.") from error
+    if not hasattr(peft, "BeftConfig"):
+        raise PeftExportError(f"peft {peft.__version__} has no BEFT tuner; upgrade to peft >= 0.20.")
+    adapter = _as_adapter(source)
+    reasons = peft_unsupported(adapter)
+    if reasons:
+        raise PeftExportError(
+            "peft's BEFT tuner adds a vector to nn.Linear outputs only, so this adapter cannot be exported: "
+            + "; ".join(reasons)
+            + ". Load it with beft_trainer.load_adapter(), or train linear bias types (q, k, v, ...)."
+        )
+    out_dir = os.fspath(out_dir)
+    if not overwrite and os.path.exists(os.path.join(out_dir, PEFT_CONFIG_NAME)):
+        raise PeftExportError(f"{out_dir} already holds a peft adapter (pass overwrite=True to replace it).")
+    metadata = adapter.metadata
+    deltas = dict(adapter.deltas)
+    head = dict(adapter.head)
+    backbone_head = [n for n in head if _in_backbone(n, metadata.backbone_prefix)]
+    if backbone_head:
+        deltas |= _backbone_head_deltas(adapter, backbone_head, base_model)
+        head = {n: v for n, v in head.items() if n not in backbone_head}
+    targets = {name.removesuffix(".bias"): delta for name, delta in deltas.items()}
+    config = peft.BeftConfig(
+        target_modules=sorted(targets),
+        modules_to_save=sorted({name.split(".", 1)[0] for name in head}) or None,
+        base_model_name_or_path=metadata.base_model,
+        task_type=_task_type(metadata.model_class),
+        inference_mode=True,
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    config.save_pretrained(out_dir)
+    # peft stores each delta as a (1, out_features) row; its keys drop the adapter name.
+    tensors = {
+        f"{_PEFT_PREFIX}{target}.beft_bias": delta.float().reshape(1, -1).contiguous()
+        for target, delta in targets.items()
+    }
+    tensors |= {f"{_PEFT_PREFIX}{name}": value.contiguous() for name, value in head.items()}
+    save_file(tensors, os.path.join(out_dir, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+    return out_dir
+
+
+def _backbone_head_deltas(
+    adapter: BeftAdapter, names: list[str], base_model: nn.Module | None
+) -> dict[str, torch.Tensor]:
+    """Deltas of head parameters inside the backbone, against the base model's values.
+
+    peft's ``modules_to_save`` must hold every parameter of a module (BERT's whole pooler
+    weight), so a lone trained bias of a backbone ``nn.Linear`` is exported as a BEFT delta.
+    """
+    if base_model is None:
+        raise PeftExportError(
+            f"The head includes {', '.join(names)}, inside the backbone: peft gets it as a delta against the "
+            "base model, so pass base_model= (on the command line: --base-model PATH)."
+        )
+    prepare_base_model(base_model, adapter.metadata)
+    check_adapter(base_model, adapter)
+    params = dict(base_model.named_parameters())
+    modules = dict(base_model.named_modules())
+    deltas = {}
+    for name in names:
+        module = modules.get(name.rsplit(".", 1)[0])
+        if not (name.endswith(".bias") and isinstance(module, nn.Linear)):
+            raise PeftExportError(
+                f"Head parameter {name} is inside the backbone but is not the bias of an nn.Linear; "
+                "peft cannot represent it. Train with BeftConfig(head_modules=...) naming whole modules."
+            )
+        deltas[name] = exact_delta(params[name].detach().float(), adapter.head[name])
+    return deltas
+
+
+def _as_adapter(source: Any) -> BeftAdapter:
+    if isinstance(source, BeftAdapter):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return read_adapter(source)
+    if hasattr(source, "parameter_groups") and hasattr(source, "pretrained_biases"):
+        return adapter_from_trainer(source)
+    raise PeftExportError(
+        f"export_peft takes a BeftTrainer, a BeftAdapter or an adapter folder, not {type(source).__name__}."
+    )
+
+
+def _in_backbone(name: str, backbone_prefix: str | None) -> bool:
+    return backbone_prefix is not None and name.startswith(backbone_prefix + ".")
+
+
+def _task_type(model_class: str | None) -> str | None:
+    for suffix, task_type in _TASK_TYPES.items():
+        if model_class and model_class.endswith(suffix):
+            return task_type
+    return None
