@@ -1,0 +1,162 @@
+"""A one-figure picture of a selection report: which type won, by how much, and where.
+
+Three panels: the scores of every candidate type (each score divided by its largest value, so
+the three are comparable), the deciding score per layer, and the Fisher mass per layer on a log
+scale (where inert types show as curves orders of magnitude below the others). The selected
+type is highlighted, inert types are hatched and labelled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from .report import SelectionReport, read_report
+
+#: The scores drawn side by side for every type (``random`` joins them when it decided).
+PLOTTED_SCORES = ("projection", "magnitude", "fisher")
+
+_SCORE_COLORS = {"projection": "#1f77b4", "magnitude": "#ff7f0e", "fisher": "#2ca02c", "random": "#7f7f7f"}
+_TYPE_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+_SELECTED_COLOR = "#fff3b0"
+
+
+def plot_report(report: SelectionReport | str | os.PathLike, png_path: str | os.PathLike) -> str:
+    """Draw ``report`` (a ``SelectionReport`` or the path of a ``beft_selection.json``) to ``png_path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; safe to call from a training job
+    import matplotlib.pyplot as plt
+
+    if not isinstance(report, SelectionReport):
+        report = read_report(os.fspath(report))
+    scores = list(PLOTTED_SCORES) + (["random"] if report.score == "random" else [])
+    types = list(report.candidates)
+
+    fig, (ax_types, ax_layers, ax_fisher) = plt.subplots(
+        1, 3, figsize=(15, 4.6), gridspec_kw={"width_ratios": [1.1, 1, 1]}
+    )
+    _draw_type_scores(ax_types, report, types, scores)
+    _draw_per_layer(ax_layers, report, types, report.score, log=False)
+    _draw_per_layer(ax_fisher, report, types, "fisher", log=True)
+
+    fig.suptitle(_title(report), fontsize=12, fontweight="bold")
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    png_path = os.fspath(png_path)
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def _title(report: SelectionReport) -> str:
+    chosen = "+".join(report.selected) or "nothing"
+    title = f"BEFT selected {chosen} by {report.score} at step {report.step} ({report.model_type})"
+    params = report.trainable_parameters
+    if params.get("after"):
+        title += f" · trainable {params.get('before', 0):,} → {params['after']:,}"
+    return title
+
+
+def _normalized(values: list[float]) -> list[float]:
+    # Divide by the largest magnitude so every score peaks at 1 and their shapes compare.
+    top = max((abs(v) for v in values if math.isfinite(v)), default=0.0)
+    return [v / top if top > 0 and math.isfinite(v) else 0.0 for v in values]
+
+
+def _draw_type_scores(ax, report: SelectionReport, types: list[str], scores: list[str]) -> None:
+    from matplotlib.patches import Patch
+
+    width = 0.8 / len(scores)
+    for i, score in enumerate(scores):
+        raw = [float(report.scores[t][score]) for t in types]
+        heights = _normalized(raw)
+        xs = [x + (i - (len(scores) - 1) / 2) * width for x in range(len(types))]
+        bars = ax.bar(
+            xs,
+            heights,
+            width,
+            color=_SCORE_COLORS[score],
+            edgecolor="black" if score == report.score else "none",
+            linewidth=1.2,
+        )
+        for bar, bias_type, value in zip(bars, types, raw, strict=True):
+            if bias_type in report.inert:
+                bar.set_hatch("//")
+                bar.set_alpha(0.55)
+            ax.annotate(
+                f"{value:.2g}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                rotation=90,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
+    for x, bias_type in enumerate(types):
+        if bias_type in report.selected:
+            ax.axvspan(x - 0.45, x + 0.45, color=_SELECTED_COLOR, zorder=0)
+    ax.set_xticks(range(len(types)))
+    ax.set_xticklabels([_type_label(report, t) for t in types])
+    for label, bias_type in zip(ax.get_xticklabels(), types, strict=True):
+        if bias_type in report.selected:
+            label.set_fontweight("bold")
+        elif bias_type in report.inert:
+            label.set_color("#b22222")
+    ax.set_ylim(0, 1.5)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.set_ylabel("score / largest score of its kind")
+    ax.set_title("Scores per bias type (raw values on the bars)", fontsize=10)
+    # Proxy handles: a bar's own style may be an inert type's hatching.
+    handles = [
+        Patch(
+            facecolor=_SCORE_COLORS[s],
+            edgecolor="black" if s == report.score else "none",
+            label=s + (" (decides)" if s == report.score else ""),
+        )
+        for s in scores
+    ]
+    handles.append(Patch(facecolor="white", edgecolor="grey", hatch="//", label="inert type"))
+    ax.legend(handles=handles, fontsize=8, loc="upper center", ncol=len(handles), columnspacing=0.8, handlelength=1.2)
+
+
+def _type_label(report: SelectionReport, bias_type: str) -> str:
+    if bias_type in report.selected:
+        return f"{bias_type}\nSELECTED"
+    if bias_type in report.inert:
+        return f"{bias_type}\ninert"
+    return bias_type
+
+
+def _draw_per_layer(ax, report: SelectionReport, types: list[str], score: str, log: bool) -> None:
+    for i, bias_type in enumerate(types):
+        per_layer = report.scores[bias_type].get("per_layer", {}).get(score, {})
+        if not per_layer:
+            continue
+        layers = sorted(per_layer, key=int)
+        values = [float(per_layer[layer]) for layer in layers]
+        if log:
+            # Zero Fisher mass cannot go on a log axis; the floor keeps the curve visible.
+            values = [max(v, 1e-30) for v in values]
+        selected = bias_type in report.selected
+        inert = bias_type in report.inert
+        ax.plot(
+            [int(layer) for layer in layers],
+            values,
+            marker="o",
+            markersize=6 if selected else 4,
+            linewidth=3 if selected else 1.4,
+            linestyle="--" if inert else "-",
+            color=_TYPE_COLORS[i % len(_TYPE_COLORS)],
+            label=bias_type + (" (selected)" if selected else " (inert)" if inert else ""),
+        )
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(score + (" (log)" if log else ""))
+    what = "deciding score" if score == report.score else "gradient signal"
+    ax.set_title(f"{score} per layer ({what})", fontsize=10)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
