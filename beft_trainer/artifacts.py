@@ -64,6 +64,7 @@ class AdapterMetadata:
     base_model: str | None = None
     model_class: str | None = None
     backbone_prefix: str | None = None
+    num_labels: int | None = None
     added_biases: bool = False
     parameter_count: int = 0
     file_size: int = 0
@@ -227,6 +228,7 @@ def build_adapter(
         base_model=getattr(getattr(model, "config", None), "name_or_path", None) or None,
         model_class=type(model).__name__,
         backbone_prefix=getattr(model, "base_model_prefix", None) or None,
+        num_labels=getattr(getattr(model, "config", None), "num_labels", None),
         added_biases=added_biases,
         library_version=__version__,
     )
@@ -420,7 +422,7 @@ def check_adapter(
     for kind, tensors in (("bias", adapter.deltas), ("head", adapter.head)):
         for name, tensor in tensors.items():
             if tuple(params[name].shape) != tuple(tensor.shape):
-                hint = " (load the base model with the adapter's num_labels)" if kind == "head" else ""
+                hint = f" (load the base model with num_labels={metadata.num_labels})" if kind == "head" else ""
                 raise AdapterError(
                     f"Shape mismatch for {kind} parameter {name}: {where} has {tuple(tensor.shape)}, "
                     f"the model has {tuple(params[name].shape)}{hint}."

