@@ -1,0 +1,206 @@
+"""GLUE tasks for encoder fine-tuning: specs, loading (Hub or local files), sampling, tokenization, metrics.
+
+The same code serves any local classification/regression task whose files use the Hub's GLUE
+column names (``sentence``, ``sentence1``/``sentence2``, ``question``/``sentence``, ``label``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import BeftConfigError
+
+logger = logging.getLogger(__name__)
+
+#: The Hub dataset that holds GLUE (the old ``glue`` script name no longer loads in ``datasets`` 4+).
+GLUE_HUB_NAME = "nyu-mll/glue"
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """One GLUE task: its input columns, label count (1 = regression) and GLUE metric names."""
+
+    name: str
+    text_columns: tuple[str, ...]
+    num_labels: int
+    metrics: tuple[str, ...]
+    validation_split: str = "validation"
+
+    @property
+    def is_regression(self) -> bool:
+        """STS-B predicts a similarity score, every other task a class."""
+        return self.num_labels == 1
+
+    @property
+    def main_metric(self) -> str:
+        """The metric reported first (and used for model selection)."""
+        return self.metrics[0]
+
+
+#: The eight GLUE tasks the recipes support, with the metric names ``evaluate``'s ``glue`` uses.
+GLUE_TASKS: dict[str, GlueTask] = {
+    "cola": GlueTask("cola", ("sentence",), 2, ("matthews_correlation",)),
+    "sst2": GlueTask("sst2", ("sentence",), 2, ("accuracy",)),
+    "mrpc": GlueTask("mrpc", ("sentence1", "sentence2"), 2, ("f1", "accuracy")),
+    "stsb": GlueTask("stsb", ("sentence1", "sentence2"), 1, ("pearson", "spearmanr")),
+    "qqp": GlueTask("qqp", ("question1", "question2"), 2, ("f1", "accuracy")),
+    "mnli": GlueTask("mnli", ("premise", "hypothesis"), 3, ("accuracy",), validation_split="validation_matched"),
+    "qnli": GlueTask("qnli", ("question", "sentence"), 2, ("accuracy",)),
+    "rte": GlueTask("rte", ("sentence1", "sentence2"), 2, ("accuracy",)),
+}
+
+#: File extensions read as local data, and the ``datasets`` builder that reads each.
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv"}
+
+
+def get_task(task_name: str) -> GlueTask:
+    """The spec of a GLUE task by its Hub config name (``sst2``, ``cola``, ...)."""
+    key = task_name.lower()
+    if key not in GLUE_TASKS:
+        raise BeftConfigError(f"Unknown GLUE task {task_name!r}; choose one of {', '.join(GLUE_TASKS)}.")
+    return GLUE_TASKS[key]
+
+
+def local_task_files(data_dir: str | os.PathLike | None, task_name: str) -> dict[str, str] | None:
+    """``{"train": ..., "validation": ...}`` in ``data_dir/<task>/`` when both JSON-lines files exist."""
+    if data_dir is None:
+        return None
+    folder = os.path.join(data_dir, task_name)
+    files = {split: os.path.join(folder, f"{split}.jsonl") for split in ("train", "validation")}
+    return files if all(os.path.isfile(path) for path in files.values()) else None
+
+
+def load_local_files(files: dict[str, str]):
+    """Load ``{split: path}`` files (JSON lines, CSV or TSV, one format) as a ``DatasetDict``."""
+    from datasets import load_dataset
+
+    extensions = {os.path.splitext(path)[1].lower() for path in files.values()}
+    unknown = extensions - set(_FILE_BUILDERS)
+    if unknown:
+        raise BeftConfigError(f"Data files must be .jsonl, .json, .csv or .tsv; got {sorted(unknown)}.")
+    if len({_FILE_BUILDERS[e] for e in extensions}) > 1 or (".tsv" in extensions and len(extensions) > 1):
+        raise BeftConfigError(f"Use one file format for every split; got {sorted(extensions)}.")
+    extension = extensions.pop()
+    options = {"delimiter": "\t"} if extension == ".tsv" else {}
+    return load_dataset(_FILE_BUILDERS[extension], data_files=dict(files), **options)
+
+
+def load_glue(
+    task: GlueTask,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+):
+    """A ``DatasetDict`` with ``train`` and ``validation`` splits for ``task``.
+
+    Explicit files win; else ``data_dir/<task>/{train,validation}.jsonl`` when present; else the Hub.
+    """
+    if train_file or validation_file:
+        if not (train_file and validation_file):
+            raise BeftConfigError("Pass both --train_file and --validation_file (or neither, to use the Hub).")
+        return load_local_files({"train": train_file, "validation": validation_file})
+    files = local_task_files(data_dir, task.name)
+    if files is not None:
+        logger.info("Loading %s from %s", task.name, os.path.dirname(files["train"]))
+        return load_local_files(files)
+    from datasets import DatasetDict, load_dataset
+
+    hub = load_dataset(GLUE_HUB_NAME, task.name)
+    return DatasetDict(train=hub["train"], validation=hub[task.validation_split])
+
+
+def check_columns(dataset, task: GlueTask) -> None:
+    """Raise a clear error when a split lacks the task's text columns or its ``label``."""
+    missing = [c for c in (*task.text_columns, "label") if c not in dataset.column_names]
+    if missing:
+        raise BeftConfigError(
+            f"The {task.name} data lacks columns {missing} (it has {dataset.column_names}); "
+            "local files must use the Hub's GLUE column names."
+        )
+
+
+def sample_examples(dataset, max_samples: int | None, seed: int):
+    """A seeded random subset of at most ``max_samples`` rows (the low-data regime); all rows if None."""
+    if max_samples is None or max_samples >= len(dataset):
+        return dataset
+    if max_samples < 1:
+        raise BeftConfigError(f"max_samples must be >= 1, got {max_samples}.")
+    return dataset.shuffle(seed=seed).select(range(max_samples))
+
+
+def tokenize_glue(dataset, tokenizer, task: GlueTask, max_length: int = 128):
+    """Tokenize one split: the task's text columns become ``input_ids``/``attention_mask``, plus ``labels``.
+
+    Padding is left to the collator (dynamic padding per batch).
+    """
+    check_columns(dataset, task)
+
+    def encode(batch: dict[str, list]) -> dict[str, Any]:
+        texts = [batch[column] for column in task.text_columns]
+        encoded = tokenizer(*texts, truncation=True, max_length=max_length)
+        labels = batch["label"]
+        encoded["labels"] = [float(x) for x in labels] if task.is_regression else [int(x) for x in labels]
+        return encoded
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"Tokenizing {task.name}")
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+def sklearn_glue_metric(task: GlueTask) -> Callable[[np.ndarray, np.ndarray], dict[str, float]]:
+    """GLUE's metric for ``task`` from scikit-learn/scipy, with the keys ``evaluate``'s ``glue`` uses."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    functions = {
+        "accuracy": accuracy_score,
+        "f1": f1_score,
+        "matthews_correlation": matthews_corrcoef,
+        "pearson": lambda refs, preds: pearsonr(preds, refs)[0],
+        "spearmanr": lambda refs, preds: spearmanr(preds, refs)[0],
+    }
+
+    def compute(predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
+        return {name: float(functions[name](references, predictions)) for name in task.metrics}
+
+    return compute
+
+
+def load_glue_metric(task: GlueTask) -> Callable[[np.ndarray, np.ndarray], dict[str, float]]:
+    """``evaluate``'s GLUE metric when it loads, else the scikit-learn/scipy equivalent.
+
+    ``evaluate.load`` needs the Hub; offline (``HF_HUB_OFFLINE=1``) it fails fast and the
+    packaged equivalent, which computes the same numbers, is used.
+    """
+    try:
+        import evaluate
+
+        metric = evaluate.load("glue", task.name)
+    except Exception as error:  # evaluate raises many types offline (ConnectionError, FileNotFoundError, ...)
+        logger.info("evaluate's glue metric is unavailable (%s); using scikit-learn/scipy.", type(error).__name__)
+        return sklearn_glue_metric(task)
+
+    def compute(predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
+        return {k: float(v) for k, v in metric.compute(predictions=predictions, references=references).items()}
+
+    return compute
+
+
+def glue_compute_metrics(task: GlueTask) -> Callable[[Any], dict[str, float]]:
+    """A ``compute_metrics`` for the Trainer: logits to predictions, then GLUE's metric."""
+    metric = load_glue_metric(task)
+
+    def compute_metrics(eval_prediction) -> dict[str, float]:
+        logits = eval_prediction.predictions
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        predictions = np.squeeze(logits, -1) if task.is_regression else np.argmax(logits, axis=-1)
+        return metric(predictions, eval_prediction.label_ids)
+
+    return compute_metrics

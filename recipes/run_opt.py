@@ -1,0 +1,116 @@
+"""Prompt-based fine-tuning of a causal LM (OPT, GPT-2, Qwen2) with BEFT, as in the BEFT paper's OPT runs (MeZO's setup).
+
+k sampled training examples, a prompt template with label words, classification by the label
+words' log-likelihood, accuracy on held-out examples. Launch with DeepSpeed:
+    deepspeed recipes/run_opt.py --deepspeed ds_configs/zero2.json --model_name_or_path facebook/opt-1.3b \
+        --task_name sst2 --output_dir outputs/opt-1.3b-sst2 --bf16
+or without it (``accelerate launch recipes/run_opt.py ...``, or ``python recipes/run_opt.py ...``).
+A .json/.yaml file of arguments may come first; later arguments override it.
+Writes ``eval_results.json`` (zero-shot and final accuracy, trainable parameters) and for
+``--method beft`` the selection report ``beft_selection.json`` to ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
+
+from beft_trainer.glue import sample_examples
+from beft_trainer.methods import MethodArguments, build_trainer
+from beft_trainer.prompts import (
+    IGNORE_INDEX,
+    answer_log_likelihood,
+    encode_candidates,
+    encode_for_training,
+    get_prompt_task,
+    label_word_accuracy,
+    load_prompt_task,
+)
+from beft_trainer.recipe import (
+    RecipeTrainingArguments,
+    collect_results,
+    parse_recipe_args,
+    print_summary,
+    write_results,
+)
+
+#: ../shared/data/glue next to the repository (real SST-2 and RTE).
+SHARED_GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
+
+
+@dataclass
+class ModelArguments:
+    """Which causal LM to fine-tune."""
+
+    model_name_or_path: str = field(default="facebook/opt-1.3b", metadata={"help": "Hub id or local folder."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
+    dtype: str | None = field(
+        default=None, metadata={"help": "dtype to load the weights in ('bfloat16', 'float32', 'auto'); default fp32."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which task and how many examples (MeZO: k=1000 train, 1000 held-out)."""
+
+    task_name: str = field(default="sst2", metadata={"help": "sst2, rte, cb, boolq or wic."})
+    train_file: str | None = field(default=None, metadata={"help": "Local training file (.jsonl/.json/.csv/.tsv)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local held-out file, same format."})
+    data_dir: str | None = field(
+        default=str(SHARED_GLUE_DIR),
+        metadata={"help": "Folder with <task>/{train,validation}.jsonl, used when present."},
+    )
+    max_train_samples: int | None = field(
+        default=1000, metadata={"help": "k: training examples sampled with the seed."}
+    )
+    max_eval_samples: int | None = field(default=1000, metadata={"help": "Held-out examples to score."})
+    max_seq_length: int = field(
+        default=256, metadata={"help": "Truncate prompts (from the left) to this many tokens."}
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the recipe; returns the results written to ``eval_results.json``."""
+    model_args, data_args, method_args, training_args = parse_recipe_args(
+        (ModelArguments, DataArguments, MethodArguments, RecipeTrainingArguments), argv
+    )
+    set_seed(training_args.seed)
+    task = get_prompt_task(data_args.task_name)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has none; padded positions are masked anyway
+    # TrainingArguments exist already, so under ZeRO-3 the weights load partitioned.
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=model_args.dtype)
+    sample_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    with training_args.main_process_first(desc="loading and encoding"):
+        raw = load_prompt_task(task, data_args.train_file, data_args.validation_file, data_args.data_dir)
+        train = sample_examples(raw["train"], data_args.max_train_samples, sample_seed)
+        held_out = sample_examples(raw["validation"], data_args.max_eval_samples, sample_seed)
+        gold = [int(label) for label in held_out["label"]]
+        train = encode_for_training(train, tokenizer, task, data_args.max_seq_length)
+        candidates = encode_candidates(held_out, tokenizer, task, data_args.max_seq_length)
+    trainer = build_trainer(
+        model,
+        training_args,
+        method_args,
+        peft_task_type="CAUSAL_LM",
+        train_dataset=train,
+        eval_dataset=candidates,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX),
+        compute_metrics=label_word_accuracy(gold, len(task.label_words)),
+        preprocess_logits_for_metrics=answer_log_likelihood,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    results = collect_results(
+        trainer, method_args, trainer.evaluate(), task=task.name, model=model_args.model_name_or_path
+    )
+    write_results(trainer, results)
+    print_summary(trainer, results, "accuracy")
+    return results
+
+
+if __name__ == "__main__":
+    main()
