@@ -4,9 +4,11 @@ A BEFT run changes a few thousand scalars of a model; this module stores exactly
 task costs kilobytes instead of a model copy:
 
 - ``adapter.safetensors``: ``bias/<name>`` = trained - pretrained value of every bias the run
-  changed, ``head/<name>`` = the trained head parameters in full.
+  changed, ``head/<name>`` = the trained head parameters in full (and ``value/<name>``, the
+  trained value, for the rare bias whose delta no float can make exact).
 - ``beft_adapter.json``: selected types, score, base model, ``model_type``, a SHA-256 fingerprint
-  of the pretrained biases it touches (values and shapes) and of the head shapes, library version,
+  of the pretrained biases it touches (values and shapes), of a sample of their layers' weights
+  and of the head shapes, library version,
   parameter count and file size.
 
 ``load_adapter`` applies an adapter to a freshly loaded base model and reproduces the trained
@@ -32,6 +34,7 @@ from torch import nn
 from .biases import add_missing_biases, model_type_of, split_fused_qkv_bias
 from .distributed import read_full_fp32
 from .errors import BeftConfigError
+from .heads import find_head_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,9 @@ ADAPTER_FORMAT_VERSION = 1
 
 _BIAS_PREFIX = "bias/"
 _HEAD_PREFIX = "head/"
+_VALUE_PREFIX = "value/"
+#: Leading elements of each touched layer's weight that go into the fingerprint.
+_WEIGHT_SAMPLE = 32
 _HEAD_GROUPS = ("head", "head_decay")
 _SPLIT_SUFFIXES = (".bias_q", ".bias_k", ".bias_v")
 
@@ -100,17 +106,25 @@ class BeftAdapter:
     deltas: dict[str, torch.Tensor]
     head: dict[str, torch.Tensor]
     metadata: AdapterMetadata
+    #: Biases stored as trained values: no float32/float64 delta adds back to them exactly.
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def bias_names(self) -> list[str]:
+        """Every bias the adapter changes (as a delta or as a value)."""
+        return [*self.deltas, *self.values]
 
     @property
     def parameter_count(self) -> int:
         """Number of scalars stored."""
-        return sum(t.numel() for t in self.deltas.values()) + sum(t.numel() for t in self.head.values())
+        return sum(t.numel() for part in (self.deltas, self.values, self.head) for t in part.values())
 
     def save(self, output_dir: str | os.PathLike) -> str:
         """Write ``adapter.safetensors`` and ``beft_adapter.json`` to ``output_dir``; returns the folder."""
         output_dir = os.fspath(output_dir)
         os.makedirs(output_dir, exist_ok=True)
         tensors = {_BIAS_PREFIX + n: t.detach().cpu().contiguous() for n, t in self.deltas.items()}
+        tensors |= {_VALUE_PREFIX + n: t.detach().cpu().contiguous() for n, t in self.values.items()}
         tensors |= {_HEAD_PREFIX + n: t.detach().cpu().contiguous() for n, t in self.head.items()}
         weights = os.path.join(output_dir, ADAPTER_WEIGHTS_NAME)
         save_file(tensors, weights, metadata={"format": "pt", "fingerprint": self.metadata.fingerprint})
@@ -132,21 +146,50 @@ class BeftAdapter:
 
 
 def adapter_fingerprint(
-    pretrained: Mapping[str, torch.Tensor], head_shapes: Mapping[str, Iterable[int]] | None = None
+    pretrained: Mapping[str, torch.Tensor],
+    head_shapes: Mapping[str, Iterable[int]] | None = None,
+    weight_samples: Mapping[str, torch.Tensor] | None = None,
 ) -> str:
-    """SHA-256 of the pretrained bias values and shapes (by name) and of the head's shapes.
+    """SHA-256 of the pretrained bias values and shapes (by name), weight samples and head shapes.
 
-    Values are hashed as fp32, so a base model loaded in another dtype does not match: its
-    outputs could not be reproduced exactly either.
+    Bias values are hashed as fp32, so a base model loaded in another dtype does not match: its
+    outputs could not be reproduced exactly either. ``weight_samples`` (see ``weight_samples``)
+    tell apart base models that share biases but not weights.
     """
     digest = hashlib.sha256(b"beft-adapter-fingerprint-v1\0")
     for name in sorted(pretrained):
         value = pretrained[name].detach().to("cpu", torch.float32).contiguous()
         digest.update(f"bias:{name}:{tuple(value.shape)}\0".encode())
         digest.update(value.numpy().tobytes())
+    for name in sorted(weight_samples or {}):
+        digest.update(f"weight:{name}\0".encode())
+        digest.update(weight_samples[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     for name in sorted(head_shapes or {}):
         digest.update(f"head:{name}:{tuple(int(d) for d in head_shapes[name])}\0".encode())
     return digest.hexdigest()
+
+
+def weight_samples(
+    model: nn.Module, bias_names: Iterable[str], exclude: Iterable[str] = ()
+) -> dict[str, torch.Tensor]:
+    """The leading elements of the weight of each layer whose bias is named, rounded to bfloat16.
+
+    Frozen weights never change in training, so these identify the base model cheaply (hashing
+    every weight would cost seconds on large models). The bfloat16 rounding makes a run with
+    ``frozen_dtype="bfloat16"`` agree with its float32 base checkpoint.
+    """
+    params = dict(model.named_parameters())
+    exclude = set(exclude)  # trained head weights are not the base model's
+    samples = {}
+    for name in bias_names:
+        weight = name.rsplit(".", 1)[0] + ".weight"
+        if weight in params and weight not in samples and weight not in exclude:
+            # A view of the first elements: no copy of the whole matrix (except under ZeRO-3).
+            flat = params[weight].detach().reshape(-1) if params[weight].numel() else params[weight].detach()
+            if hasattr(params[weight], "ds_id"):
+                flat = read_full_fp32(params[weight]).reshape(-1)
+            samples[weight] = flat[:_WEIGHT_SAMPLE].to("cpu", torch.bfloat16).float()
+    return samples
 
 
 def apply_delta(pretrained: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -154,25 +197,29 @@ def apply_delta(pretrained: torch.Tensor, delta: torch.Tensor, dtype: torch.dtyp
     return (pretrained.to(delta.dtype) + delta.to(pretrained.device)).to(dtype or pretrained.dtype)
 
 
-def exact_delta(pretrained: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
-    """A delta with ``apply_delta(pretrained, delta) == trained`` bit for bit.
+def exact_delta(pretrained: torch.Tensor, trained: torch.Tensor) -> torch.Tensor | None:
+    """A delta with ``apply_delta(pretrained, delta) == trained`` bit for bit, or ``None``.
 
     ``trained - pretrained`` rounds, and adding it back can land one ulp away from ``trained``.
-    Those elements are nudged by one ulp at a time; in the rare case that does not converge the
-    delta is stored in float64, where the sum is exact before the final cast.
+    Such elements are nudged by one ulp; when the delta's ulp is coarser than the result's (a
+    bias crossing zero) no float32 delta exists, and float64 holds the exact difference unless
+    the two values are ~2^29 apart in magnitude. Then there is no exact delta: ``None``.
     """
     pretrained, trained = pretrained.detach().cpu(), trained.detach().cpu()
     dtype = trained.dtype
     if dtype in (torch.float32, torch.float64):
         delta = trained - pretrained.to(dtype)
-        for _ in range(8):
+        for _ in range(2):
             landed = apply_delta(pretrained, delta, dtype)
             wrong = landed != trained
             if not wrong.any():
                 return delta
             towards = torch.where(landed < trained, torch.inf, -torch.inf).to(dtype)
             delta = torch.where(wrong, torch.nextafter(delta, towards), delta)
-    return trained.double() - pretrained.double()
+    delta = trained.double() - pretrained.double()
+    if torch.equal(apply_delta(pretrained, delta, dtype), trained):
+        return delta
+    return None
 
 
 # -- building an adapter ----------------------------------------------------------------------
@@ -211,16 +258,22 @@ def build_adapter(
     no_pretrained = [n for names in groups.values() for n in names if n not in pretrained]
     if no_pretrained:
         raise AdapterError(f"No pretrained value given for {no_pretrained[:5]}.")
-    deltas = {}
+    deltas, values = {}, {}
     for names in groups.values():
         for name in names:
             trained = read_full_fp32(params[name]).to(_full_dtype(params[name]))
-            deltas[name] = exact_delta(pretrained[name].to(trained.dtype), trained)
+            delta = exact_delta(pretrained[name].to(trained.dtype), trained)
+            if delta is None:
+                values[name] = trained
+            else:
+                deltas[name] = delta
     head_values = {name: read_full_fp32(params[name]).to(_full_dtype(params[name])) for name in head}
-    touched = {name: pretrained[name] for name in deltas}
+    touched = {name: pretrained[name] for names in groups.values() for name in names}
     metadata = AdapterMetadata(
         model_type=model_type_of(model),
-        fingerprint=adapter_fingerprint(touched, {n: v.shape for n, v in head_values.items()}),
+        fingerprint=adapter_fingerprint(
+            touched, {n: v.shape for n, v in head_values.items()}, weight_samples(model, touched, head)
+        ),
         bias_groups=groups,
         head=head,
         selected=list(selected) if selected is not None else list(groups),
@@ -232,7 +285,7 @@ def build_adapter(
         added_biases=added_biases,
         library_version=__version__,
     )
-    adapter = BeftAdapter(deltas=deltas, head=head_values, metadata=metadata)
+    adapter = BeftAdapter(deltas=deltas, head=head_values, metadata=metadata, values=values)
     metadata.parameter_count = adapter.parameter_count
     return adapter
 
@@ -244,20 +297,26 @@ def adapter_from_trainer(trainer: Any) -> BeftAdapter:
     in the model, so they are stored too, or the adapter would not reproduce the model.
     """
     head_groups = [g for g in _HEAD_GROUPS if g in trainer.parameter_groups]
+    head = [n for g in head_groups for n in trainer.parameter_groups[g]]
+    if getattr(trainer.beft_config, "train_head", True):
+        # BitFit puts the head's biases in "other_biases": they are head, random in a fresh base.
+        detected = find_head_parameters(trainer.model, trainer.beft_config.head_modules)
+        head += [n for n in detected if n not in head]
     params = dict(trainer.model.named_parameters())
     groups: dict[str, list[str]] = {}
     for group, names in trainer.parameter_groups.items():
-        if group in head_groups:
+        names = [n for n in names if n not in head]
+        if group in head_groups or not names:
             continue
         if group in trainer.active_groups or _moved(params, names, trainer.pretrained_biases):
-            groups[group] = list(names)
+            groups[group] = names
     selection = _selection_callback(trainer)
     selected = [g for g in trainer.active_groups if g not in head_groups]
     return build_adapter(
         trainer.model,
         groups,
         trainer.pretrained_biases,
-        head=[n for g in head_groups for n in trainer.parameter_groups[g]],
+        head=head,
         selected=selected,
         score=getattr(selection, "score", None) if selection is not None else None,
         added_biases=bool(getattr(trainer.beft_config, "add_missing_biases", False)),
@@ -312,13 +371,14 @@ def read_adapter(path: str | os.PathLike) -> BeftAdapter:
         raise AdapterError(f"{config_path} is not a valid BEFT adapter config: {error}") from error
     tensors = load_file(weights_path)
     deltas = {k[len(_BIAS_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_BIAS_PREFIX)}
+    values = {k[len(_VALUE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_VALUE_PREFIX)}
     head = {k[len(_HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_HEAD_PREFIX)}
     expected = {n for names in metadata.bias_groups.values() for n in names}
-    if set(deltas) != expected or set(head) != set(metadata.head):
+    if set(deltas) | set(values) != expected or set(head) != set(metadata.head):
         raise AdapterError(
             f"{weights_path} does not hold the tensors {config_path} lists; the folder mixes two adapters."
         )
-    return BeftAdapter(deltas=deltas, head=head, metadata=metadata)
+    return BeftAdapter(deltas=deltas, head=head, metadata=metadata, values=values)
 
 
 # -- applying ---------------------------------------------------------------------------------
@@ -348,7 +408,7 @@ class AdapterSet:
         prepare_base_model(self.model, adapter.metadata)
         check_adapter(self.model, adapter, self._base)
         params = dict(self.model.named_parameters())
-        for name in [*adapter.deltas, *adapter.head]:
+        for name in [*adapter.bias_names, *adapter.head]:
             if name not in self._base:
                 self._base[name] = params[name].detach().clone()
         self.adapters[adapter_name] = adapter
@@ -367,7 +427,7 @@ class AdapterSet:
                 for name, delta in adapter.deltas.items():
                     param = params[name]
                     param.copy_(apply_delta(self._base[name], delta, param.dtype))
-                for name, value in adapter.head.items():
+                for name, value in (adapter.values | adapter.head).items():
                     params[name].copy_(value.to(params[name].device, params[name].dtype))
         self.active_adapter = adapter_name
 
@@ -413,13 +473,13 @@ def check_adapter(
             f"({metadata.base_model or 'base model unnamed'}); the model given is {model_type!r}."
         )
     where = f"the adapter for {metadata.base_model or 'an unnamed base model'}"
-    missing = [n for n in [*adapter.deltas, *adapter.head] if n not in params]
+    missing = [n for n in [*adapter.bias_names, *adapter.head] if n not in params]
     if missing:
         raise AdapterError(
             f"The {type(model).__name__} has no parameters {missing[:5]} that {where} changes; "
             f"it was saved from a {metadata.model_class or metadata.model_type}."
         )
-    for kind, tensors in (("bias", adapter.deltas), ("head", adapter.head)):
+    for kind, tensors in (("bias", adapter.deltas | adapter.values), ("head", adapter.head)):
         for name, tensor in tensors.items():
             if tuple(params[name].shape) != tuple(tensor.shape):
                 hint = f" (load the base model with num_labels={metadata.num_labels})" if kind == "head" else ""
@@ -428,14 +488,18 @@ def check_adapter(
                     f"the model has {tuple(params[name].shape)}{hint}."
                 )
     base_values = base_values or {}
-    base = {n: base_values.get(n, params[n]) for n in adapter.deltas}
-    found = adapter_fingerprint(base, {n: t.shape for n, t in adapter.head.items()})
+    base = {n: base_values.get(n, params[n]) for n in adapter.bias_names}
+    found = adapter_fingerprint(
+        base,
+        {n: t.shape for n, t in adapter.head.items()},
+        weight_samples(model, adapter.bias_names, adapter.head),
+    )
     if found != metadata.fingerprint:
-        dtypes = sorted({str(params[n].dtype) for n in adapter.deltas})
+        dtypes = sorted({str(params[n].dtype) for n in adapter.bias_names})
         raise AdapterError(
-            f"This model is not the base model of {where}: the pretrained values of the biases it "
-            f"changes differ (fingerprint {found[:12]} != {metadata.fingerprint[:12]}). Load the "
-            f"exact base checkpoint in float32 (these biases are {', '.join(dtypes)} here)."
+            f"This model is not the base model of {where}: its pretrained biases or weights differ "
+            f"(fingerprint {found[:12]} != {metadata.fingerprint[:12]}). Load the exact base "
+            f"checkpoint in float32 (the adapter's biases are {', '.join(dtypes)} here)."
         )
 
 

@@ -61,7 +61,7 @@ def peft_unsupported(adapter: BeftAdapter) -> list[str]:
     """Why parts of ``adapter`` cannot be exported to peft (empty if all of it can)."""
     metadata = adapter.metadata
     reasons = []
-    if metadata.model_type in _NON_LINEAR_ARCHITECTURES and adapter.deltas:
+    if metadata.model_type in _NON_LINEAR_ARCHITECTURES and adapter.bias_names:
         reasons.append(
             f"bias types {', '.join(metadata.bias_types)}: {_NON_LINEAR_ARCHITECTURES[metadata.model_type]}"
         )
@@ -72,7 +72,7 @@ def peft_unsupported(adapter: BeftAdapter) -> list[str]:
             reasons.append(f"{group!r} ({len(names)} {kind}, e.g. {names[0]})")
         elif any(not n.endswith(".bias") for n in names):
             reasons.append(f"{group!r} (biases that are not a Linear layer's .bias)")
-    if not adapter.deltas:
+    if not adapter.bias_names:
         reasons.append("no bias deltas (peft's BEFT tuner needs at least one target module)")
     return reasons
 
@@ -91,8 +91,8 @@ def export_peft(
         overwrite: set False to refuse writing into a folder that already holds a peft adapter.
 
     ``PeftModel.from_pretrained(base_model, out_dir)`` then gives the trained model's outputs
-    (to float rounding: peft adds the delta after the layer; after ``merge_and_unload()`` they
-    are bit-identical). Raises ``PeftExportError`` if the adapter holds biases peft cannot represent.
+    (to float rounding: peft adds each delta in float32, after the layer, where a bias crossing
+    zero can land one ulp away; ``beft_trainer.load_adapter`` is the bit-exact path). Raises ``PeftExportError`` if the adapter holds biases peft cannot represent.
     """
     try:
         import peft
@@ -115,9 +115,10 @@ def export_peft(
     deltas = dict(adapter.deltas)
     head = dict(adapter.head)
     backbone_head = [n for n in head if _in_backbone(n, metadata.backbone_prefix)]
-    if backbone_head:
-        deltas |= _backbone_head_deltas(adapter, backbone_head, base_model)
-        head = {n: v for n, v in head.items() if n not in backbone_head}
+    # Trained values (stored where no delta was exact) and backbone head biases need the base.
+    against_base = {n: adapter.values[n] for n in adapter.values} | {n: head.pop(n) for n in backbone_head}
+    if against_base:
+        deltas |= _deltas_against_base(adapter, against_base, base_model)
     targets = {name.removesuffix(".bias"): delta for name, delta in deltas.items()}
     config = peft.BeftConfig(
         target_modules=sorted(targets),
@@ -138,18 +139,20 @@ def export_peft(
     return out_dir
 
 
-def _backbone_head_deltas(
-    adapter: BeftAdapter, names: list[str], base_model: nn.Module | None
+def _deltas_against_base(
+    adapter: BeftAdapter, trained: dict[str, torch.Tensor], base_model: nn.Module | None
 ) -> dict[str, torch.Tensor]:
-    """Deltas of head parameters inside the backbone, against the base model's values.
+    """Deltas of trained values against the base model's values.
 
     peft's ``modules_to_save`` must hold every parameter of a module (BERT's whole pooler
     weight), so a lone trained bias of a backbone ``nn.Linear`` is exported as a BEFT delta.
     """
+    names = list(trained)
     if base_model is None:
         raise PeftExportError(
-            f"The head includes {', '.join(names)}, inside the backbone: peft gets it as a delta against the "
-            "base model, so pass base_model= (on the command line: --base-model PATH)."
+            f"peft needs {', '.join(names[:3])} as deltas against the base model (a head bias inside the "
+            "backbone, such as BERT's pooler bias, or a stored trained value): pass base_model= "
+            "(on the command line: --base-model PATH)."
         )
     prepare_base_model(base_model, adapter.metadata)
     check_adapter(base_model, adapter)
@@ -163,7 +166,9 @@ def _backbone_head_deltas(
                 f"Head parameter {name} is inside the backbone but is not the bias of an nn.Linear; "
                 "peft cannot represent it. Train with BeftConfig(head_modules=...) naming whole modules."
             )
-        deltas[name] = exact_delta(params[name].detach().float(), adapter.head[name])
+        pretrained = params[name].detach().float()
+        delta = exact_delta(pretrained, trained[name])
+        deltas[name] = delta if delta is not None else trained[name].double() - pretrained.double()
     return deltas
 
 

