@@ -4,8 +4,9 @@ A BEFT run changes a few thousand scalars of a model; this module stores exactly
 task costs kilobytes instead of a model copy:
 
 - ``adapter.safetensors``: ``bias/<name>`` = trained - pretrained value of every bias the run
-  changed, ``head/<name>`` = the trained head parameters in full (and ``value/<name>``, the
-  trained value, for the rare bias whose delta no float can make exact).
+  changed, ``head/<name>`` = the trained head parameters in full, and ``fix/<name>/index`` +
+  ``fix/<name>/value``: the few elements where ``pretrained + delta`` rounds away from the
+  trained value (a bias crossing zero), stored as trained values so loading is exact.
 - ``beft_adapter.json``: selected types, score, base model, ``model_type``, a SHA-256 fingerprint
   of the pretrained biases it touches (values and shapes), of a sample of their layers' weights
   and of the head shapes, library version,
@@ -46,7 +47,7 @@ ADAPTER_FORMAT_VERSION = 1
 
 _BIAS_PREFIX = "bias/"
 _HEAD_PREFIX = "head/"
-_VALUE_PREFIX = "value/"
+_FIX_PREFIX = "fix/"
 #: Leading elements of each touched layer's weight that go into the fingerprint.
 _WEIGHT_SAMPLE = 32
 _HEAD_GROUPS = ("head", "head_decay")
@@ -106,25 +107,27 @@ class BeftAdapter:
     deltas: dict[str, torch.Tensor]
     head: dict[str, torch.Tensor]
     metadata: AdapterMetadata
-    #: Biases stored as trained values: no float32/float64 delta adds back to them exactly.
-    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: name -> (flat indices, trained values) where ``pretrained + delta`` rounds off the trained value.
+    fixes: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def bias_names(self) -> list[str]:
-        """Every bias the adapter changes (as a delta or as a value)."""
-        return [*self.deltas, *self.values]
+        """Every bias the adapter changes."""
+        return list(self.deltas)
 
     @property
     def parameter_count(self) -> int:
         """Number of scalars stored."""
-        return sum(t.numel() for part in (self.deltas, self.values, self.head) for t in part.values())
+        return sum(t.numel() for part in (self.deltas, self.head) for t in part.values())
 
     def save(self, output_dir: str | os.PathLike) -> str:
         """Write ``adapter.safetensors`` and ``beft_adapter.json`` to ``output_dir``; returns the folder."""
         output_dir = os.fspath(output_dir)
         os.makedirs(output_dir, exist_ok=True)
         tensors = {_BIAS_PREFIX + n: t.detach().cpu().contiguous() for n, t in self.deltas.items()}
-        tensors |= {_VALUE_PREFIX + n: t.detach().cpu().contiguous() for n, t in self.values.items()}
+        for name, (index, value) in self.fixes.items():
+            tensors[f"{_FIX_PREFIX}{name}/index"] = index.to(torch.int32).contiguous()
+            tensors[f"{_FIX_PREFIX}{name}/value"] = value.detach().cpu().contiguous()
         tensors |= {_HEAD_PREFIX + n: t.detach().cpu().contiguous() for n, t in self.head.items()}
         weights = os.path.join(output_dir, ADAPTER_WEIGHTS_NAME)
         save_file(tensors, weights, metadata={"format": "pt", "fingerprint": self.metadata.fingerprint})
@@ -192,34 +195,45 @@ def weight_samples(
     return samples
 
 
-def apply_delta(pretrained: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``pretrained + delta`` in the delta's precision, cast to ``dtype`` (the one addition loading does)."""
-    return (pretrained.to(delta.dtype) + delta.to(pretrained.device)).to(dtype or pretrained.dtype)
+def apply_delta(
+    pretrained: torch.Tensor,
+    delta: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    fix: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``pretrained + delta`` in the delta's precision, cast to ``dtype``, with the fixed elements set."""
+    value = (pretrained.to(delta.dtype) + delta.to(pretrained.device)).to(dtype or pretrained.dtype)
+    if fix is not None and fix[0].numel():
+        index, fixed = fix
+        value = value.flatten().index_copy(0, index.long().to(value.device), fixed.to(value)).view_as(value)
+    return value
 
 
-def exact_delta(pretrained: torch.Tensor, trained: torch.Tensor) -> torch.Tensor | None:
-    """A delta with ``apply_delta(pretrained, delta) == trained`` bit for bit, or ``None``.
+def exact_delta(
+    pretrained: torch.Tensor, trained: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """A delta (in ``trained``'s dtype) and the fix that make ``apply_delta`` give ``trained`` bit for bit.
 
-    ``trained - pretrained`` rounds, and adding it back can land one ulp away from ``trained``.
-    Such elements are nudged by one ulp; when the delta's ulp is coarser than the result's (a
-    bias crossing zero) no float32 delta exists, and float64 holds the exact difference unless
-    the two values are ~2^29 apart in magnitude. Then there is no exact delta: ``None``.
+    ``trained - pretrained`` rounds, and adding it back can land one ulp away from ``trained``;
+    such elements are nudged by one ulp. Where the delta's ulp is coarser than the result's (a
+    bias crossing zero) no delta of that dtype adds back exactly: those few elements are the fix,
+    ``(flat indices, trained values)``, or ``None`` when there are none.
     """
     pretrained, trained = pretrained.detach().cpu(), trained.detach().cpu()
     dtype = trained.dtype
+    delta = trained - pretrained.to(dtype)
     if dtype in (torch.float32, torch.float64):
-        delta = trained - pretrained.to(dtype)
         for _ in range(2):
             landed = apply_delta(pretrained, delta, dtype)
             wrong = landed != trained
             if not wrong.any():
-                return delta
+                return delta, None
             towards = torch.where(landed < trained, torch.inf, -torch.inf).to(dtype)
             delta = torch.where(wrong, torch.nextafter(delta, towards), delta)
-    delta = trained.double() - pretrained.double()
-    if torch.equal(apply_delta(pretrained, delta, dtype), trained):
-        return delta
-    return None
+    index = (apply_delta(pretrained, delta, dtype) != trained).flatten().nonzero().flatten()
+    if not index.numel():
+        return delta, None
+    return delta, (index.to(torch.int32), trained.flatten()[index].clone())
 
 
 # -- building an adapter ----------------------------------------------------------------------
@@ -258,15 +272,13 @@ def build_adapter(
     no_pretrained = [n for names in groups.values() for n in names if n not in pretrained]
     if no_pretrained:
         raise AdapterError(f"No pretrained value given for {no_pretrained[:5]}.")
-    deltas, values = {}, {}
+    deltas, fixes = {}, {}
     for names in groups.values():
         for name in names:
             trained = read_full_fp32(params[name]).to(_full_dtype(params[name]))
-            delta = exact_delta(pretrained[name].to(trained.dtype), trained)
-            if delta is None:
-                values[name] = trained
-            else:
-                deltas[name] = delta
+            deltas[name], fix = exact_delta(pretrained[name].to(trained.dtype), trained)
+            if fix is not None:
+                fixes[name] = fix
     head_values = {name: read_full_fp32(params[name]).to(_full_dtype(params[name])) for name in head}
     touched = {name: pretrained[name] for names in groups.values() for name in names}
     metadata = AdapterMetadata(
@@ -285,7 +297,7 @@ def build_adapter(
         added_biases=added_biases,
         library_version=__version__,
     )
-    adapter = BeftAdapter(deltas=deltas, head=head_values, metadata=metadata, values=values)
+    adapter = BeftAdapter(deltas=deltas, head=head_values, metadata=metadata, fixes=fixes)
     metadata.parameter_count = adapter.parameter_count
     return adapter
 
@@ -371,14 +383,19 @@ def read_adapter(path: str | os.PathLike) -> BeftAdapter:
         raise AdapterError(f"{config_path} is not a valid BEFT adapter config: {error}") from error
     tensors = load_file(weights_path)
     deltas = {k[len(_BIAS_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_BIAS_PREFIX)}
-    values = {k[len(_VALUE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_VALUE_PREFIX)}
     head = {k[len(_HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_HEAD_PREFIX)}
+    fixes = {
+        k[len(_FIX_PREFIX) : -len("/index")]: (v, tensors.get(k.removesuffix("index") + "value"))
+        for k, v in tensors.items()
+        if k.startswith(_FIX_PREFIX) and k.endswith("/index")
+    }
     expected = {n for names in metadata.bias_groups.values() for n in names}
-    if set(deltas) | set(values) != expected or set(head) != set(metadata.head):
+    broken_fix = [n for n, fix in fixes.items() if n not in deltas or not _valid_fix(fix, deltas[n])]
+    if set(deltas) != expected or set(head) != set(metadata.head) or broken_fix:
         raise AdapterError(
             f"{weights_path} does not hold the tensors {config_path} lists; the folder mixes two adapters."
         )
-    return BeftAdapter(deltas=deltas, head=head, metadata=metadata, values=values)
+    return BeftAdapter(deltas=deltas, head=head, metadata=metadata, fixes=fixes)
 
 
 # -- applying ---------------------------------------------------------------------------------
@@ -426,8 +443,8 @@ class AdapterSet:
                 adapter = self.adapters[adapter_name]
                 for name, delta in adapter.deltas.items():
                     param = params[name]
-                    param.copy_(apply_delta(self._base[name], delta, param.dtype))
-                for name, value in (adapter.values | adapter.head).items():
+                    param.copy_(apply_delta(self._base[name], delta, param.dtype, adapter.fixes.get(name)))
+                for name, value in adapter.head.items():
                     params[name].copy_(value.to(params[name].device, params[name].dtype))
         self.active_adapter = adapter_name
 
@@ -479,7 +496,7 @@ def check_adapter(
             f"The {type(model).__name__} has no parameters {missing[:5]} that {where} changes; "
             f"it was saved from a {metadata.model_class or metadata.model_type}."
         )
-    for kind, tensors in (("bias", adapter.deltas | adapter.values), ("head", adapter.head)):
+    for kind, tensors in (("bias", adapter.deltas), ("head", adapter.head)):
         for name, tensor in tensors.items():
             if tuple(params[name].shape) != tuple(tensor.shape):
                 hint = f" (load the base model with num_labels={metadata.num_labels})" if kind == "head" else ""
@@ -535,6 +552,13 @@ def format_size(num_bytes: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} MB"
+
+
+def _valid_fix(fix: tuple[torch.Tensor, torch.Tensor | None], delta: torch.Tensor) -> bool:
+    index, value = fix
+    if value is None or value.shape != index.shape or index.dim() != 1:
+        return False
+    return not index.numel() or (int(index.min()) >= 0 and int(index.max()) < delta.numel())
 
 
 def _full_dtype(param: torch.Tensor) -> torch.dtype:

@@ -91,8 +91,8 @@ def export_peft(
         overwrite: set False to refuse writing into a folder that already holds a peft adapter.
 
     ``PeftModel.from_pretrained(base_model, out_dir)`` then gives the trained model's outputs
-    (to float rounding: peft adds each delta in float32, after the layer, where a bias crossing
-    zero can land one ulp away; ``beft_trainer.load_adapter`` is the bit-exact path). Raises ``PeftExportError`` if the adapter holds biases peft cannot represent.
+    (to float rounding: peft adds each float32 delta after the layer, and where a bias crossed
+    zero the merged bias can land one ulp away; ``beft_trainer.load_adapter`` is the bit-exact path). Raises ``PeftExportError`` if the adapter holds biases peft cannot represent.
     """
     try:
         import peft
@@ -115,10 +115,8 @@ def export_peft(
     deltas = dict(adapter.deltas)
     head = dict(adapter.head)
     backbone_head = [n for n in head if _in_backbone(n, metadata.backbone_prefix)]
-    # Trained values (stored where no delta was exact) and backbone head biases need the base.
-    against_base = {n: adapter.values[n] for n in adapter.values} | {n: head.pop(n) for n in backbone_head}
-    if against_base:
-        deltas |= _deltas_against_base(adapter, against_base, base_model)
+    if backbone_head:
+        deltas |= _deltas_against_base(adapter, {n: head.pop(n) for n in backbone_head}, base_model)
     targets = {name.removesuffix(".bias"): delta for name, delta in deltas.items()}
     config = peft.BeftConfig(
         target_modules=sorted(targets),
@@ -142,7 +140,7 @@ def export_peft(
 def _deltas_against_base(
     adapter: BeftAdapter, trained: dict[str, torch.Tensor], base_model: nn.Module | None
 ) -> dict[str, torch.Tensor]:
-    """Deltas of trained values against the base model's values.
+    """Deltas of trained head biases inside the backbone against the base model's values.
 
     peft's ``modules_to_save`` must hold every parameter of a module (BERT's whole pooler
     weight), so a lone trained bias of a backbone ``nn.Linear`` is exported as a BEFT delta.
@@ -150,9 +148,8 @@ def _deltas_against_base(
     names = list(trained)
     if base_model is None:
         raise PeftExportError(
-            f"peft needs {', '.join(names[:3])} as deltas against the base model (a head bias inside the "
-            "backbone, such as BERT's pooler bias, or a stored trained value): pass base_model= "
-            "(on the command line: --base-model PATH)."
+            f"The head includes {', '.join(names[:3])}, inside the backbone: peft gets it as a delta "
+            "against the base model, so pass base_model= (on the command line: --base-model PATH)."
         )
     prepare_base_model(base_model, adapter.metadata)
     check_adapter(base_model, adapter)
@@ -166,9 +163,7 @@ def _deltas_against_base(
                 f"Head parameter {name} is inside the backbone but is not the bias of an nn.Linear; "
                 "peft cannot represent it. Train with BeftConfig(head_modules=...) naming whole modules."
             )
-        pretrained = params[name].detach().float()
-        delta = exact_delta(pretrained, trained[name])
-        deltas[name] = delta if delta is not None else trained[name].double() - pretrained.double()
+        deltas[name], _ = exact_delta(params[name].detach().float(), trained[name])
     return deltas
 
 
