@@ -14,7 +14,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from .errors import BeftConfigError
 from .methods import MethodArguments, trainable_parameter_counts
-from .report import REPORT_NAME
+from .report import PLOT_NAME, REPORT_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +102,17 @@ def collect_results(trainer: Trainer, method_args: MethodArguments, final_metric
 
 
 def write_results(trainer: Trainer, results: dict[str, Any]) -> None:
-    """Write ``eval_results.json`` to ``output_dir`` (main process only)."""
-    if trainer.is_world_process_zero():
-        os.makedirs(trainer.args.output_dir, exist_ok=True)
-        with open(os.path.join(trainer.args.output_dir, RESULTS_NAME), "w") as f:
-            json.dump(results, f, indent=2)
+    """Write ``eval_results.json``, and the selection plot when there is a report, to ``output_dir`` (main process)."""
+    if not trainer.is_world_process_zero():
+        return
+    output_dir = trainer.args.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, RESULTS_NAME), "w") as f:
+        json.dump(results, f, indent=2)
+    if os.path.isfile(os.path.join(output_dir, REPORT_NAME)):
+        from .plot import plot_report
+
+        plot_report(os.path.join(output_dir, REPORT_NAME), os.path.join(output_dir, PLOT_NAME))
 
 
 def summary_lines(results: dict[str, Any], metric: str) -> list[str]:
@@ -130,6 +136,6 @@ def summary_lines(results: dict[str, Any], metric: str) -> list[str]:
 def print_summary(trainer: Trainer, results: dict[str, Any], metric: str) -> None:
     """Print the summary on the main process."""
     if trainer.is_world_process_zero():
-        print(
-            "\n".join(["", "=" * 60, *summary_lines(results, metric), f"output: {trainer.args.output_dir}", "=" * 60])
-        )
+        files = sorted(f for f in os.listdir(trainer.args.output_dir) if f.endswith((".json", ".png")))
+        output = f"output: {trainer.args.output_dir} ({', '.join(files)})"
+        print("\n".join(["", "=" * 60, *summary_lines(results, metric), output, "=" * 60]))

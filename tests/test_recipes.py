@@ -182,6 +182,7 @@ def test_run_glue_beft_selects_a_non_inert_type_and_writes_everything(tiny_bert_
     )
     report = read_json(tmp_path / "beft_selection.json")
     assert read_json(tmp_path / "eval_results.json") == json.loads(json.dumps(results))
+    assert (tmp_path / "beft_selection.png").stat().st_size > 10_000  # the selection plot
     # b_k only shifts attention scores uniformly (softmax ignores it): it must be reported inert.
     assert "k" in report["inert"] and report["selected"] in (["q"], ["v"])
     assert results["selected"] == report["selected"] and results["method"] == "beft"
