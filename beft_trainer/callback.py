@@ -118,6 +118,7 @@ class BiasSelectionCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.selected is None and state.global_step >= self.probe_steps:
             self._select(args, state)
+            self._publish(args, state, control)
 
     def on_save(self, args, state, control, **kwargs):
         folder = self.trainer.checkpoint_dir(state.global_step)
@@ -201,7 +202,6 @@ class BiasSelectionCallback(TrainerCallback):
             },
         )
         self.report = report
-        self._publish(args, state)
 
     def _reduced_gradients(self, args) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         names = list(self._squared_grads)
@@ -210,9 +210,11 @@ class BiasSelectionCallback(TrainerCallback):
         summed_counts = reduced[-1].tolist()
         return dict(zip(names, reduced[:-1])), {n: int(c) for n, c in zip(names, summed_counts)}
 
-    def _publish(self, args, state) -> None:
+    def _publish(self, args, state, control) -> None:
         report = self.report
+        should_log = control.should_log
         self.trainer.log(report.log_metrics())
+        control.should_log = should_log  # Trainer.log clears it, which would drop this step's loss
         if state.is_world_process_zero:
             write_report(report, os.path.join(args.output_dir, REPORT_NAME))
         logger.info(report.summary())

@@ -18,7 +18,9 @@ def _is_zero_param(param: torch.Tensor) -> bool:
 
 
 def _has_fp32_master(param: torch.Tensor) -> bool:
-    return getattr(param, "_hp_mapping", None) is not None or hasattr(param, "_z3_optimizer")
+    # The attribute's presence, not its value, marks an optimized parameter: at stage 1/2 it is None
+    # on ranks that hold no fragment of it, and they must still join the collective read.
+    return hasattr(param, "_hp_mapping") or hasattr(param, "_z3_optimizer")
 
 
 def gathered(params: list[torch.Tensor], modifier_rank: int | None = None):

@@ -30,7 +30,7 @@ HEAD_DECAY_GROUP = "head_decay"
 OTHER_BIASES_GROUP = "other_biases"
 
 #: Optimizers that ignore a parameter group's lr, so an lr of 0 would not freeze anything.
-_LR_IGNORING_OPTIMIZERS = ("adafactor", "lomo", "adalomo", "schedule_free")
+_LR_IGNORING_OPTIMIZERS = ("lomo", "adalomo", "schedule_free", "galore", "apollo")
 
 
 class BeftTrainer(Trainer):
@@ -100,15 +100,19 @@ class BeftTrainer(Trainer):
         else:
             bias_types = self.beft_config.bias_types or ("v",)
         layout.require(bias_types)
-        groups = {t: layout.names([t]) for t in bias_types}
+        biases = {t: layout.names([t]) for t in bias_types}
         if self.beft_config.is_bitfit and layout.other_biases:
-            groups[OTHER_BIASES_GROUP] = list(layout.other_biases)
+            biases[OTHER_BIASES_GROUP] = list(layout.other_biases)
+        # The head comes first: the Trainer logs the first group's learning rate, which must not
+        # read 0 once a bias type is frozen.
+        groups: dict[str, list[str]] = {}
         if self.beft_config.train_head:
             head = find_head_parameters(model, self.beft_config.head_modules)
-            head = [n for n in head if n not in self._bias_names(groups)]
+            head = [n for n in head if n not in self._bias_names(biases)]
             decay = set(self.get_decay_parameter_names(model))
-            groups[HEAD_DECAY_GROUP] = [n for n in head if n in decay]
             groups[HEAD_GROUP] = [n for n in head if n not in decay]
+            groups[HEAD_DECAY_GROUP] = [n for n in head if n in decay]
+        groups.update(biases)
         return {name: names for name, names in groups.items() if names}
 
     @staticmethod
@@ -116,10 +120,11 @@ class BeftTrainer(Trainer):
         return {n for g, names in groups.items() if g not in (HEAD_GROUP, HEAD_DECAY_GROUP) for n in names}
 
     def _validate_backend(self) -> None:
-        if self.args.optim and any(name in str(self.args.optim) for name in _LR_IGNORING_OPTIMIZERS):
+        optim = getattr(self.args.optim, "value", str(self.args.optim))
+        if optim.startswith(_LR_IGNORING_OPTIMIZERS):
             raise BeftConfigError(
                 f"optim={self.args.optim!r} ignores per-group learning rates, so frozen bias types "
-                "would keep moving. Use an Adam/SGD-family optimizer (the default adamw_torch works)."
+                "would keep moving or it builds its own groups. Use AdamW (the default), SGD, Adafactor, RMSprop or Lion."
             )
         if self.is_deepspeed_enabled:
             ds_config = self.accelerator.state.deepspeed_plugin.hf_ds_config.config
@@ -133,7 +138,10 @@ class BeftTrainer(Trainer):
     # -- Trainer hooks ------------------------------------------------------------------------
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """Override: one optimizer parameter group per bias type (plus the head's two)."""
+        """Override: one optimizer parameter group per bias type (plus the head's two).
+
+        Optimizers that ignore a group's learning rate (LOMO, schedule-free) are refused at init.
+        """
         if self.optimizer is not None:
             return self.optimizer
         params = dict((model or self.model).named_parameters())

@@ -1,0 +1,56 @@
+"""Checks shared by the backend tests: read what exactness_run.py wrote and compare exactly."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+from safetensors.torch import load_file
+
+
+def load_runs(out_dir: str) -> list[tuple[dict, dict[str, torch.Tensor]]]:
+    """Every rank's (record, tensors) written by tests/scripts/exactness_run.py."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(out_dir, "rank*.json"))):
+        with open(path) as f:
+            record = json.load(f)
+        runs.append((record, load_file(path.replace(".json", ".safetensors"))))
+    return runs
+
+
+def assert_exact_selection_run(out_dir: str, world_size: int) -> None:
+    """The guarantees of DESIGN.md 1-3 on one finished run, for every rank."""
+    runs = load_runs(out_dir)
+    assert len(runs) == world_size, f"expected {world_size} ranks, found {len(runs)}"
+    selections = [record["selected"] for record, _ in runs]
+    assert all(s == selections[0] for s in selections), f"ranks disagree: {selections}"
+    for record, tensors in runs:
+        _assert_rank(record, tensors)
+    # Every rank ends with the same model.
+    first = runs[0][1]
+    for _, tensors in runs[1:]:
+        for key in first:
+            if key.startswith("final/"):
+                assert torch.equal(first[key], tensors[key]), f"{key} differs between ranks"
+
+
+def _assert_rank(record: dict, tensors: dict[str, torch.Tensor]) -> None:
+    selected = record["selected"]
+    assert len(selected) == 1 and selected[0] in ("q", "k", "v"), selected
+    names = sorted(k[len("final/") :] for k in tensors if k.startswith("final/"))
+    assert names, "no parameters recorded"
+    trained = set(record["bias_names"][selected[0]]) | set(record["head"])
+    assert record["head"], "the head was not detected"
+    frozen_after_switch = [n for n in names if n not in trained]
+    assert len(frozen_after_switch) > len(trained)
+    for name in frozen_after_switch:
+        switch, final = tensors[f"switch/{name}"], tensors[f"final/{name}"]
+        assert torch.equal(switch, final), f"{name} moved after the switch"
+        # With rewind, everything outside the selected type and the head is pretrained.
+        assert torch.equal(final, tensors[f"init/{name}"]), f"{name} differs from its pretrained value"
+    for name in record["bias_names"][selected[0]]:
+        assert not torch.equal(tensors[f"switch/{name}"], tensors[f"final/{name}"]), f"selected {name} did not train"
+    for name in record["head"]:
+        assert not torch.equal(tensors[f"init/{name}"], tensors[f"final/{name}"]), f"head {name} did not train"

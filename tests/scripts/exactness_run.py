@@ -1,0 +1,96 @@
+"""Train a tiny BERT with BEFT selection on one backend and record parameters for the tests.
+
+Run by tests/test_backends.py as a single process, under torchrun (DDP, gloo) or under the
+deepspeed launcher (ZeRO-2/3 on CPU). Each rank writes ``rank<r>.safetensors`` (every parameter's
+full fp32 value at init, right after the switch, and at the end) and ``rank<r>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+from transformers import TrainerCallback
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from helpers import TokenDataset, tiny_bert, training_args  # noqa: E402
+
+from beft_trainer import BeftTrainer, BiasSelectionCallback  # noqa: E402
+from beft_trainer.distributed import rank, read_full_fp32  # noqa: E402
+
+
+def zero_config(stage: int) -> dict:
+    """A ZeRO config for CPU: every value the Trainer sets is "auto"."""
+    return {
+        "zero_optimization": {"stage": stage},
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+    }
+
+
+class SnapshotAfterSwitch(TrainerCallback):
+    """Reads every parameter's full value once the selection has happened (it runs after it)."""
+
+    def __init__(self, probe_steps: int):
+        self.probe_steps = probe_steps
+        self.values: dict[str, torch.Tensor] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.probe_steps:
+            self.values = {n: read_full_fp32(p) for n, p in model.named_parameters()}
+
+
+def run(out: str, zero_stage: int = 0, probe_steps: int = 4, max_steps: int = 10, grad_accum: int = 1) -> None:
+    """Train, then write this rank's record and tensors to ``out``."""
+    model = tiny_bert()
+    init = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    extra = {"deepspeed": zero_config(zero_stage)} if zero_stage else {}
+    args = training_args(
+        out, max_steps=max_steps, per_device_train_batch_size=4, gradient_accumulation_steps=grad_accum, **extra
+    )
+    snap = SnapshotAfterSwitch(probe_steps)
+    selection = BiasSelectionCallback(probe_steps=probe_steps)
+    trainer = BeftTrainer(model, args, train_dataset=TokenDataset(size=64), callbacks=[selection, snap])
+    trainer.train()
+    final = {n: read_full_fp32(p) for n, p in trainer.model.named_parameters()}
+
+    r = rank()
+    tensors = {f"init/{n}": t for n, t in init.items()}
+    tensors |= {f"switch/{n}": t for n, t in snap.values.items()}
+    tensors |= {f"final/{n}": t for n, t in final.items()}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, f"rank{r}.safetensors"))
+    record = {
+        "selected": selection.selected,
+        "report": selection.report.to_dict(),
+        "bias_names": {t: trainer.bias_layout.names([t]) for t in trainer.bias_layout.types},
+        "head": trainer.parameter_groups.get("head", []) + trainer.parameter_groups.get("head_decay", []),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "global_step": trainer.state.global_step,
+    }
+    with open(os.path.join(out, f"rank{r}.json"), "w") as f:
+        json.dump(record, f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--zero_stage", type=int, default=0)
+    parser.add_argument("--probe_steps", type=int, default=4)
+    parser.add_argument("--max_steps", type=int, default=10)
+    parser.add_argument("--grad_accum", type=int, default=1)
+    parser.add_argument("--local_rank", type=int, default=-1)
+    cli = parser.parse_args()
+    run(cli.out, cli.zero_stage, cli.probe_steps, cli.max_steps, cli.grad_accum)
+
+
+if __name__ == "__main__":
+    main()
