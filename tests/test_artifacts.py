@@ -11,13 +11,22 @@ import torch
 from helpers import TokenDataset, tiny_bert, tiny_model, training_args
 from safetensors.torch import load_file, save_file
 
-from beft_trainer import REPORT_NAME, BeftConfig, BeftTrainer, BiasSelectionCallback, read_report
+from beft_trainer import (
+    REPORT_NAME,
+    BeftConfig,
+    BeftTrainer,
+    BiasSelectionCallback,
+    find_biases,
+    read_report,
+    split_fused_qkv_bias,
+)
 from beft_trainer.artifacts import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     AdapterError,
     AdapterSet,
     apply_delta,
+    build_adapter,
     exact_delta,
     load_adapter,
     read_adapter,
@@ -302,18 +311,23 @@ def test_peft_export_needs_base_model_for_pooler(tmp_path, selected_run):
 
 
 @pytest.mark.parametrize(
-    ("model_type", "config", "message"),
+    ("model_type", "groups", "message"),
     [
-        ("gpt2", {"bias_types": ("v",)}, "Conv1D"),
-        ("bert", {"bias_types": ("v", "ln")}, "'ln'.*LayerNorm"),
-        ("bert", {"bias_types": "all"}, "'other_biases'"),
+        ("gpt2", ("v",), "Conv1D"),
+        ("bert", ("v", "ln"), "'ln'.*LayerNorm"),
+        ("bert", ("v", "other_biases"), "'other_biases'"),
     ],
 )
-def test_peft_export_refuses_what_peft_cannot_represent(tmp_path, model_type, config, message):
+def test_peft_export_refuses_what_peft_cannot_represent(tmp_path, model_type, groups, message):
     pytest.importorskip("peft")
-    trainer = train(tmp_path, tiny_model(model_type), callback=False, **config)
+    model = tiny_model(model_type)
+    split_fused_qkv_bias(model)  # as BeftTrainer does
+    layout = find_biases(model)
+    names = {g: layout.other_biases if g == "other_biases" else layout.names([g]) for g in groups}
+    pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapter = build_adapter(model, names, pretrained, head=["score.weight"] if model_type == "gpt2" else [])
     with pytest.raises(PeftExportError, match=message):
-        export_peft(trainer, tmp_path / "peft")
+        export_peft(adapter, tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
     with pytest.raises(PeftExportError, match="BeftTrainer, a BeftAdapter"):
         export_peft(42, tmp_path / "peft")
