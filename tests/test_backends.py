@@ -1,0 +1,86 @@
+"""The guarantees on every backend: DDP (torchrun, gloo) and DeepSpeed ZeRO-2/3 on CPU.
+
+Each case launches tests/scripts/exactness_run.py in fresh processes and checks, on every rank:
+frozen parameters bit-identical after the switch and equal to their pretrained values (rewind),
+the selected type trained, the same selection and the same final model on all ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from exactness import assert_exact_selection_run, load_runs
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "exactness_run.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def _launch(command: list[str], timeout: int = 400) -> None:
+    result = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def _torchrun(nproc: int, *script_args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}", SCRIPT, *script_args]
+
+
+def _deepspeed(nproc: int, *script_args: str) -> list[str]:
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return [launcher, f"--num_gpus={nproc}", f"--master_port={_free_port()}", SCRIPT, *script_args]
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes(tmp_path):
+    _launch(_torchrun(2, "--out", str(tmp_path)))
+    assert_exact_selection_run(str(tmp_path), world_size=2)
+
+
+@pytest.mark.distributed
+@pytest.mark.deepspeed
+@pytest.mark.parametrize(
+    ("stage", "nproc", "grad_accum"),
+    [(2, 2, 1), (3, 2, 1), (2, 1, 2), (3, 1, 2)],
+    ids=["zero2-2proc", "zero3-2proc", "zero2-1proc-accum2", "zero3-1proc-accum2"],
+)
+def test_deepspeed_zero(stage, nproc, grad_accum, tmp_path):
+    pytest.importorskip("deepspeed", reason="install the [deepspeed] extra")
+    _launch(_deepspeed(nproc, "--out", str(tmp_path), "--zero_stage", str(stage), "--grad_accum", str(grad_accum)))
+    assert_exact_selection_run(str(tmp_path), world_size=nproc)
+    assert load_runs(str(tmp_path))[0][0]["report"]["step"] == 4
+
+
+@pytest.mark.distributed
+@pytest.mark.deepspeed
+def test_deepspeed_optimizer_section_is_refused(tmp_path):
+    pytest.importorskip("deepspeed", reason="install the [deepspeed] extra")
+    code = f"""
+import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
+from helpers import tiny_bert, training_args, TokenDataset
+from scripts.exactness_run import zero_config
+from beft_trainer import BeftTrainer, BeftConfigError
+config = zero_config(2) | {{"optimizer": {{"type": "AdamW", "params": {{"lr": "auto"}}}}}}
+try:
+    BeftTrainer(tiny_bert(), training_args({str(tmp_path)!r}, deepspeed=config), train_dataset=TokenDataset())
+except BeftConfigError as error:
+    assert "'optimizer' section" in str(error), error
+    print("REFUSED")
+"""
+    env = _environment() | {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert "REFUSED" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]

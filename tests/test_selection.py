@@ -1,0 +1,100 @@
+"""The selection callback in one process: exact freeze, rewind, inert types, accumulation, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from exactness import assert_exact_selection_run, load_runs
+from helpers import TokenDataset, snapshot, tiny_bert, training_args
+from scripts.exactness_run import run
+
+from beft_trainer import REPORT_NAME, BeftTrainer, BiasSelectionCallback
+
+
+def test_switch_freezes_exactly_and_rewinds(tmp_path):
+    run(str(tmp_path), probe_steps=4, max_steps=10)
+    assert_exact_selection_run(str(tmp_path), world_size=1)
+
+
+def test_report_has_every_score_for_every_candidate(tmp_path):
+    run(str(tmp_path), probe_steps=4, max_steps=10)
+    with open(tmp_path / REPORT_NAME) as f:
+        report = json.load(f)
+    assert report["selected"] == load_runs(str(tmp_path))[0][0]["selected"]
+    assert report["score"] == "projection" and report["probe_steps"] == 4 and report["step"] == 4
+    for bias_type in ("q", "k", "v"):
+        entry = report["scores"][bias_type]
+        for score in ("projection", "magnitude", "fisher", "random"):
+            assert isinstance(entry[score], float)
+            assert list(entry["per_layer"][score]) == ["0", "1"]
+    counts = report["trainable_parameters"]
+    # q, k, v biases (3 x 2 x 16) + classifier (2x16 + 2) + pooler bias (16) before; one type after.
+    assert counts == {"before": 146, "after": 82, "total": 6354}
+
+
+def test_key_bias_is_inert_and_never_selected(tmp_path):
+    run(str(tmp_path), probe_steps=4, max_steps=6)
+    report = load_runs(str(tmp_path))[0][0]["report"]
+    assert "k" in report["inert"] and "rounding noise" in report["inert"]["k"]
+    assert report["selected"] != ["k"]
+    fisher = {t: report["scores"][t]["fisher"] for t in ("q", "k", "v")}
+    assert fisher["k"] < 1e-6 * fisher["v"]
+
+
+def test_probe_steps_count_optimizer_steps_under_gradient_accumulation(tmp_path):
+    run(str(tmp_path), probe_steps=3, max_steps=6, grad_accum=2)
+    record = load_runs(str(tmp_path))[0][0]
+    assert record["report"]["step"] == 3 and record["global_step"] == 6
+    assert_exact_selection_run(str(tmp_path), world_size=1)
+
+
+@pytest.mark.parametrize("score", ["magnitude", "fisher", "random"])
+def test_every_score_decides_when_asked(score, tmp_path):
+    selection = BiasSelectionCallback(probe_steps=3, score=score, top_k=2, rewind=False)
+    trainer = BeftTrainer(tiny_bert(), training_args(tmp_path, max_steps=5), train_dataset=TokenDataset(), callbacks=[selection])
+    trainer.train()
+    report = selection.report
+    eligible = [t for t in ("q", "k", "v") if t not in report.inert]
+    expected = sorted(eligible, key=lambda t: -report.scores[t][score])[:2]
+    assert selection.selected == expected
+    assert trainer.frozen_groups == [t for t in ("q", "k", "v") if t not in expected]
+
+
+def test_without_rewind_frozen_types_keep_their_probed_values(tmp_path):
+    model = tiny_bert()
+    pretrained = snapshot(model)
+    selection = BiasSelectionCallback(probe_steps=3, rewind=False, exclude_inert=False, score="magnitude")
+    trainer = BeftTrainer(model, training_args(tmp_path, max_steps=5), train_dataset=TokenDataset(), callbacks=[selection])
+    trainer.train()
+    frozen = trainer.bias_layout.names(trainer.frozen_groups)
+    assert any(not torch.equal(pretrained[n], dict(model.named_parameters())[n]) for n in frozen)
+
+
+def _resumable_trainer(output_dir, probe_steps=4, max_steps=10):
+    args = training_args(output_dir, max_steps=max_steps, save_strategy="steps", save_steps=2, per_device_train_batch_size=4)
+    selection = BiasSelectionCallback(probe_steps=probe_steps)
+    trainer = BeftTrainer(tiny_bert(), args, train_dataset=TokenDataset(), callbacks=[selection])
+    return trainer, selection
+
+
+@pytest.mark.parametrize("checkpoint_step", [2, 6], ids=["during-probing", "after-switch"])
+def test_resume_gives_the_same_selection_and_frozen_set(checkpoint_step, tmp_path):
+    reference, reference_selection = _resumable_trainer(tmp_path / "reference")
+    reference.train()
+    expected = snapshot(reference.model)
+
+    resumed, selection = _resumable_trainer(tmp_path / "reference")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "reference" / f"checkpoint-{checkpoint_step}"))
+    assert selection.selected == reference_selection.selected
+    assert resumed.frozen_groups == reference.frozen_groups
+    assert selection.report.scores == reference_selection.report.scores
+    final = snapshot(resumed.model)
+    for name in resumed.bias_layout.names(resumed.frozen_groups):
+        assert torch.equal(final[name], resumed.pretrained_biases[name])
+    for name, value in expected.items():
+        torch.testing.assert_close(final[name], value, rtol=1e-5, atol=1e-6)
+    checkpoint = tmp_path / "reference" / f"checkpoint-{checkpoint_step}"
+    assert os.path.isfile(checkpoint / "beft_state.json")
