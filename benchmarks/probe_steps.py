@@ -1,0 +1,290 @@
+"""How many probe steps are enough: BEFT's selection after N probe steps vs after a full BitFit run.
+
+On the real all-MiniLM-L6-v2 and real GLUE data. For each N in ``--probe-steps`` a run with
+``BiasSelectionCallback(probe_steps=N)`` and the same ``--steps`` schedule stops right after its
+switch and records the selection and scores. The reference trains every bias (BitFit) for all
+``--steps`` steps and scores q, k and v from their pretrained and final vectors (the paper's
+setting), with the same inert rule (Fisher mass below 1e-3 of the strongest type's).
+
+    python benchmarks/probe_steps.py --tasks sst2 rte --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, ROOT, TASKS, append_jsonl, hardware, load_task, model_path, read_jsonl  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+
+from beft_trainer import (  # noqa: E402
+    BeftConfig,
+    BeftTrainer,
+    BiasSelectionCallback,
+    find_inert,
+    fisher_score,
+    magnitude_score,
+    projection_score,
+    read_report,
+)
+from beft_trainer.scores import rank_types  # noqa: E402
+
+CANDIDATES = ("q", "k", "v")
+RUNS = RESULTS / "probe_steps_cpu_runs.jsonl"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=["sst2"], choices=list(TASKS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--probe-steps", nargs="+", type=int, default=[5, 10, 25, 50, 100])
+    p.add_argument("--steps", type=int, default=150, help="schedule length, and the BitFit reference's steps")
+    p.add_argument("--lr", type=float, default=1e-2, help="learning rate (bias-only default of quality.py)")
+    p.add_argument("--bitfit-lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", type=Path, default=RUNS)
+    p.add_argument("--out", type=Path, default=RESULTS / "probe_steps_cpu")
+    p.add_argument("--report-only", action="store_true")
+    return p
+
+
+class StopAfter(tf.TrainerCallback):
+    """Ends training at a given step (after the selection callback's switch at that step)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+class GradSquares(tf.TrainerCallback):
+    """Accumulates squared gradients of given parameters (the Fisher mass), like the callback does."""
+
+    def __init__(self, params: dict[str, torch.Tensor]):
+        self.sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        self.count = 0
+        for name, param in params.items():
+            param.register_hook(lambda g, n=name: self.sums[n].add_(g.detach().float() ** 2))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.count += args.gradient_accumulation_steps
+
+
+def training_args(out: str, opts, seed: int, lr: float) -> tf.TrainingArguments:
+    """The quality study's schedule (linear, 10% warm-up) over ``--steps`` steps."""
+    return tf.TrainingArguments(
+        output_dir=out,
+        per_device_train_batch_size=opts.batch_size,
+        learning_rate=lr,
+        max_steps=opts.steps,
+        warmup_steps=max(1, opts.steps // 10),
+        lr_scheduler_type="linear",
+        weight_decay=0.0,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=seed,
+        disable_tqdm=True,
+        logging_steps=10_000,
+        dataloader_num_workers=0,
+    )
+
+
+def setup(task: str, seed: int, opts):
+    """Model (seeded head), tokenised training data and collator."""
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(model_path()))
+    train, _ = load_task(task, tokenizer, None, seed, opts.max_length)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForSequenceClassification.from_pretrained(str(model_path()), num_labels=2)
+    return model, train, tf.DataCollatorWithPadding(tokenizer)
+
+
+def probe_run(task: str, seed: int, probe_steps: int, opts) -> dict:
+    """Selection and type scores after ``probe_steps`` steps of probing."""
+    model, train, collator = setup(task, seed, opts)
+    with tempfile.TemporaryDirectory() as out:
+        callbacks = [BiasSelectionCallback(probe_steps=probe_steps), StopAfter(probe_steps)]
+        trainer = BeftTrainer(
+            model,
+            training_args(out, opts, seed, opts.lr),
+            train_dataset=train,
+            data_collator=collator,
+            callbacks=callbacks,
+        )
+        trainer.train()
+        report = read_report(str(Path(out) / "beft_selection.json")).to_dict()
+    return {
+        "selected": report["selected"],
+        "inert": sorted(report.get("inert", {})),
+        "scores": {t: {s: report["scores"][t][s] for s in ("projection", "magnitude", "fisher")} for t in CANDIDATES},
+    }
+
+
+def bitfit_reference(task: str, seed: int, opts) -> dict:
+    """Train every bias for ``--steps`` steps; score q, k, v from pretrained vs final vectors."""
+    model, train, collator = setup(task, seed, opts)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = BeftTrainer(
+            model,
+            training_args(out, opts, seed, opts.bitfit_lr),
+            train_dataset=train,
+            data_collator=collator,
+            beft_config=BeftConfig(bias_types="all"),
+        )
+        layout = trainer.bias_layout
+        params = dict(model.named_parameters())
+        names = {t: layout.names([t]) for t in CANDIDATES}
+        grads = GradSquares({n: params[n] for t in CANDIDATES for n in names[t]})
+        trainer.add_callback(grads)
+        trainer.train()
+    scores = {}
+    for t in CANDIDATES:
+        pre = [trainer.pretrained_biases[n] for n in names[t]]
+        post = [params[n].detach() for n in names[t]]
+        scores[t] = {
+            "projection": projection_score(pre, post)[0],
+            "magnitude": magnitude_score(pre, post)[0],
+            "fisher": fisher_score([grads.sums[n] for n in names[t]], [grads.count] * len(names[t]))[0],
+        }
+    inert = find_inert({t: s["fisher"] for t, s in scores.items()}, 1e-3)
+    projection = {t: s["projection"] for t, s in scores.items()}
+    return {
+        "selected": rank_types(projection, list(inert), 1),
+        "raw_argmax": rank_types(projection, [], 1),
+        "inert": sorted(inert),
+        "scores": scores,
+    }
+
+
+def collect(opts) -> None:
+    """Every (task, seed, N) and reference not yet in ``--runs``."""
+    done = {(r["task"], r["seed"], r["probe_steps"]) for r in read_jsonl(opts.runs)}
+    for task in opts.tasks:
+        for seed in opts.seeds:
+            for n in [*opts.probe_steps, "bitfit"]:
+                if (task, seed, n) in done:
+                    continue
+                result = bitfit_reference(task, seed, opts) if n == "bitfit" else probe_run(task, seed, n, opts)
+                record = {
+                    "task": task,
+                    "seed": seed,
+                    "probe_steps": n,
+                    "steps": opts.steps,
+                    "lr": opts.lr,
+                    "bitfit_lr": opts.bitfit_lr,
+                    "hardware": hardware(),
+                } | result
+                append_jsonl(opts.runs, record)
+                print(json.dumps({k: record[k] for k in ("task", "seed", "probe_steps", "selected")}), flush=True)
+
+
+def report(opts) -> None:
+    """Markdown, JSON and PNG: selection per N, agreement with the BitFit reference, score ratios."""
+    records = read_jsonl(opts.runs)
+    refs = {(r["task"], r["seed"]): r for r in records if r["probe_steps"] == "bitfit"}
+    probes = sorted(
+        (r for r in records if r["probe_steps"] != "bitfit"), key=lambda r: (r["task"], r["seed"], r["probe_steps"])
+    )
+    r0 = records[0]
+    lines = [
+        "# How many probe steps are enough (all-MiniLM-L6-v2, real GLUE, CPU)",
+        "",
+        f"Hardware: {r0['hardware']}.",
+        f"Command: `python benchmarks/probe_steps.py --tasks "
+        f"{' '.join(sorted({r['task'] for r in records}))} --seeds "
+        f"{' '.join(map(str, sorted({r['seed'] for r in records})))}`",
+        "",
+        f"Schedule: {r0['steps']} steps (linear, 10% warm-up), batch {opts.batch_size}, max length "
+        f"{opts.max_length}; probing lr {r0['lr']:g}, BitFit reference lr {r0['bitfit_lr']:g} for all "
+        f"{r0['steps']} steps. Projection score x1e3 for q/k/v; `inert` = Fisher mass < 1e-3 of the "
+        "strongest type's (excluded from selection).",
+        "",
+        "| task | seed | probe steps | selected | agrees with BitFit ref | proj q | proj k | proj v | inert |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (task, seed), ref in sorted(refs.items()):
+        for r in [p for p in probes if (p["task"], p["seed"]) == (task, seed)] + [ref]:
+            agree = "–" if r is ref else ("yes" if r["selected"] == ref["selected"] else "no")
+            proj = " | ".join(f"{1e3 * r['scores'][t]['projection']:.3f}" for t in CANDIDATES)
+            label = (
+                f"BitFit {r['steps']} (ref; raw argmax {','.join(r['raw_argmax'])})" if r is ref else r["probe_steps"]
+            )
+            lines.append(
+                f"| {task} | {seed} | {label} | {','.join(r['selected'])} | {agree} | {proj} | "
+                f"{','.join(r['inert']) or '–'} |"
+            )
+    agreement = agreement_by_n(probes, refs)
+    lines += [
+        "",
+        "Agreement with the BitFit reference per probe length: "
+        + ", ".join(f"{n}: {a}/{t}" for n, (a, t) in agreement.items())
+        + ".",
+    ]
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{opts.out}.md").write_text("\n".join(lines) + "\n")
+    Path(f"{opts.out}.json").write_text(json.dumps({"agreement": agreement, "runs": records}, indent=1))
+    plot(probes, refs, Path(f"{opts.out}.png"))
+    print("\n".join(lines))
+
+
+def agreement_by_n(probes: list[dict], refs: dict) -> dict:
+    """{N: (runs agreeing with the reference, runs)}."""
+    out: dict = {}
+    for r in probes:
+        ref = refs.get((r["task"], r["seed"]))
+        if ref:
+            agree, total = out.get(r["probe_steps"], (0, 0))
+            out[r["probe_steps"]] = (agree + (r["selected"] == ref["selected"]), total + 1)
+    return dict(sorted(out.items()))
+
+
+def plot(probes: list[dict], refs: dict, path: Path) -> None:
+    """Projection score of v relative to q per probe length, one line per (task, seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharex=True)
+    for (task, seed), ref in sorted(refs.items()):
+        runs = [p for p in probes if (p["task"], p["seed"]) == (task, seed)]
+        xs = [p["probe_steps"] for p in runs]
+        for ax, t in zip(axes, CANDIDATES, strict=False):
+            line = ax.plot(xs, [p["scores"][t]["projection"] for p in runs], marker="o", label=f"{task} s{seed}")
+            ax.axhline(ref["scores"][t]["projection"], ls="--", color=line[0].get_color(), lw=0.8)
+    for ax, t in zip(axes, CANDIDATES, strict=False):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"projection score of {t} (dashed: BitFit ref)")
+        ax.set_xlabel("probe steps")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point."""
+    opts = build_parser().parse_args(argv)
+    torch.set_num_threads(opts.threads)
+    tf.logging.set_verbosity_error()
+    if not opts.report_only:
+        collect(opts)
+    report(opts)
+
+
+if __name__ == "__main__":
+    main()

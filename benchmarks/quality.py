@@ -1,0 +1,350 @@
+"""Quality on real data: all-MiniLM-L6-v2 on low-data GLUE (SST-2, RTE, CoLA), CPU-sized.
+
+Methods: full fine-tuning, LoRA r=8 on query/value (peft), BitFit (every bias), a single bias
+type (q, k or v) and BEFT auto-selection (probe q/k/v, then keep one). Every run appends one JSON
+line to ``--runs``, so a long study survives interruption and resumes where it stopped.
+
+    python benchmarks/quality.py sweep --task sst2            # learning-rate sweep, one seed
+    python benchmarks/quality.py study --seeds 0 1 2          # the study
+    python benchmarks/quality.py report                       # markdown + JSON + PNG
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    METHODS,
+    RESULTS,
+    ROOT,
+    TASKS,
+    Stopwatch,
+    append_jsonl,
+    hardware,
+    load_task,
+    metric,
+    model_path,
+    read_jsonl,
+)
+
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+
+from beft_trainer import BeftConfig, BeftTrainer, BiasSelectionCallback, read_report  # noqa: E402
+
+#: Learning rates chosen from the sweep recorded in results/quality_sweep_cpu.md.
+DEFAULT_LR = {"full": 1e-4, "lora": 3e-3, "bitfit": 3e-3, "q": 3e-2, "k": 3e-2, "v": 3e-2, "beft": 3e-2}
+#: The sweep grid: full FT, LoRA, and the bias-only family (BitFit and v only stand for it).
+SWEEP_GRID = {
+    "full": (3e-5, 1e-4),
+    "lora": (1e-3, 3e-3),
+    "bitfit": (3e-3, 1e-2),
+    "v": (1e-2, 3e-2),
+}
+RUNS = RESULTS / "quality_cpu_runs.jsonl"
+SWEEP_RUNS = RESULTS / "quality_sweep_cpu.jsonl"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options; ``mode`` picks sweep, study or report."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=("sweep", "study", "report"))
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--task", default="sst2", choices=list(TASKS), help="sweep task")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=64, help="truncation length (dynamic padding)")
+    p.add_argument("--probe-steps", type=int, default=30, help="BEFT probing steps")
+    p.add_argument("--train-size", type=int, default=None, help="override the paper's per-task size")
+    p.add_argument("--runs", type=Path, default=None, help="JSON-lines file runs are appended to")
+    p.add_argument("--out", type=Path, default=RESULTS / "quality_cpu", help="report prefix (.md/.json/.png)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: 2 threads on a shared 2-core VM oversubscribe and ran 6x slower)",
+    )
+    p.add_argument(
+        "--shard",
+        type=int,
+        nargs=2,
+        default=(0, 1),
+        metavar=("I", "N"),
+        help="run every N-th job starting at I (parallel workers appending to one file)",
+    )
+    return p
+
+
+def make_model(method: str, seed: int):
+    """The real all-MiniLM-L6-v2 with a fresh 2-way head (seeded), wrapped in LoRA if asked."""
+    torch.manual_seed(seed)
+    model = tf.AutoModelForSequenceClassification.from_pretrained(str(model_path()), num_labels=2)
+    if method == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        config = LoraConfig(
+            task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"]
+        )
+        model = get_peft_model(model, config)
+    return model
+
+
+def make_trainer(method, model, args, train, collator, probe_steps):
+    """A plain Trainer for full FT / LoRA, a BeftTrainer for the bias-only methods."""
+    common = dict(train_dataset=train, data_collator=collator)
+    if method in ("full", "lora"):
+        return tf.Trainer(model, args, **common)
+    if method == "beft":
+        return BeftTrainer(model, args, callbacks=[BiasSelectionCallback(probe_steps=probe_steps)], **common)
+    bias_types = "all" if method == "bitfit" else (method,)
+    return BeftTrainer(model, args, beft_config=BeftConfig(bias_types=bias_types), **common)
+
+
+def trainable_parameters(trainer) -> int:
+    """Scalars that train at the end of the run (after BEFT's switch, the selected type + head)."""
+    if isinstance(trainer, BeftTrainer):
+        return trainer.count_parameters()
+    return sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+
+
+def run_one(task: str, method: str, seed: int, lr: float, opts) -> dict:
+    """Train one method on one task with one seed; return its result record."""
+    clock = Stopwatch()
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(model_path()))
+    train, dev = load_task(task, tokenizer, opts.train_size, seed, opts.max_length)
+    model = make_model(method, seed)
+    with tempfile.TemporaryDirectory() as out:
+        args = tf.TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=opts.batch_size,
+            per_device_eval_batch_size=128,
+            learning_rate=lr,
+            max_steps=opts.steps,
+            warmup_steps=max(1, opts.steps // 10),
+            lr_scheduler_type="linear",
+            weight_decay=0.0,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=seed,
+            disable_tqdm=True,
+            logging_steps=max(1, opts.steps // 5),
+            dataloader_num_workers=0,
+        )
+        collator = tf.DataCollatorWithPadding(tokenizer)
+        trainer = make_trainer(method, model, args, train, collator, opts.probe_steps)
+        train_out = trainer.train()
+        train_s = clock()
+        pred = trainer.predict(dev)
+        score = metric(task, np.argmax(pred.predictions, axis=-1), pred.label_ids)
+        selected = None
+        if method == "beft":
+            selected = read_report(str(Path(out) / "beft_selection.json")).to_dict()["selected"]
+        record = {
+            "task": task,
+            "method": method,
+            "seed": seed,
+            "lr": lr,
+            "metric": TASKS[task][1],
+            "score": score,
+            "selected": selected,
+            "trainable_parameters": trainable_parameters(trainer),
+            "total_parameters": sum(p.numel() for p in model.parameters()),
+            "steps": opts.steps,
+            "batch_size": opts.batch_size,
+            "max_length": opts.max_length,
+            "train_size": len(train),
+            "train_loss": float(train_out.training_loss),
+            "train_seconds": round(train_s, 1),
+            "seconds": round(clock(), 1),
+        }
+    return record
+
+
+def done_keys(path: Path) -> set[tuple]:
+    """(task, method, seed, lr) of the runs already in a results file."""
+    return {(r["task"], r["method"], r["seed"], r["lr"]) for r in read_jsonl(path)}
+
+
+def run_all(jobs: list[tuple], path: Path, opts) -> None:
+    """Run every (task, method, seed, lr) job not yet in ``path``, appending each result."""
+    done = done_keys(path)
+    index, count = opts.shard
+    for task, method, seed, lr in jobs[index::count]:
+        if (task, method, seed, lr) in done:
+            continue
+        record = run_one(task, method, seed, lr, opts)
+        record["hardware"] = hardware()
+        append_jsonl(path, record)
+        print(
+            json.dumps({k: record[k] for k in ("task", "method", "seed", "lr", "score", "selected", "seconds")}),
+            flush=True,
+        )
+
+
+def sweep(opts) -> None:
+    """Learning-rate sweep on one task and seed 0 over ``SWEEP_GRID``."""
+    jobs = [(opts.task, m, 0, lr) for m, lrs in SWEEP_GRID.items() if m in opts.methods for lr in lrs]
+    run_all(jobs, opts.runs or SWEEP_RUNS, opts)
+
+
+def study(opts) -> None:
+    """Every task x method x seed at the default learning rates, seed-major so partial runs are balanced."""
+    jobs = [(t, m, s, DEFAULT_LR[m]) for s in opts.seeds for t in opts.tasks for m in opts.methods]
+    run_all(jobs, opts.runs or RUNS, opts)
+
+
+def aggregate(records: list[dict]) -> dict:
+    """{task: {method: {mean, std, n, trainable_parameters, selected, lr, seconds}}}."""
+    table: dict = {}
+    for r in records:
+        table.setdefault(r["task"], {}).setdefault(r["method"], []).append(r)
+    out: dict = {}
+    for task, methods in table.items():
+        for method, runs in methods.items():
+            scores = [100 * r["score"] for r in runs]
+            out.setdefault(task, {})[method] = {
+                "mean": statistics.mean(scores),
+                "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                "n": len(scores),
+                "scores": scores,
+                "seeds": [r["seed"] for r in runs],
+                "trainable_parameters": runs[0]["trainable_parameters"],
+                "lr": runs[0]["lr"],
+                "selected": [",".join(r["selected"]) for r in runs] if method == "beft" else None,
+                "seconds": statistics.mean(r["seconds"] for r in runs),
+            }
+    return out
+
+
+def markdown(summary: dict, sweep_records: list[dict], meta: dict) -> str:
+    """The report: the quality table, BEFT's selections and the sweep."""
+    tasks = [t for t in TASKS if t in summary]
+    lines = [
+        "# Quality on real data: all-MiniLM-L6-v2, low-data GLUE (CPU)",
+        "",
+        f"Hardware: {meta['hardware']}.",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Setting: {meta['setting']}. Scores x100 (accuracy; Matthews correlation x100 for CoLA), "
+        "mean ± std over seeds (n = seeds run), on the full validation split.",
+        "",
+        "| method | trainable params | " + " | ".join(f"{t} ({TASKS[t][1]})" for t in tasks) + " | lr |",
+        "|---|---|" + "---|" * len(tasks) + "---|",
+    ]
+    for m in METHODS:
+        cells = [summary[t].get(m) for t in tasks]
+        if not any(cells):
+            continue
+        params = next(c["trainable_parameters"] for c in cells if c)
+        row = [f"{c['mean']:.1f} ± {c['std']:.1f} (n={c['n']})" if c else "–" for c in cells]
+        lr = next(c["lr"] for c in cells if c)
+        lines.append(f"| {m} | {params:,} | " + " | ".join(row) + f" | {lr:g} |")
+    lines += [
+        "",
+        "Trainable parameters are those training at the end of a run (SST-2's count; BEFT: the "
+        "selected type + head, after the switch; all rows include the 2-way head).",
+        "",
+        "## BEFT's selection per run",
+        "",
+        "| task | selected (seed order) |",
+        "|---|---|",
+    ]
+    for t in tasks:
+        if "beft" in summary[t]:
+            b = summary[t]["beft"]
+            lines.append(
+                f"| {t} | "
+                + ", ".join(f"seed {s}: {x}" for s, x in zip(b["seeds"], b["selected"], strict=False))
+                + " |"
+            )
+    lines += sweep_markdown(sweep_records)
+    return "\n".join(lines) + "\n"
+
+
+def sweep_markdown(records: list[dict]) -> list[str]:
+    """The learning-rate sweep table (one seed)."""
+    if not records:
+        return []
+    task = records[0]["task"]
+    lines = [
+        "",
+        f"## Learning-rate sweep ({task}, seed 0, same steps/batch as the study)",
+        "",
+        "| method | lr | score x100 | train loss |",
+        "|---|---|---|---|",
+    ]
+    for r in sorted(records, key=lambda r: (METHODS.index(r["method"]), r["lr"])):
+        lines.append(f"| {r['method']} | {r['lr']:g} | {100 * r['score']:.1f} | {r['train_loss']:.3f} |")
+    lines += ["", f"Defaults chosen from it: {', '.join(f'{m} {lr:g}' for m, lr in DEFAULT_LR.items())}."]
+    return lines
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Grouped bars: one panel per task, mean ± std per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in TASKS if t in summary]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=False):
+        methods = [m for m in METHODS if m in summary[task]]
+        means = [summary[task][m]["mean"] for m in methods]
+        stds = [summary[task][m]["std"] for m in methods]
+        colors = ["#888888", "#4c72b0", "#55a868", "#c4ad66", "#c4ad66", "#c4ad66", "#c44e52"]
+        ax.bar(methods, means, yerr=stds, capsize=3, color=[colors[METHODS.index(m)] for m in methods])
+        ax.set_title(f"{task} ({TASKS[task][1]} x100)")
+        low = min(m - s for m, s in zip(means, stds, strict=False))
+        ax.set_ylim(max(0, low - 5), max(m + s for m, s in zip(means, stds, strict=False)) + 3)
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle("all-MiniLM-L6-v2, low-data GLUE, CPU (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def report(opts) -> None:
+    """Write ``--out``.md/.json/.png from the runs and sweep files."""
+    records = read_jsonl(opts.runs or RUNS)
+    sweep_records = read_jsonl(SWEEP_RUNS)
+    summary = aggregate(records)
+    r0 = records[0]
+    meta = {
+        "hardware": r0.get("hardware", hardware()),
+        "command": "python benchmarks/quality.py study && python benchmarks/quality.py report",
+        "setting": f"{r0['steps']} optimizer steps, batch {r0['batch_size']}, max length {r0['max_length']} "
+        f"(dynamic padding), linear schedule with 10% warm-up, AdamW; training sizes "
+        + ", ".join(f"{t} {v[2]}" for t, v in TASKS.items()),
+    }
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{opts.out}.md").write_text(markdown(summary, sweep_records, meta))
+    payload = {"meta": meta, "default_lr": DEFAULT_LR, "summary": summary, "runs": records, "sweep": sweep_records}
+    Path(f"{opts.out}.json").write_text(json.dumps(payload, indent=1))
+    plot(summary, Path(f"{opts.out}.png"))
+    print(Path(f"{opts.out}.md").read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point."""
+    opts = build_parser().parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    tf.logging.set_verbosity_error()
+    {"sweep": sweep, "study": study, "report": report}[opts.mode](opts)
+
+
+if __name__ == "__main__":
+    main()
