@@ -28,6 +28,7 @@ from beft_trainer.recipe import (
     collect_results,
     parse_recipe_args,
     print_summary,
+    start_processes,
     write_results,
 )
 
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, method_args, training_args = parse_recipe_args(
         (ModelArguments, DataArguments, MethodArguments, RecipeTrainingArguments), argv
     )
+    start_processes(training_args)
     set_seed(training_args.seed)
     task = get_task(data_args.task_name)
     model_path = model_args.model_name_or_path or default_model_path()

@@ -33,6 +33,7 @@ from beft_trainer.recipe import (
     collect_results,
     parse_recipe_args,
     print_summary,
+    start_processes,
     write_results,
 )
 
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, method_args, training_args = parse_recipe_args(
         (ModelArguments, DataArguments, MethodArguments, RecipeTrainingArguments), argv
     )
+    start_processes(training_args)
     set_seed(training_args.seed)
     task = get_prompt_task(data_args.task_name)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
