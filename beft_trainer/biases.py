@@ -140,9 +140,7 @@ class BiasLayout:
         """Raise ``BiasTypeError`` unless every type is a known name present in the model."""
         for bias_type in bias_types:
             if bias_type not in BIAS_TYPES:
-                raise BiasTypeError(
-                    f"Unknown bias type {bias_type!r}. Known types: {', '.join(BIAS_TYPES)}."
-                )
+                raise BiasTypeError(f"Unknown bias type {bias_type!r}. Known types: {', '.join(BIAS_TYPES)}.")
             if not self.vectors.get(bias_type):
                 raise BiasTypeError(
                     f"The {self.model_type!r} model has no {bias_type!r} biases; it has: "
@@ -172,8 +170,7 @@ def find_biases(model: nn.Module) -> BiasLayout:
     model_type = model_type_of(model)
     if model_type not in ARCHITECTURES:
         raise BiasTypeError(
-            f"Architecture {model_type!r} is not supported yet. Supported: "
-            f"{', '.join(sorted(ARCHITECTURES))}."
+            f"Architecture {model_type!r} is not supported yet. Supported: {', '.join(sorted(ARCHITECTURES))}."
         )
     layer_prefix, table = ARCHITECTURES[model_type]
     layer_re = re.compile(rf"^(?:.*\.)?{layer_prefix}\.(\d+)\.(.+)$")
@@ -242,7 +239,7 @@ def _split_state_dict_hook(module, state_dict, prefix, local_metadata):
 def _split_load_pre_hook(state_dict, prefix, *args, **kwargs):
     fused = state_dict.pop(prefix + "bias", None)
     if fused is not None:
-        for t, part in zip("qkv", fused.chunk(3)):
+        for t, part in zip("qkv", fused.chunk(3), strict=True):
             state_dict[prefix + f"bias_{t}"] = part
 
 
@@ -252,7 +249,7 @@ class _SplitBiasConv1D(nn.Module):
     @staticmethod
     def convert(module: nn.Module) -> None:
         fused = module._parameters.pop("bias")
-        for t, part in zip("qkv", fused.detach().chunk(3)):
+        for t, part in zip("qkv", fused.detach().chunk(3), strict=True):
             module.register_parameter(f"bias_{t}", nn.Parameter(part.clone(), requires_grad=fused.requires_grad))
         module.bias = None  # read by Conv1D.__repr__ only
         module.forward = _SplitBiasConv1D.forward.__get__(module)

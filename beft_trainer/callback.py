@@ -19,7 +19,8 @@ from transformers import TrainerCallback
 from .biases import BIAS_TYPES
 from .distributed import all_reduce_sum, broadcast_from_main, rank, read_full_fp32
 from .errors import BeftConfigError
-from .report import REPORT_NAME, SelectionReport, write_report
+from .plot import plot_report
+from .report import PLOT_NAME, REPORT_NAME, SelectionReport, write_report
 from .scores import SCORE_NAMES, find_inert, rank_types
 
 logger = logging.getLogger(__name__)
@@ -208,7 +209,9 @@ class BiasSelectionCallback(TrainerCallback):
         counts = torch.tensor([float(self._grad_counts[n]) for n in names])
         reduced = all_reduce_sum([self._squared_grads[n] for n in names] + [counts], args.device)
         summed_counts = reduced[-1].tolist()
-        return dict(zip(names, reduced[:-1])), {n: int(c) for n, c in zip(names, summed_counts)}
+        return dict(zip(names, reduced[:-1], strict=True)), {
+            n: int(c) for n, c in zip(names, summed_counts, strict=True)
+        }
 
     def _publish(self, args, state, control) -> None:
         report = self.report
@@ -217,6 +220,10 @@ class BiasSelectionCallback(TrainerCallback):
         control.should_log = should_log  # Trainer.log clears it, which would drop this step's loss
         if state.is_world_process_zero:
             write_report(report, os.path.join(args.output_dir, REPORT_NAME))
+            try:
+                plot_report(report, os.path.join(args.output_dir, PLOT_NAME))
+            except Exception as error:  # a plot must never cost the run
+                logger.warning("Could not plot the selection report: %s", error)
         logger.info(report.summary())
 
     # -- resume -------------------------------------------------------------------------------

@@ -32,9 +32,7 @@ class BeftConfig:
             "Default: detected (parameters outside the backbone, plus BERT's pooler bias)."
         },
     )
-    train_head: bool = field(
-        default=True, metadata={"help": "Train the task head alongside the biases."}
-    )
+    train_head: bool = field(default=True, metadata={"help": "Train the task head alongside the biases."})
     frozen_dtype: str | None = field(
         default=None,
         metadata={

@@ -62,7 +62,7 @@ class SelectionReport:
             }
             entry: dict[str, Any] = {name: value for name, (value, _) in results.items()}
             entry["per_layer"] = {
-                name: {str(layer): v for layer, v in zip(layers, per_layer)}
+                name: {str(layer): v for layer, v in zip(layers, per_layer, strict=True)}
                 for name, (_, per_layer) in results.items()
             }
             scores[bias_type] = entry
@@ -98,8 +98,7 @@ class SelectionReport:
     def summary(self) -> str:
         """One line for humans."""
         ranked = ", ".join(
-            f"{t}={self.scores[t][self.score]:.4g}" + (" (inert)" if t in self.inert else "")
-            for t in self.candidates
+            f"{t}={self.scores[t][self.score]:.4g}" + (" (inert)" if t in self.inert else "") for t in self.candidates
         )
         share = ""
         if self.trainable_parameters.get("total"):

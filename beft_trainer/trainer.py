@@ -16,6 +16,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
+from .artifacts import save_adapter
 from .biases import BiasLayout, add_missing_biases, find_biases, split_fused_qkv_bias
 from .config import BeftConfig
 from .distributed import read_full_fp32, write_full_fp32
@@ -100,14 +101,15 @@ class BeftTrainer(Trainer):
         else:
             bias_types = self.beft_config.bias_types or ("v",)
         layout.require(bias_types)
+        head = find_head_parameters(model, self.beft_config.head_modules)
         biases = {t: layout.names([t]) for t in bias_types}
-        if self.beft_config.is_bitfit and layout.other_biases:
-            biases[OTHER_BIASES_GROUP] = list(layout.other_biases)
+        if self.beft_config.is_bitfit:
+            # A head bias is random at init: it belongs with the head, not with BitFit's deltas.
+            biases[OTHER_BIASES_GROUP] = [n for n in layout.other_biases if n not in head]
         # The head comes first: the Trainer logs the first group's learning rate, which must not
         # read 0 once a bias type is frozen.
         groups: dict[str, list[str]] = {}
         if self.beft_config.train_head:
-            head = find_head_parameters(model, self.beft_config.head_modules)
             head = [n for n in head if n not in self._bias_names(biases)]
             decay = set(self.get_decay_parameter_names(model))
             groups[HEAD_GROUP] = [n for n in head if n not in decay]
@@ -158,6 +160,14 @@ class BeftTrainer(Trainer):
             raise BeftConfigError(f"optim={self.args.optim!r} builds its own parameter groups; use AdamW or SGD.")
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Override: also write the BEFT adapter (bias deltas + head, a few KB) next to the model.
+
+        Every process calls it (reading ZeRO-3 partitions is collective); only the main one writes.
+        """
+        super().save_model(output_dir, _internal_call)
+        save_adapter(self, output_dir or self.args.output_dir)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """Override: remember the checkpoint folder so the selection state resumes with it."""

@@ -12,9 +12,15 @@ def tiny_bert(num_labels: int = 2, seed: int = 0) -> tf.PreTrainedModel:
     """A 2-layer BERT classifier with random weights and non-zero biases."""
     torch.manual_seed(seed)
     config = tf.BertConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=32, num_labels=num_labels,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     return randomize_biases(tf.BertForSequenceClassification(config))
 
@@ -24,15 +30,51 @@ def tiny_model(model_type: str, num_labels: int = 2, seed: int = 0) -> tf.PreTra
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, num_labels=num_labels, pad_token_id=0)
     configs = {
-        "bert": lambda: tf.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, **common),
-        "roberta": lambda: tf.RobertaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, **common),
+        "bert": lambda: tf.BertConfig(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, **common
+        ),
+        "roberta": lambda: tf.RobertaConfig(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, **common
+        ),
         "distilbert": lambda: tf.DistilBertConfig(dim=16, n_layers=2, n_heads=2, hidden_dim=32, **common),
-        "electra": lambda: tf.ElectraConfig(hidden_size=16, embedding_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, **common),
-        "mpnet": lambda: tf.MPNetConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, **common),
-        "opt": lambda: tf.OPTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32, word_embed_proj_dim=16, bos_token_id=1, eos_token_id=2, **common),
+        "electra": lambda: tf.ElectraConfig(
+            hidden_size=16,
+            embedding_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            **common,
+        ),
+        "mpnet": lambda: tf.MPNetConfig(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, **common
+        ),
+        "opt": lambda: tf.OPTConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            ffn_dim=32,
+            word_embed_proj_dim=16,
+            bos_token_id=1,
+            eos_token_id=2,
+            **common,
+        ),
         "gpt2": lambda: tf.GPT2Config(n_embd=16, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2, **common),
-        "qwen2": lambda: tf.Qwen2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=32, **common),
-        "llama": lambda: tf.LlamaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=32, **common),
+        "qwen2": lambda: tf.Qwen2Config(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=32,
+            **common,
+        ),
+        "llama": lambda: tf.LlamaConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=32,
+            **common,
+        ),
     }
     model = tf.AutoModelForSequenceClassification.from_config(configs[model_type]())
     return randomize_biases(model)
@@ -63,7 +105,11 @@ class TokenDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[i], "attention_mask": torch.ones_like(self.input_ids[i]), "labels": self.labels[i]}
+        return {
+            "input_ids": self.input_ids[i],
+            "attention_mask": torch.ones_like(self.input_ids[i]),
+            "labels": self.labels[i],
+        }
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -74,8 +120,16 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def training_args(output_dir, **overrides) -> tf.TrainingArguments:
     """CPU TrainingArguments for a short, deterministic run."""
     defaults = dict(
-        output_dir=str(output_dir), per_device_train_batch_size=8, learning_rate=1e-2, max_steps=12,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        max_steps=12,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
         dataloader_num_workers=0,
     )
     defaults.update(overrides)

@@ -37,7 +37,15 @@ def _launch(command: list[str], timeout: int = 400) -> None:
 
 
 def _torchrun(nproc: int, *script_args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}", SCRIPT, *script_args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={_free_port()}",
+        SCRIPT,
+        *script_args,
+    ]
 
 
 def _deepspeed(nproc: int, *script_args: str) -> list[str]:
@@ -81,6 +89,14 @@ except BeftConfigError as error:
     assert "'optimizer' section" in str(error), error
     print("REFUSED")
 """
-    env = _environment() | {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    env = _environment() | {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert "REFUSED" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]

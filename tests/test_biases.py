@@ -84,7 +84,10 @@ def test_bias_free_model_gets_a_clear_error_then_works_with_added_biases(tmp_pat
     assert add_missing_biases(model) == 6
     assert torch.equal(model(input_ids=ids).logits, before)
     trainer = BeftTrainer(model, training_args(tmp_path), beft_config=BeftConfig(bias_types=("v",)))
-    assert trainer.parameter_groups["v"] == ["model.layers.0.self_attn.v_proj.bias", "model.layers.1.self_attn.v_proj.bias"]
+    assert trainer.parameter_groups["v"] == [
+        "model.layers.0.self_attn.v_proj.bias",
+        "model.layers.1.self_attn.v_proj.bias",
+    ]
 
 
 def test_unknown_architecture_is_a_clear_error():
@@ -97,7 +100,15 @@ def test_unknown_architecture_is_a_clear_error():
     ("model_type", "expected"),
     [
         ("bert", ["classifier.weight", "classifier.bias", "bert.pooler.dense.bias"]),
-        ("roberta", ["classifier.dense.weight", "classifier.dense.bias", "classifier.out_proj.weight", "classifier.out_proj.bias"]),
+        (
+            "roberta",
+            [
+                "classifier.dense.weight",
+                "classifier.dense.bias",
+                "classifier.out_proj.weight",
+                "classifier.out_proj.bias",
+            ],
+        ),
         ("distilbert", ["pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "classifier.bias"]),
         ("opt", ["score.weight"]),
         ("qwen2", ["score.weight"]),
@@ -110,7 +121,9 @@ def test_head_detection(model_type, expected):
 def test_causal_lm_has_no_default_head():
     import transformers as tf
 
-    config = tf.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32, word_embed_proj_dim=16)
+    config = tf.OPTConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32, word_embed_proj_dim=16
+    )
     assert find_head_parameters(tf.OPTForCausalLM(config)) == []
 
 

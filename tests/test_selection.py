@@ -54,7 +54,9 @@ def test_probe_steps_count_optimizer_steps_under_gradient_accumulation(tmp_path)
 @pytest.mark.parametrize("score", ["magnitude", "fisher", "random"])
 def test_every_score_decides_when_asked(score, tmp_path):
     selection = BiasSelectionCallback(probe_steps=3, score=score, top_k=2, rewind=False)
-    trainer = BeftTrainer(tiny_bert(), training_args(tmp_path, max_steps=5), train_dataset=TokenDataset(), callbacks=[selection])
+    trainer = BeftTrainer(
+        tiny_bert(), training_args(tmp_path, max_steps=5), train_dataset=TokenDataset(), callbacks=[selection]
+    )
     trainer.train()
     report = selection.report
     eligible = [t for t in ("q", "k", "v") if t not in report.inert]
@@ -67,14 +69,18 @@ def test_without_rewind_frozen_types_keep_their_probed_values(tmp_path):
     model = tiny_bert()
     pretrained = snapshot(model)
     selection = BiasSelectionCallback(probe_steps=3, rewind=False, exclude_inert=False, score="magnitude")
-    trainer = BeftTrainer(model, training_args(tmp_path, max_steps=5), train_dataset=TokenDataset(), callbacks=[selection])
+    trainer = BeftTrainer(
+        model, training_args(tmp_path, max_steps=5), train_dataset=TokenDataset(), callbacks=[selection]
+    )
     trainer.train()
     frozen = trainer.bias_layout.names(trainer.frozen_groups)
     assert any(not torch.equal(pretrained[n], dict(model.named_parameters())[n]) for n in frozen)
 
 
 def _resumable_trainer(output_dir, probe_steps=4, max_steps=10):
-    args = training_args(output_dir, max_steps=max_steps, save_strategy="steps", save_steps=2, per_device_train_batch_size=4)
+    args = training_args(
+        output_dir, max_steps=max_steps, save_strategy="steps", save_steps=2, per_device_train_batch_size=4
+    )
     selection = BiasSelectionCallback(probe_steps=probe_steps)
     trainer = BeftTrainer(tiny_bert(), args, train_dataset=TokenDataset(), callbacks=[selection])
     return trainer, selection

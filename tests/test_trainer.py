@@ -57,7 +57,9 @@ def test_missing_bias_type_fails_before_training(tmp_path):
     with pytest.raises(BiasTypeError, match="has no 'attn_out' biases"):
         BeftTrainer(tiny_model("qwen2"), training_args(tmp_path), beft_config=BeftConfig(bias_types=("attn_out",)))
     with pytest.raises(BiasTypeError, match="has no 'mlp_in' biases"):
-        BeftTrainer(tiny_model("qwen2"), training_args(tmp_path), callbacks=[BiasSelectionCallback(candidates=("q", "mlp_in"))])
+        BeftTrainer(
+            tiny_model("qwen2"), training_args(tmp_path), callbacks=[BiasSelectionCallback(candidates=("q", "mlp_in"))]
+        )
 
 
 @pytest.mark.parametrize(
@@ -79,7 +81,10 @@ def test_probe_steps_must_leave_training_after_the_switch(tmp_path):
     model = tiny_bert()
     before = snapshot(model)
     trainer = BeftTrainer(
-        model, training_args(tmp_path, max_steps=5), train_dataset=TokenDataset(), callbacks=[BiasSelectionCallback(probe_steps=5)]
+        model,
+        training_args(tmp_path, max_steps=5),
+        train_dataset=TokenDataset(),
+        callbacks=[BiasSelectionCallback(probe_steps=5)],
     )
     with pytest.raises(BeftConfigError, match="probe_steps=5 leaves no training"):
         trainer.train()
@@ -89,12 +94,19 @@ def test_probe_steps_must_leave_training_after_the_switch(tmp_path):
 
 def test_callback_with_a_plain_trainer_is_refused(tmp_path):
     with pytest.raises(BeftConfigError, match="needs BeftTrainer"):
-        Trainer(tiny_bert(), training_args(tmp_path), train_dataset=TokenDataset(), callbacks=[BiasSelectionCallback()])
+        Trainer(
+            tiny_bert(), training_args(tmp_path), train_dataset=TokenDataset(), callbacks=[BiasSelectionCallback()]
+        )
 
 
 def test_config_and_callback_together_are_refused(tmp_path):
     with pytest.raises(BeftConfigError, match="one or the other"):
-        BeftTrainer(tiny_bert(), training_args(tmp_path), beft_config=BeftConfig(bias_types=("v",)), callbacks=[BiasSelectionCallback()])
+        BeftTrainer(
+            tiny_bert(),
+            training_args(tmp_path),
+            beft_config=BeftConfig(bias_types=("v",)),
+            callbacks=[BiasSelectionCallback()],
+        )
 
 
 def test_optimizer_that_ignores_group_lr_is_refused(tmp_path):
@@ -104,7 +116,10 @@ def test_optimizer_that_ignores_group_lr_is_refused(tmp_path):
 
 def test_logged_learning_rate_is_the_heads_after_the_switch(tmp_path):
     trainer = BeftTrainer(
-        tiny_bert(), training_args(tmp_path, max_steps=6), train_dataset=TokenDataset(), callbacks=[BiasSelectionCallback(probe_steps=3)]
+        tiny_bert(),
+        training_args(tmp_path, max_steps=6),
+        train_dataset=TokenDataset(),
+        callbacks=[BiasSelectionCallback(probe_steps=3)],
     )
     trainer.train()
     rates = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
