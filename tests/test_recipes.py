@@ -388,6 +388,7 @@ def test_beft_on_real_sst2_beats_the_untuned_minilm(tmp_path):
                 max_steps=60,
                 probe_steps=15,
                 warmup_steps=5,
+                learning_rate=3e-2,  # 60 steps only: measured 0.48 -> 0.65 here, 1e-2 gained 2 points
                 per_device_train_batch_size=16,
                 per_device_eval_batch_size=64,
             ),
