@@ -1,4 +1,4 @@
-"""Memory-efficient bias-only training: frozen weights in bf16/fp16, trainable vectors in fp32."""
+"""Memory-efficient bias-only training: frozen matrices in bf16/fp16, every vector in fp32."""
 
 from __future__ import annotations
 
@@ -33,16 +33,23 @@ def resolve_frozen_dtype(frozen_dtype: str | None, args) -> torch.dtype | None:
 
 
 def cast_frozen_parameters(model: nn.Module, dtype: torch.dtype, trainable: Iterable[str]) -> int:
-    """Store every parameter not in ``trainable`` in ``dtype``; trainable ones stay fp32.
+    """Store frozen matrices (linear and embedding weights) in ``dtype``, every vector in fp32.
 
-    No fp32 copy of a frozen weight is kept. Returns the number of bytes saved.
+    Trainable parameters become fp32 even if the model was loaded in half precision. Frozen
+    vectors (LayerNorm weights, frozen biases) stay fp32 too: a LayerNorm with a trainable fp32
+    bias needs an fp32 weight beside it, and vectors are a negligible share of the memory. No
+    fp32 copy of a frozen matrix is kept. Returns the number of bytes saved (negative if the
+    model grew, as when a half-precision model's vectors are upcast).
     """
     keep = set(trainable)
     saved = 0
     for name, param in model.named_parameters():
-        if name in keep or not param.is_floating_point() or param.dtype == dtype:
+        if not param.is_floating_point():
+            continue
+        target = dtype if name not in keep and param.dim() >= 2 else torch.float32
+        if param.dtype == target:
             continue
         before = param.element_size() * param.numel()
-        param.data = param.data.to(dtype)
+        param.data = param.data.to(target)
         saved += before - param.element_size() * param.numel()
     return saved

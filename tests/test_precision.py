@@ -1,7 +1,7 @@
 """Memory-efficient bias-only training: ``BeftConfig(frozen_dtype=...)`` with bf16 mixed precision.
 
-Frozen weights are stored in bf16 with no fp32 copy; the trainable vectors (biases being trained,
-the task head) stay fp32 and move; the exact freeze after the switch still holds; and the loss
+Frozen matrices are stored in bf16 with no fp32 copy; trainable parameters (biases being trained,
+the task head) and every vector (LayerNorm weights, frozen biases) stay fp32 and the trainable ones move; the exact freeze after the switch still holds; and the loss
 stays within bf16 rounding of the run that keeps fp32 weights.
 """
 
@@ -64,7 +64,7 @@ def test_frozen_weights_bf16_trainable_fp32_before_and_after_training(kind, tmp_
     before = snapshot(model)
     trainer.train()
     for name, param in model.named_parameters():
-        expected = torch.float32 if name in trainable else torch.bfloat16
+        expected = torch.bfloat16 if name not in trainable and param.dim() >= 2 else torch.float32
         assert param.dtype == expected, f"{name} is {param.dtype}, expected {expected}"
         if name in trainable:
             assert not torch.equal(param, before[name]), f"trainable {name} did not move"
@@ -77,8 +77,8 @@ def test_frozen_dtype_halves_frozen_parameter_bytes(tmp_path):
     fp32_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     trainer = _trainer(model, tmp_path, BeftConfig(bias_types=("v",), frozen_dtype="auto"))
     trainable = _trainable(trainer)
-    numel = {n: p.numel() for n, p in model.named_parameters()}
-    expected = sum(4 * k if n in trainable else 2 * k for n, k in numel.items())
+    shapes = {n: (p.numel(), p.dim()) for n, p in model.named_parameters()}
+    expected = sum(2 * k if n not in trainable and dim >= 2 else 4 * k for n, (k, dim) in shapes.items())
     assert sum(p.numel() * p.element_size() for p in model.parameters()) == expected < fp32_bytes
 
 
