@@ -14,7 +14,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from .errors import BeftConfigError
 from .methods import MethodArguments, trainable_parameter_counts
-from .report import PLOT_NAME, REPORT_NAME
+from .report import REPORT_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -118,17 +118,11 @@ def collect_results(trainer: Trainer, method_args: MethodArguments, final_metric
 
 
 def write_results(trainer: Trainer, results: dict[str, Any]) -> None:
-    """Write ``eval_results.json``, and the selection plot when there is a report, to ``output_dir`` (main process)."""
-    if not trainer.is_world_process_zero():
-        return
-    output_dir = trainer.args.output_dir
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, RESULTS_NAME), "w") as f:
-        json.dump(results, f, indent=2)
-    if os.path.isfile(os.path.join(output_dir, REPORT_NAME)):
-        from .plot import plot_report
-
-        plot_report(os.path.join(output_dir, REPORT_NAME), os.path.join(output_dir, PLOT_NAME))
+    """Write ``eval_results.json`` to ``output_dir`` (main process; the selection callback plots its own report)."""
+    if trainer.is_world_process_zero():
+        os.makedirs(trainer.args.output_dir, exist_ok=True)
+        with open(os.path.join(trainer.args.output_dir, RESULTS_NAME), "w") as f:
+            json.dump(results, f, indent=2)
 
 
 def summary_lines(results: dict[str, Any], metric: str) -> list[str]:
