@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--probe-steps", nargs="+", type=int, default=[5, 10, 25, 50, 100])
     p.add_argument("--steps", type=int, default=150, help="schedule length, and the BitFit reference's steps")
-    p.add_argument("--lr", type=float, default=1e-2, help="learning rate (bias-only default of quality.py)")
+    p.add_argument("--lr", type=float, default=3e-2, help="probing learning rate (quality.py default for q/k/v/beft)")
     p.add_argument("--bitfit-lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    DATA,
     METHODS,
     RESULTS,
     ROOT,
@@ -252,6 +253,10 @@ def markdown(summary: dict, sweep_records: list[dict], meta: dict) -> str:
         row = [f"{c['mean']:.1f} ± {c['std']:.1f} (n={c['n']})" if c else "–" for c in cells]
         lr = next(c["lr"] for c in cells if c)
         lines.append(f"| {m} | {params:,} | " + " | ".join(row) + f" | {lr:g} |")
+    majority = meta.get("majority_class", {})
+    lines.append(
+        "| majority class (no training) | 0 | " + " | ".join(f"{majority.get(t, 0):.1f}" for t in tasks) + " | |"
+    )
     lines += [
         "",
         "Trainable parameters are those training at the end of a run (SST-2's count; BEFT: the "
@@ -281,36 +286,52 @@ def sweep_markdown(records: list[dict]) -> list[str]:
     task = records[0]["task"]
     lines = [
         "",
-        f"## Learning-rate sweep ({task}, seed 0, same steps/batch as the study)",
+        f"## Learning-rate sweep ({task}, seed 0, batch and length as the study)",
         "",
-        "| method | lr | score x100 | train loss |",
-        "|---|---|---|---|",
+        "| method | lr | steps | score x100 | train loss |",
+        "|---|---|---|---|---|",
     ]
     for r in sorted(records, key=lambda r: (METHODS.index(r["method"]), r["lr"])):
-        lines.append(f"| {r['method']} | {r['lr']:g} | {100 * r['score']:.1f} | {r['train_loss']:.3f} |")
+        lines.append(
+            f"| {r['method']} | {r['lr']:g} | {r['steps']} | {100 * r['score']:.1f} | {r['train_loss']:.3f} |"
+        )
     lines += ["", f"Defaults chosen from it: {', '.join(f'{m} {lr:g}' for m, lr in DEFAULT_LR.items())}."]
     return lines
 
 
-def plot(summary: dict, path: Path) -> None:
-    """Grouped bars: one panel per task, mean ± std per method."""
+def majority_baselines() -> dict[str, float]:
+    """Score x100 of always predicting the validation split's most frequent label (MCC: 0)."""
+    out = {}
+    for task in TASKS:
+        labels = [r["label"] for r in read_jsonl(DATA / task / "validation.jsonl")]
+        top = max(set(labels), key=labels.count)
+        out[task] = metric(task, np.full(len(labels), top), np.array(labels)) * 100
+    return out
+
+
+def plot(summary: dict, path: Path, baselines: dict[str, float]) -> None:
+    """Grouped bars: one panel per task, mean ± std per method, majority-class line dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = [t for t in TASKS if t in summary]
+    colors = ["#888888", "#4c72b0", "#55a868", "#c4ad66", "#c4ad66", "#c4ad66", "#c44e52"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=False):
         methods = [m for m in METHODS if m in summary[task]]
         means = [summary[task][m]["mean"] for m in methods]
         stds = [summary[task][m]["std"] for m in methods]
-        colors = ["#888888", "#4c72b0", "#55a868", "#c4ad66", "#c4ad66", "#c4ad66", "#c44e52"]
-        ax.bar(methods, means, yerr=stds, capsize=3, color=[colors[METHODS.index(m)] for m in methods])
+        bars = ax.bar(methods, means, yerr=stds, capsize=3, color=[colors[METHODS.index(m)] for m in methods])
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        ax.axhline(baselines[task], ls="--", color="black", lw=0.8, label="majority class")
         ax.set_title(f"{task} ({TASKS[task][1]} x100)")
-        low = min(m - s for m, s in zip(means, stds, strict=False))
-        ax.set_ylim(max(0, low - 5), max(m + s for m, s in zip(means, stds, strict=False)) + 3)
+        low = min([m - s for m, s in zip(means, stds, strict=False)] + [baselines[task]])
+        high = max([m + s for m, s in zip(means, stds, strict=False)] + [baselines[task]])
+        ax.set_ylim(low - 5, high + 5)
         ax.tick_params(axis="x", rotation=30)
+        ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("all-MiniLM-L6-v2, low-data GLUE, CPU (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -324,16 +345,18 @@ def report(opts) -> None:
     r0 = records[0]
     meta = {
         "hardware": r0.get("hardware", hardware()),
-        "command": "python benchmarks/quality.py study && python benchmarks/quality.py report",
+        "command": "nice python benchmarks/quality.py study --seeds 0 1 2 --shard I 2 (I = 0, 1 in two processes); "
+        "python benchmarks/quality.py report",
         "setting": f"{r0['steps']} optimizer steps, batch {r0['batch_size']}, max length {r0['max_length']} "
         f"(dynamic padding), linear schedule with 10% warm-up, AdamW; training sizes "
         + ", ".join(f"{t} {v[2]}" for t, v in TASKS.items()),
+        "majority_class": majority_baselines(),
     }
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{opts.out}.md").write_text(markdown(summary, sweep_records, meta))
     payload = {"meta": meta, "default_lr": DEFAULT_LR, "summary": summary, "runs": records, "sweep": sweep_records}
     Path(f"{opts.out}.json").write_text(json.dumps(payload, indent=1))
-    plot(summary, Path(f"{opts.out}.png"))
+    plot(summary, Path(f"{opts.out}.png"), meta["majority_class"])
     print(Path(f"{opts.out}.md").read_text())
 
 
