@@ -45,7 +45,7 @@ RUNS = RESULTS / "probe_steps_cpu_runs.jsonl"
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=["sst2"], choices=list(TASKS))
+    p.add_argument("--tasks", nargs="+", default=["sst2", "rte"], choices=list(TASKS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--probe-steps", nargs="+", type=int, default=[5, 10, 25, 50, 100])
     p.add_argument("--steps", type=int, default=150, help="schedule length, and the BitFit reference's steps")
