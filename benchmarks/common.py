@@ -104,3 +104,27 @@ class Stopwatch:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.start
+
+
+def study_training_args(out: str, batch_size: int, steps: int, seed: int, lr: float, **overrides):
+    """The studies' schedule on CPU: linear decay with 10% warm-up over ``steps`` steps, no decay."""
+    import transformers as tf
+
+    settings = dict(
+        output_dir=out,
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        max_steps=steps,
+        warmup_steps=max(1, steps // 10),
+        lr_scheduler_type="linear",
+        weight_decay=0.0,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=seed,
+        disable_tqdm=True,
+        logging_steps=10_000,
+        dataloader_num_workers=0,
+    )
+    settings.update(overrides)
+    return tf.TrainingArguments(**settings)

@@ -19,7 +19,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, TASKS, append_jsonl, hardware, load_task, model_path, read_jsonl  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    ROOT,
+    TASKS,
+    append_jsonl,
+    hardware,
+    load_task,
+    model_path,
+    read_jsonl,
+    study_training_args,
+)
 
 sys.path.insert(0, str(ROOT))
 
@@ -84,26 +94,6 @@ class GradSquares(tf.TrainerCallback):
         self.count += args.gradient_accumulation_steps
 
 
-def training_args(out: str, opts, seed: int, lr: float) -> tf.TrainingArguments:
-    """The quality study's schedule (linear, 10% warm-up) over ``--steps`` steps."""
-    return tf.TrainingArguments(
-        output_dir=out,
-        per_device_train_batch_size=opts.batch_size,
-        learning_rate=lr,
-        max_steps=opts.steps,
-        warmup_steps=max(1, opts.steps // 10),
-        lr_scheduler_type="linear",
-        weight_decay=0.0,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=seed,
-        disable_tqdm=True,
-        logging_steps=10_000,
-        dataloader_num_workers=0,
-    )
-
-
 def setup(task: str, seed: int, opts):
     """Model (seeded head), tokenised training data and collator."""
     tokenizer = tf.AutoTokenizer.from_pretrained(str(model_path()))
@@ -120,7 +110,7 @@ def probe_run(task: str, seed: int, probe_steps: int, opts) -> dict:
         callbacks = [BiasSelectionCallback(probe_steps=probe_steps), StopAfter(probe_steps)]
         trainer = BeftTrainer(
             model,
-            training_args(out, opts, seed, opts.lr),
+            study_training_args(out, opts.batch_size, opts.steps, seed, opts.lr),
             train_dataset=train,
             data_collator=collator,
             callbacks=callbacks,
@@ -140,7 +130,7 @@ def bitfit_reference(task: str, seed: int, opts) -> dict:
     with tempfile.TemporaryDirectory() as out:
         trainer = BeftTrainer(
             model,
-            training_args(out, opts, seed, opts.bitfit_lr),
+            study_training_args(out, opts.batch_size, opts.steps, seed, opts.bitfit_lr),
             train_dataset=train,
             data_collator=collator,
             beft_config=BeftConfig(bias_types="all"),

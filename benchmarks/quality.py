@@ -33,6 +33,7 @@ from common import (  # noqa: E402
     metric,
     model_path,
     read_jsonl,
+    study_training_args,
 )
 
 sys.path.insert(0, str(ROOT))
@@ -127,22 +128,14 @@ def run_one(task: str, method: str, seed: int, lr: float, opts) -> dict:
     train, dev = load_task(task, tokenizer, opts.train_size, seed, opts.max_length)
     model = make_model(method, seed)
     with tempfile.TemporaryDirectory() as out:
-        args = tf.TrainingArguments(
-            output_dir=out,
-            per_device_train_batch_size=opts.batch_size,
+        args = study_training_args(
+            out,
+            opts.batch_size,
+            opts.steps,
+            seed,
+            lr,
             per_device_eval_batch_size=128,
-            learning_rate=lr,
-            max_steps=opts.steps,
-            warmup_steps=max(1, opts.steps // 10),
-            lr_scheduler_type="linear",
-            weight_decay=0.0,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            seed=seed,
-            disable_tqdm=True,
             logging_steps=max(1, opts.steps // 5),
-            dataloader_num_workers=0,
         )
         collator = tf.DataCollatorWithPadding(tokenizer)
         trainer = make_trainer(method, model, args, train, collator, opts.probe_steps)
