@@ -51,5 +51,5 @@ def _parameters_of_modules(model: nn.Module, names: list[str], head_modules: Seq
                 f"head_modules names {module_name!r}, which is not a module of {type(model).__name__}. "
                 f"Top-level modules: {', '.join(n for n, _ in model.named_children())}."
             )
-        selected += [n for n in names if n == module_name or n.startswith(module_name + ".")]
+        selected += [n for n in names if n.startswith(module_name + ".")]
     return selected

@@ -18,6 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .artifacts import save_adapter
 from .biases import BiasLayout, add_missing_biases, find_biases, split_fused_qkv_bias
+from .callback import BiasSelectionCallback
 from .config import BeftConfig
 from .distributed import read_full_fp32, write_full_fp32
 from .errors import BeftConfigError
@@ -66,10 +67,9 @@ class BeftTrainer(Trainer):
         frozen_dtype = resolve_frozen_dtype(self.beft_config.frozen_dtype, args)
         if frozen_dtype is not None:
             cast_frozen_parameters(model, frozen_dtype, trainable)
+        bias_names = self._bias_names(self.parameter_groups)
         self.pretrained_biases = {
-            name: read_full_fp32(param)
-            for name, param in model.named_parameters()
-            if name in self._bias_names(self.parameter_groups)
+            name: read_full_fp32(param) for name, param in model.named_parameters() if name in bias_names
         }
         self.resume_checkpoint_dir: str | None = None
         if selection is not None:
@@ -79,9 +79,7 @@ class BeftTrainer(Trainer):
 
     # -- set-up -------------------------------------------------------------------------------
 
-    def _selection_callback(self, callbacks: list | None):
-        from .callback import BiasSelectionCallback
-
+    def _selection_callback(self, callbacks: list | None) -> BiasSelectionCallback | None:
         found = [cb for cb in callbacks or [] if isinstance(cb, BiasSelectionCallback)]
         if len(found) > 1:
             raise BeftConfigError("Pass at most one BiasSelectionCallback.")
