@@ -25,10 +25,10 @@ def tiny_bert(num_labels: int = 2, seed: int = 0) -> tf.PreTrainedModel:
     return randomize_biases(tf.BertForSequenceClassification(config))
 
 
-def tiny_model(model_type: str, num_labels: int = 2, seed: int = 0) -> tf.PreTrainedModel:
-    """A tiny sequence classifier of the given architecture."""
+def tiny_model(model_type: str, num_labels: int = 2, seed: int = 0, **config: object) -> tf.PreTrainedModel:
+    """A tiny sequence classifier of the given architecture (``config`` overrides its config)."""
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, num_labels=num_labels, pad_token_id=0)
+    common = dict(vocab_size=VOCAB, num_labels=num_labels, pad_token_id=0, **config)
     configs = {
         "bert": lambda: tf.BertConfig(
             hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, **common

@@ -46,6 +46,23 @@ def test_key_bias_is_inert_and_never_selected(tmp_path):
     assert fisher["k"] < 1e-6 * fisher["v"]
 
 
+@pytest.mark.parametrize(("model_type", "key_is_inert"), [("bert", True), ("qwen2", False)])
+def test_inert_types_come_from_gradients_not_names(model_type, key_is_inert, tmp_path):
+    # Larger weights than the default init, so attention is far from uniform and q/k gradients are
+    # real signal; BERT's absolute positions still make b_k inert, Qwen2's rotary ones do not.
+    selection = BiasSelectionCallback(probe_steps=3)
+    model = tiny_model(model_type, initializer_range=0.2)
+    trainer = BeftTrainer(
+        model, training_args(tmp_path, max_steps=4), train_dataset=TokenDataset(), callbacks=[selection]
+    )
+    trainer.train()
+    fisher = selection.report.type_scores("fisher")
+    assert ("k" in selection.report.inert) == key_is_inert, fisher
+    assert "q" not in selection.report.inert and "v" not in selection.report.inert, fisher
+    if not key_is_inert:
+        assert fisher["k"] > 1e-3 * max(fisher.values())
+
+
 def test_probe_steps_count_optimizer_steps_under_gradient_accumulation(tmp_path):
     run(str(tmp_path), probe_steps=3, max_steps=6, grad_accum=2)
     record = load_runs(str(tmp_path))[0][0]
