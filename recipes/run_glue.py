@@ -2,7 +2,7 @@
 
 One CPU or GPU:
     accelerate launch recipes/run_glue.py --task_name sst2 --max_train_samples 1000 --output_dir outputs/sst2
-Several GPUs (or 2 CPU processes with ``--cpu``):
+Several GPUs (for 2 CPU processes over gloo, add ``--use_cpu`` to the script's arguments):
     accelerate launch --multi_gpu --num_processes 2 recipes/run_glue.py --task_name rte --output_dir outputs/rte
 From a file (later command-line arguments override it):
     accelerate launch recipes/run_glue.py configs/sst2.yaml

@@ -1,4 +1,4 @@
-"""The guarantees on every backend: DDP (torchrun, gloo) and DeepSpeed ZeRO-2/3 on CPU.
+"""The guarantees on every backend: DDP (torchrun and accelerate, gloo) and DeepSpeed ZeRO-2/3 on CPU.
 
 Each case launches tests/scripts/exactness_run.py in fresh processes and checks, on every rank:
 frozen parameters bit-identical after the switch and equal to their pretrained values (rewind),
@@ -56,6 +56,16 @@ def _deepspeed(nproc: int, *script_args: str) -> list[str]:
 @pytest.mark.distributed
 def test_ddp_two_processes(tmp_path):
     _launch(_torchrun(2, "--out", str(tmp_path)))
+    assert_exact_selection_run(str(tmp_path), world_size=2)
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes_through_accelerate(tmp_path):
+    # accelerate's DDP launcher with the Trainer's use_cpu=True (set by the script) runs gloo on CPU.
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    command = [launcher, "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1", "--mixed_precision=no"]
+    command += ["--dynamo_backend=no", f"--main_process_port={_free_port()}", SCRIPT, "--out", str(tmp_path)]
+    _launch(command)
     assert_exact_selection_run(str(tmp_path), world_size=2)
 
 
