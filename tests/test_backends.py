@@ -110,3 +110,13 @@ except BeftConfigError as error:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
     )
     assert "REFUSED" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+@pytest.mark.distributed
+@pytest.mark.deepspeed
+def test_flipping_requires_grad_is_not_enough_under_zero2(tmp_path):
+    """Negative control: the check above fails when the freeze only flips requires_grad."""
+    pytest.importorskip("deepspeed", reason="install the [deepspeed] extra")
+    _launch(_deepspeed(1, "--out", str(tmp_path), "--zero_stage", "2", "--naive_freeze"))
+    with pytest.raises(AssertionError, match="moved after the switch"):
+        assert_exact_selection_run(str(tmp_path), world_size=1)

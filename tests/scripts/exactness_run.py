@@ -49,8 +49,20 @@ class SnapshotAfterSwitch(TrainerCallback):
             self.values = {n: read_full_fp32(p) for n, p in model.named_parameters()}
 
 
-def run(out: str, zero_stage: int = 0, probe_steps: int = 4, max_steps: int = 10, grad_accum: int = 1) -> None:
+def naive_freeze(trainer: BeftTrainer, group_names, rewind: bool = False) -> None:
+    """The freeze that is NOT enough: flip requires_grad, leave the optimizer alone (negative control)."""
+    params = dict(trainer.model.named_parameters())
+    for name in (n for g in group_names for n in trainer.parameter_groups[g]):
+        params[name].requires_grad_(False)
+    trainer.frozen_groups = list(group_names)
+
+
+def run(
+    out: str, zero_stage: int = 0, probe_steps: int = 4, max_steps: int = 10, grad_accum: int = 1, naive: bool = False
+) -> None:
     """Train, then write this rank's record and tensors to ``out``."""
+    if naive:
+        BeftTrainer.freeze_groups = naive_freeze
     model = tiny_bert()
     init = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     extra = {"deepspeed": zero_config(zero_stage)} if zero_stage else {}
@@ -87,9 +99,10 @@ def main() -> None:
     parser.add_argument("--probe_steps", type=int, default=4)
     parser.add_argument("--max_steps", type=int, default=10)
     parser.add_argument("--grad_accum", type=int, default=1)
+    parser.add_argument("--naive_freeze", action="store_true", help="negative control: flip requires_grad only")
     parser.add_argument("--local_rank", type=int, default=-1)
     cli = parser.parse_args()
-    run(cli.out, cli.zero_stage, cli.probe_steps, cli.max_steps, cli.grad_accum)
+    run(cli.out, cli.zero_stage, cli.probe_steps, cli.max_steps, cli.grad_accum, cli.naive_freeze)
 
 
 if __name__ == "__main__":
