@@ -28,6 +28,7 @@ def assert_exact_selection_run(out_dir: str, world_size: int) -> None:
     assert all(s == selections[0] for s in selections), f"ranks disagree: {selections}"
     for record, tensors in runs:
         _assert_rank(record, tensors)
+    _assert_adapter_reproduces(out_dir, runs[0][1])
     # Every rank ends with the same model.
     first = runs[0][1]
     for _, tensors in runs[1:]:
@@ -54,3 +55,15 @@ def _assert_rank(record: dict, tensors: dict[str, torch.Tensor]) -> None:
         assert not torch.equal(tensors[f"switch/{name}"], tensors[f"final/{name}"]), f"selected {name} did not train"
     for name in record["head"]:
         assert not torch.equal(tensors[f"init/{name}"], tensors[f"final/{name}"]), f"head {name} did not train"
+
+
+def _assert_adapter_reproduces(out_dir: str, tensors: dict[str, torch.Tensor]) -> None:
+    """The adapter saved by save_model() turns a fresh base model into the trained one, exactly."""
+    from helpers import tiny_bert
+
+    from beft_trainer import load_adapter
+
+    model = tiny_bert()
+    load_adapter(model, os.path.join(out_dir, "model"))
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach().float(), tensors[f"final/{name}"]), f"adapter does not reproduce {name}"

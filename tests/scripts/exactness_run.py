@@ -74,6 +74,7 @@ def run(
     trainer = BeftTrainer(model, args, train_dataset=TokenDataset(size=64), callbacks=[selection, snap])
     trainer.train()
     final = {n: read_full_fp32(p) for n, p in trainer.model.named_parameters()}
+    trainer.save_model(os.path.join(out, "model"))  # collective under ZeRO-3: every rank calls it
 
     r = rank()
     tensors = {f"init/{n}": t for n, t in init.items()}
