@@ -12,9 +12,11 @@ from typing import Any
 
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
+from .artifacts import save_adapter
 from .errors import BeftConfigError
 from .methods import MethodArguments, trainable_parameter_counts
 from .report import REPORT_NAME
+from .trainer import BeftTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +119,17 @@ def collect_results(trainer: Trainer, method_args: MethodArguments, final_metric
     }
 
 
+def save_task_adapter(trainer: Trainer) -> dict[str, Any] | None:
+    """Save the BEFT adapter (bias deltas + head) of a bias method to ``output_dir``; None otherwise.
+
+    Every process calls it (reading ZeRO-3 partitions is collective); only the main one writes.
+    """
+    if not isinstance(trainer, BeftTrainer):
+        return None
+    metadata = save_adapter(trainer)
+    return {"path": trainer.args.output_dir, "bytes": metadata.file_size, "parameters": metadata.parameter_count}
+
+
 def write_results(trainer: Trainer, results: dict[str, Any]) -> None:
     """Write ``eval_results.json`` to ``output_dir`` (main process; the selection callback plots its own report)."""
     if trainer.is_world_process_zero():
@@ -134,6 +147,12 @@ def summary_lines(results: dict[str, Any], metric: str) -> list[str]:
     lines.append(
         f"trainable parameters: {counts['trainable']:,} of {counts['total']:,} ({100 * counts['share']:.4f}%)"
     )
+    if results.get("adapter"):
+        adapter = results["adapter"]
+        lines.append(
+            f"adapter: {adapter['bytes'] / 1024:.1f} KB ({adapter['parameters']:,} values), "
+            "apply with beft_trainer.load_adapter(base_model, output_dir)"
+        )
     key = f"eval_{metric}"
     before = results["untuned"].get(key)
     after = results["final"].get(key)

@@ -33,6 +33,7 @@ from beft_trainer.recipe import (
     collect_results,
     parse_recipe_args,
     print_summary,
+    save_task_adapter,
     start_processes,
     write_results,
 )
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = collect_results(
         trainer, method_args, trainer.evaluate(), task=task.name, model=model_args.model_name_or_path
     )
+    results["adapter"] = save_task_adapter(trainer)
     write_results(trainer, results)
     print_summary(trainer, results, "accuracy")
     return results

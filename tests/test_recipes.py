@@ -191,6 +191,9 @@ def test_run_glue_beft_selects_a_non_inert_type_and_writes_everything(tiny_bert_
     assert report["trainable_parameters"]["before"] == bias_count(3) + BERT_HEAD
     assert 0.0 <= results["untuned"]["eval_accuracy"] <= 1.0 and 0.0 <= results["final"]["eval_accuracy"] <= 1.0
     assert results["final"]["eval_loss"] != results["untuned"]["eval_loss"]  # training changed the model
+    # The task's adapter: its size is reported, and it carries exactly the selected biases + head.
+    assert results["adapter"]["bytes"] == (tmp_path / "adapter.safetensors").stat().st_size
+    assert results["adapter"]["parameters"] == bias_count(1) + BERT_HEAD
 
 
 @pytest.mark.parametrize(
