@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .biases import add_missing_biases, model_type_of, split_fused_qkv_bias
-from .distributed import read_full_fp32
+from .distributed import read_full_fp32, settle_zero3
 from .errors import BeftConfigError
 from .heads import find_head_parameters
 
@@ -308,6 +308,7 @@ def adapter_from_trainer(trainer: Any) -> BeftAdapter:
     A frozen group moved when the selection ran with ``rewind=False``: its probing changes stay
     in the model, so they are stored too, or the adapter would not reproduce the model.
     """
+    settle_zero3(trainer.model_wrapped)
     head_groups = [g for g in _HEAD_GROUPS if g in trainer.parameter_groups]
     head = [n for g in head_groups for n in trainer.parameter_groups[g]]
     if getattr(trainer.beft_config, "train_head", True):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from .biases import BIAS_TYPES
-from .distributed import all_reduce_sum, broadcast_from_main, rank, read_full_fp32
+from .distributed import all_reduce_sum, broadcast_from_main, rank, read_full_fp32, settle_zero3
 from .errors import BeftConfigError
 from .plot import plot_report
 from .report import PLOT_NAME, REPORT_NAME, SelectionReport, write_report
@@ -169,6 +169,7 @@ class BiasSelectionCallback(TrainerCallback):
 
     def _select(self, args, state) -> None:
         trainer = self.trainer
+        settle_zero3(trainer.model_wrapped)
         params = self._candidate_params()
         post = {n: read_full_fp32(p) for n, p in params.items()}
         fisher_sums, counts = self._reduced_gradients(args)

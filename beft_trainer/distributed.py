@@ -33,6 +33,17 @@ def gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
 
 
+def settle_zero3(engine: Any) -> None:
+    """Finish and release ZeRO-3's prefetched parameters so they can be gathered outside a forward.
+
+    An evaluation leaves some parameters in flight; gathering one then fails ("Cannot partition a
+    param in flight"). ``engine`` is the Trainer's ``model_wrapped``; a no-op without ZeRO-3.
+    """
+    release = getattr(engine, "empty_partition_cache", None)
+    if callable(release):
+        release()
+
+
 def read_full_fp32(param: torch.Tensor) -> torch.Tensor:
     """The full fp32 value of ``param`` on CPU: the master copy under ZeRO, else the tensor."""
     if _has_fp32_master(param):

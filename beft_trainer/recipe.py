@@ -130,6 +130,18 @@ def save_task_adapter(trainer: Trainer) -> dict[str, Any] | None:
     return {"path": trainer.args.output_dir, "bytes": metadata.file_size, "parameters": metadata.parameter_count}
 
 
+def finish_run(trainer: Trainer, method_args: MethodArguments, main_metric: str, **extra: Any) -> dict[str, Any]:
+    """After ``trainer.train()``: evaluate, save the adapter, write ``eval_results.json``, print the summary.
+
+    Every process calls it; ``extra`` (task, model, ...) goes into the results as is.
+    """
+    results = collect_results(trainer, method_args, trainer.evaluate(), **extra)
+    results["adapter"] = save_task_adapter(trainer)
+    write_results(trainer, results)
+    print_summary(trainer, results, main_metric)
+    return results
+
+
 def write_results(trainer: Trainer, results: dict[str, Any]) -> None:
     """Write ``eval_results.json`` to ``output_dir`` (main process; the selection callback plots its own report)."""
     if trainer.is_world_process_zero():

@@ -23,15 +23,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 
 from beft_trainer.glue import get_task, glue_compute_metrics, load_glue, sample_examples, tokenize_glue
 from beft_trainer.methods import MethodArguments, build_trainer
-from beft_trainer.recipe import (
-    RecipeTrainingArguments,
-    collect_results,
-    parse_recipe_args,
-    print_summary,
-    save_task_adapter,
-    start_processes,
-    write_results,
-)
+from beft_trainer.recipe import RecipeTrainingArguments, finish_run, parse_recipe_args, start_processes
 
 #: ../shared/data/glue next to the repository, where the project keeps real GLUE data.
 SHARED_GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
@@ -111,11 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
     )
     trainer.train()
-    results = collect_results(trainer, method_args, trainer.evaluate(), task=task.name, model=model_path)
-    results["adapter"] = save_task_adapter(trainer)
-    write_results(trainer, results)
-    print_summary(trainer, results, task.main_metric)
-    return results
+    return finish_run(trainer, method_args, task.main_metric, task=task.name, model=model_path)
 
 
 if __name__ == "__main__":

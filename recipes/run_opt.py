@@ -28,15 +28,7 @@ from beft_trainer.prompts import (
     label_word_accuracy,
     load_prompt_task,
 )
-from beft_trainer.recipe import (
-    RecipeTrainingArguments,
-    collect_results,
-    parse_recipe_args,
-    print_summary,
-    save_task_adapter,
-    start_processes,
-    write_results,
-)
+from beft_trainer.recipe import RecipeTrainingArguments, finish_run, parse_recipe_args, start_processes
 
 #: ../shared/data/glue next to the repository (real SST-2 and RTE).
 SHARED_GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
@@ -107,13 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
     )
     trainer.train()
-    results = collect_results(
-        trainer, method_args, trainer.evaluate(), task=task.name, model=model_args.model_name_or_path
-    )
-    results["adapter"] = save_task_adapter(trainer)
-    write_results(trainer, results)
-    print_summary(trainer, results, "accuracy")
-    return results
+    return finish_run(trainer, method_args, "accuracy", task=task.name, model=model_args.model_name_or_path)
 
 
 if __name__ == "__main__":
