@@ -96,6 +96,10 @@ class MethodArguments:
     rewind: bool = field(
         default=True, metadata={"help": "beft: reset the bias types not selected to their pretrained values."}
     )
+    inert_threshold: float = field(
+        default=1e-3,
+        metadata={"help": "beft: a type whose Fisher mass is below this fraction of the strongest is inert."},
+    )
     frozen_dtype: str | None = field(
         default=None,
         metadata={"help": "Bias methods: store frozen weights in this dtype ('auto', 'bfloat16', 'float16')."},
@@ -119,6 +123,7 @@ class MethodArguments:
             score=self.score,
             top_k=self.top_k,
             rewind=self.rewind,
+            inert_threshold=self.inert_threshold,
         )
 
     def beft_config(self) -> BeftConfig:
