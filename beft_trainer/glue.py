@@ -91,28 +91,42 @@ def load_local_files(files: dict[str, str]):
     return load_dataset(_FILE_BUILDERS[extension], data_files=dict(files), **options)
 
 
+def load_splits(
+    task_name: str,
+    hub: tuple[str, ...],
+    hub_validation_split: str = "validation",
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+):
+    """A ``DatasetDict`` with ``train`` and ``validation`` splits.
+
+    Explicit files win; else ``data_dir/<task_name>/{train,validation}.jsonl`` when present; else
+    ``datasets.load_dataset(*hub)`` with its ``hub_validation_split`` as ``validation``.
+    """
+    if train_file or validation_file:
+        if not (train_file and validation_file):
+            raise BeftConfigError("Pass both --train_file and --validation_file (or neither, to use the Hub).")
+        return load_local_files({"train": train_file, "validation": validation_file})
+    files = local_task_files(data_dir, task_name)
+    if files is not None:
+        logger.info("Loading %s from %s", task_name, os.path.dirname(files["train"]))
+        return load_local_files(files)
+    from datasets import DatasetDict, load_dataset
+
+    loaded = load_dataset(*hub)
+    return DatasetDict(train=loaded["train"], validation=loaded[hub_validation_split])
+
+
 def load_glue(
     task: GlueTask,
     train_file: str | None = None,
     validation_file: str | None = None,
     data_dir: str | os.PathLike | None = None,
 ):
-    """A ``DatasetDict`` with ``train`` and ``validation`` splits for ``task``.
-
-    Explicit files win; else ``data_dir/<task>/{train,validation}.jsonl`` when present; else the Hub.
-    """
-    if train_file or validation_file:
-        if not (train_file and validation_file):
-            raise BeftConfigError("Pass both --train_file and --validation_file (or neither, to use the Hub).")
-        return load_local_files({"train": train_file, "validation": validation_file})
-    files = local_task_files(data_dir, task.name)
-    if files is not None:
-        logger.info("Loading %s from %s", task.name, os.path.dirname(files["train"]))
-        return load_local_files(files)
-    from datasets import DatasetDict, load_dataset
-
-    hub = load_dataset(GLUE_HUB_NAME, task.name)
-    return DatasetDict(train=hub["train"], validation=hub[task.validation_split])
+    """The ``train`` and ``validation`` splits of a GLUE task (see ``load_splits`` for the sources)."""
+    hub = (GLUE_HUB_NAME, task.name)
+    return load_splits(task.name, hub, task.validation_split, train_file, validation_file, data_dir)
 
 
 def check_columns(dataset, task: GlueTask) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .errors import BeftConfigError
-from .glue import load_local_files, local_task_files
+from .glue import load_splits
 
 #: Label value of tokens that do not count in the loss (the prompt and the padding).
 IGNORE_INDEX = -100
@@ -112,17 +112,7 @@ def load_prompt_task(
     data_dir: str | os.PathLike | None = None,
 ):
     """``train``/``validation`` splits: explicit files, else ``data_dir/<task>/``, else the Hub."""
-    if train_file or validation_file:
-        if not (train_file and validation_file):
-            raise BeftConfigError("Pass both --train_file and --validation_file (or neither).")
-        return load_local_files({"train": train_file, "validation": validation_file})
-    files = local_task_files(data_dir, task.name)
-    if files is not None:
-        return load_local_files(files)
-    from datasets import DatasetDict, load_dataset
-
-    hub = load_dataset(*task.hub)
-    return DatasetDict(train=hub["train"], validation=hub["validation"])
+    return load_splits(task.name, tuple(task.hub), "validation", train_file, validation_file, data_dir)
 
 
 # -- encoding -----------------------------------------------------------------------------------
