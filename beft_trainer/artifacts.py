@@ -35,7 +35,6 @@ from torch import nn
 from .biases import add_missing_biases, model_type_of, split_fused_qkv_bias
 from .distributed import read_full_fp32, settle_zero3
 from .errors import BeftConfigError
-from .heads import find_head_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -310,16 +309,12 @@ def adapter_from_trainer(trainer: Any) -> BeftAdapter:
     """
     settle_zero3(trainer.model_wrapped)
     head_groups = [g for g in _HEAD_GROUPS if g in trainer.parameter_groups]
+    # BeftTrainer keeps head biases (classifier, pooler) out of BitFit's bias groups: no overlap here.
     head = [n for g in head_groups for n in trainer.parameter_groups[g]]
-    if getattr(trainer.beft_config, "train_head", True):
-        # BitFit puts the head's biases in "other_biases": they are head, random in a fresh base.
-        detected = find_head_parameters(trainer.model, trainer.beft_config.head_modules)
-        head += [n for n in detected if n not in head]
     params = dict(trainer.model.named_parameters())
     groups: dict[str, list[str]] = {}
     for group, names in trainer.parameter_groups.items():
-        names = [n for n in names if n not in head]
-        if group in head_groups or not names:
+        if group in head_groups:
             continue
         if group in trainer.active_groups or _moved(params, names, trainer.pretrained_biases):
             groups[group] = names
