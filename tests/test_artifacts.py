@@ -355,3 +355,23 @@ def test_minilm_value_adapter_round_trip(tmp_path):
     load_adapter(base, tmp_path / "a")
     assert torch.equal(logits(base), logits(trainer.model))
     assert metadata.base_model == str(path)
+
+
+def test_bitfit_adapter_keeps_head_biases_as_head_and_reloads_exactly(tmp_path):
+    trainer = BeftTrainer(
+        tiny_bert(),
+        training_args(tmp_path, max_steps=3),
+        train_dataset=TokenDataset(),
+        beft_config=BeftConfig(bias_types="all"),
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "out"))
+    stored = load_file(str(tmp_path / "out" / ADAPTER_WEIGHTS_NAME))
+    # Random at init, so stored in full, never as a delta against a fresh base.
+    assert "head/classifier.bias" in stored and "head/bert.pooler.dense.bias" in stored
+    assert "bias/classifier.bias" not in stored and "bias/bert.embeddings.LayerNorm.bias" in stored
+    fresh = tiny_bert()
+    load_adapter(fresh, str(tmp_path / "out"))
+    trained = dict(trainer.model.named_parameters())
+    for name, param in fresh.named_parameters():
+        assert torch.equal(param, trained[name]), name
