@@ -16,7 +16,7 @@ from .artifacts import (
 )
 from .biases import ALL_BIASES, BIAS_TYPES, BiasLayout, add_missing_biases, find_biases, split_fused_qkv_bias
 from .callback import BiasSelectionCallback
-from .config import BeftConfig
+from .config import BeftConfig, SelectionConfig
 from .errors import BeftConfigError, BiasTypeError
 from .heads import find_head_parameters
 from .peft_export import PeftExportError, export_peft
@@ -44,6 +44,7 @@ __all__ = [
     "BiasSelectionCallback",
     "BiasTypeError",
     "PeftExportError",
+    "SelectionConfig",
     "SelectionReport",
     "__version__",
     "adapter_fingerprint",

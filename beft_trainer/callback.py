@@ -10,18 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from .biases import BIAS_TYPES
+from .config import SelectionConfig
 from .distributed import all_reduce_sum, broadcast_from_main, rank, read_full_fp32, settle_zero3
 from .errors import BeftConfigError
 from .plot import plot_report
 from .report import PLOT_NAME, REPORT_NAME, SelectionReport, write_report
-from .scores import SCORE_NAMES, find_inert, rank_types
+from .scores import find_inert, rank_types
 
 logger = logging.getLogger(__name__)
 
@@ -36,35 +36,26 @@ class BiasSelectionCallback(TrainerCallback):
     """Select the bias type to fine-tune from data, inside one training run.
 
     Args:
-        probe_steps: optimizer steps during which every candidate type trains.
-        candidates: bias types to probe (names from ``beft_trainer.BIAS_TYPES``).
-        score: the score that decides: ``projection`` (BEFT), ``magnitude`` (mean absolute
-            change), ``fisher`` (mean squared gradient while probing) or ``random``.
-        top_k: how many types stay trainable after the switch.
-        rewind: reset the types not selected to their pretrained values at the switch.
-        inert_threshold: a type whose Fisher mass is below this fraction of the strongest
-            type's is inert (its gradient is rounding noise) and cannot be selected.
-        exclude_inert: set False to let inert types be selected anyway (for studies).
+        config: a ``SelectionConfig``; or pass its fields as keyword arguments
+            (``BiasSelectionCallback(probe_steps=50, candidates=("q", "v"))``). Every option,
+            its default and its meaning: ``SelectionConfig``.
     """
 
-    def __init__(
-        self,
-        probe_steps: int = 50,
-        candidates: Sequence[str] = ("q", "k", "v"),
-        score: str = "projection",
-        top_k: int = 1,
-        rewind: bool = True,
-        inert_threshold: float = 1e-3,
-        exclude_inert: bool = True,
-    ) -> None:
-        self.probe_steps = int(probe_steps)
-        self.candidates = tuple(candidates)
-        self.score = score
-        self.top_k = int(top_k)
-        self.rewind = bool(rewind)
-        self.inert_threshold = float(inert_threshold)
-        self.exclude_inert = bool(exclude_inert)
-        self._validate()
+    def __init__(self, config: SelectionConfig | None = None, **options: Any) -> None:
+        if config is not None and not isinstance(config, SelectionConfig):
+            raise BeftConfigError(
+                f"BiasSelectionCallback takes a SelectionConfig or keyword options, not {type(config).__name__}: "
+                "e.g. BiasSelectionCallback(probe_steps=50)."
+            )
+        unknown = sorted(set(options) - set(SelectionConfig.option_names()))
+        if unknown:
+            raise BeftConfigError(
+                f"BiasSelectionCallback got unknown options {unknown}; "
+                f"known: {', '.join(SelectionConfig.option_names())}."
+            )
+        if config is not None and options:
+            raise BeftConfigError("Pass either a SelectionConfig or keyword options to BiasSelectionCallback, not both.")
+        self.config = config if config is not None else SelectionConfig(**options)
         self.trainer = None
         self.selected: list[str] | None = None
         self.report: SelectionReport | None = None
@@ -72,23 +63,11 @@ class BiasSelectionCallback(TrainerCallback):
         self._grad_counts: dict[str, int] = {}
         self._hooks: list = []
 
-    def _validate(self) -> None:
-        if self.probe_steps < 1:
-            raise BeftConfigError(f"probe_steps must be >= 1, got {self.probe_steps}.")
-        if not self.candidates or len(set(self.candidates)) != len(self.candidates):
-            raise BeftConfigError(f"candidates must be distinct bias types, got {self.candidates!r}.")
-        unknown = [t for t in self.candidates if t not in BIAS_TYPES]
-        if unknown:
-            raise BeftConfigError(f"Unknown candidate bias types {unknown}; known: {', '.join(BIAS_TYPES)}.")
-        if self.score not in SCORE_NAMES:
-            raise BeftConfigError(f"Unknown score {self.score!r}; choose one of {', '.join(SCORE_NAMES)}.")
-        if not 1 <= self.top_k < len(self.candidates):
-            raise BeftConfigError(
-                f"top_k={self.top_k} must be at least 1 and below the number of candidates "
-                f"({len(self.candidates)}), or nothing is selected."
-            )
-        if not 0 <= self.inert_threshold < 1:
-            raise BeftConfigError(f"inert_threshold must be in [0, 1), got {self.inert_threshold}.")
+    def __getattr__(self, name: str) -> Any:
+        # The options read as attributes (callback.probe_steps), from the one config.
+        if name != "config" and name in SelectionConfig.option_names():
+            return getattr(self.config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def bind(self, trainer) -> None:
         """Attach to a ``BeftTrainer`` (it calls this itself) and check the candidates exist."""

@@ -1,11 +1,130 @@
-"""BeftConfig: what trains when no selection callback decides it."""
+"""Every option of the library, declared once with its help text.
+
+``SelectionConfig`` holds what ``BiasSelectionCallback`` does, ``BeftConfig`` what ``BeftTrainer``
+trains when nothing selects. Both are plain dataclasses that ``transformers.HfArgumentParser``
+parses directly, so the recipes expose exactly these options, with these defaults and this help.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from .biases import ALL_BIASES, BIAS_TYPES
 from .errors import BeftConfigError
+from .scores import SCORE_NAMES
+
+__all__ = ["BeftConfig", "SelectionConfig"]
+
+
+def parse_type_list(value: str | Sequence[str] | None, option: str) -> tuple[str, ...] | None:
+    """``"q,v"``, ``("q", "v")`` or ``["q,v"]`` (a command line) as ``("q", "v")``; ``None`` stays ``None``.
+
+    Every name must be a known bias type, once: ``"qkv"`` is refused, not split into characters.
+    """
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(item, str) for item in items):
+        raise BeftConfigError(f"{option}={value!r}: give bias type names as strings, e.g. ('q', 'v') or 'q,v'.")
+    names = tuple(name.strip() for item in items for name in item.split(",") if name.strip())
+    unknown = [name for name in names if name not in BIAS_TYPES]
+    if unknown or not names or len(set(names)) != len(names):
+        problem = f"unknown bias types {unknown}" if unknown else "empty" if not names else "a repeated name"
+        raise BeftConfigError(
+            f"{option}={value!r} has {problem}: use distinct bias types among {', '.join(BIAS_TYPES)}, "
+            "as a tuple ('q', 'v') or a comma list 'q,v'."
+        )
+    return names
+
+
+def _require_int(owner: str, name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise BeftConfigError(f"{owner}: {name} must be a whole number, got {value!r}.")
+    if value < minimum:
+        raise BeftConfigError(f"{owner}: {name} must be >= {minimum}, got {value}.")
+    return int(value)
+
+
+def _require_bool(owner: str, name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise BeftConfigError(f"{owner}: {name} must be True or False, got {value!r}.")
+    return value
+
+
+@dataclass
+class SelectionConfig:
+    """How ``BiasSelectionCallback`` probes, scores and selects bias types.
+
+    ``BiasSelectionCallback(probe_steps=50)`` builds one from keyword arguments;
+    ``BiasSelectionCallback(SelectionConfig(...))`` takes it whole. The fields that shape a run
+    (``SHAPING_FIELDS``) are stored in every checkpoint, and a resume that contradicts them is refused.
+    """
+
+    probe_steps: int = field(
+        default=50, metadata={"help": "Optimizer steps during which every candidate bias type trains."}
+    )
+    candidates: list[str] = field(
+        default_factory=lambda: ["q", "k", "v"],
+        metadata={"help": f"Bias types to probe, among {', '.join(BIAS_TYPES)} (a list, or a comma list 'q,v')."},
+    )
+    score: str = field(
+        default="projection",
+        metadata={
+            "help": "The score that selects: projection (BEFT), magnitude (mean absolute change), "
+            "fisher (mean squared gradient while probing) or random (a baseline)."
+        },
+    )
+    top_k: int = field(default=1, metadata={"help": "How many bias types keep training after the switch."})
+    rewind: bool = field(
+        default=True,
+        metadata={"help": "Reset the bias types not selected to their pretrained values at the switch."},
+    )
+    inert_threshold: float = field(
+        default=1e-3,
+        metadata={
+            "help": "A type whose Fisher mass is below this fraction of the strongest type's is inert "
+            "(its gradient is rounding noise) and cannot be selected."
+        },
+    )
+    exclude_inert: bool = field(
+        default=True, metadata={"help": "Exclude inert types from the selection (False: for studies only)."}
+    )
+
+    #: The fields a resumed run must share with its checkpoint.
+    SHAPING_FIELDS = ("probe_steps", "candidates", "score", "top_k", "rewind", "inert_threshold", "exclude_inert")
+
+    def __post_init__(self) -> None:
+        owner = "BiasSelectionCallback"
+        self.probe_steps = _require_int(owner, "probe_steps", self.probe_steps, 1)
+        self.candidates = parse_type_list(self.candidates, "candidates")
+        if self.score not in SCORE_NAMES:
+            raise BeftConfigError(f"{owner}: Unknown score {self.score!r}; choose one of {', '.join(SCORE_NAMES)}.")
+        self.top_k = _require_int(owner, "top_k", self.top_k, 1)
+        if self.top_k >= len(self.candidates):
+            raise BeftConfigError(
+                f"{owner}: top_k={self.top_k} must be below the number of candidates ({len(self.candidates)}), "
+                "or nothing is selected."
+            )
+        self.rewind = _require_bool(owner, "rewind", self.rewind)
+        self.exclude_inert = _require_bool(owner, "exclude_inert", self.exclude_inert)
+        threshold = self.inert_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold < 1:
+            raise BeftConfigError(f"{owner}: inert_threshold must be a number in [0, 1), got {threshold!r}.")
+        self.inert_threshold = float(threshold)
+
+    def shaping_settings(self) -> dict[str, Any]:
+        """The settings stored with a checkpoint (JSON-ready)."""
+        values = {name: getattr(self, name) for name in self.SHAPING_FIELDS}
+        values["candidates"] = list(values["candidates"])
+        return values
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """Names of every option (the keyword arguments ``BiasSelectionCallback`` accepts)."""
+        return tuple(f.name for f in fields(cls))
 
 
 @dataclass
@@ -18,17 +137,18 @@ class BeftConfig:
     probing and ``bias_types`` must stay unset.
     """
 
-    bias_types: tuple[str, ...] | str | None = field(
+    bias_types: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Bias types to train when no selection callback is used: a tuple of "
-            f"{', '.join(BIAS_TYPES)}, or 'all' for BitFit. Default: ('v',) without a callback."
+            "help": "Bias types to train when no selection callback is used: names among "
+            f"{', '.join(BIAS_TYPES)} (a tuple or a comma list 'q,v'), or 'all' for BitFit. "
+            "Default: v without a callback."
         },
     )
-    head_modules: tuple[str, ...] | None = field(
+    head_modules: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Module names of the task head, trained in full (e.g. ('classifier',)). "
+            "help": "Module names of the task head, trained in full (e.g. classifier). "
             "Default: detected (parameters outside the backbone, plus BERT's pooler bias)."
         },
     )
@@ -50,17 +170,16 @@ class BeftConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.bias_types, str) and self.bias_types != ALL_BIASES:
-            self.bias_types = tuple(t.strip() for t in self.bias_types.split(",") if t.strip())
-        if isinstance(self.bias_types, (tuple, list)):
-            self.bias_types = tuple(self.bias_types)
-            unknown = [t for t in self.bias_types if t not in BIAS_TYPES]
-            if unknown or not self.bias_types:
-                raise BeftConfigError(
-                    f"bias_types={self.bias_types!r}: use names among {', '.join(BIAS_TYPES)} or 'all'."
-                )
+        if self.bias_types == ALL_BIASES or self.bias_types == [ALL_BIASES]:
+            self.bias_types = ALL_BIASES
+        else:
+            self.bias_types = parse_type_list(self.bias_types, "BeftConfig.bias_types")
         if self.head_modules is not None:
+            if isinstance(self.head_modules, str):
+                self.head_modules = (self.head_modules,)
             self.head_modules = tuple(self.head_modules)
+        self.train_head = _require_bool("BeftConfig", "train_head", self.train_head)
+        self.add_missing_biases = _require_bool("BeftConfig", "add_missing_biases", self.add_missing_biases)
 
     @property
     def is_bitfit(self) -> bool:

@@ -1,8 +1,16 @@
-"""Errors raised by beft_trainer, each telling the user what to do."""
+"""Every error beft_trainer raises, in one place; each message says what to do."""
 
 from __future__ import annotations
 
-__all__ = ["BeftConfigError", "BiasTypeError"]
+__all__ = [
+    "AdapterError",
+    "BeftConfigError",
+    "BiasTypeError",
+    "CommandError",
+    "DataInputError",
+    "PeftExportError",
+    "ResumeError",
+]
 
 
 class BeftConfigError(ValueError):
@@ -11,3 +19,23 @@ class BeftConfigError(ValueError):
 
 class BiasTypeError(BeftConfigError):
     """A requested bias type does not exist in the model (or the architecture is unknown)."""
+
+
+class ResumeError(BeftConfigError):
+    """A resume whose checkpoint is missing or contradicts the settings of this run."""
+
+
+class AdapterError(BeftConfigError):
+    """An adapter that cannot be read, or that does not fit the model it is applied to."""
+
+
+class PeftExportError(AdapterError):
+    """The adapter holds something peft cannot represent, or the export would overwrite a folder."""
+
+
+class DataInputError(BeftConfigError):
+    """A recipe's data files are missing, empty or lack the task's columns."""
+
+
+class CommandError(BeftConfigError):
+    """A user error the ``beft`` command reports in one line."""

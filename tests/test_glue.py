@@ -149,7 +149,7 @@ def test_parse_method():
 
 
 def test_bad_selection_options_fail_before_any_model_loads():
-    with pytest.raises(BeftConfigError, match="Unknown candidate"):
+    with pytest.raises(BeftConfigError, match=r"unknown bias types \[.z.\]"):
         MethodArguments(method="beft", candidates="q,z")
     with pytest.raises(BeftConfigError, match="Unknown score"):
         MethodArguments(method="beft", score="gradnorm")

@@ -66,7 +66,7 @@ def test_missing_bias_type_fails_before_training(tmp_path):
     ("kwargs", "message"),
     [
         ({"score": "gradnorm"}, "Unknown score 'gradnorm'"),
-        ({"candidates": ("q", "query")}, "Unknown candidate"),
+        ({"candidates": ("q", "query")}, r"unknown bias types \['query'\]"),
         ({"candidates": ("v",)}, "top_k=1 must be"),
         ({"probe_steps": 0}, "probe_steps must be >= 1"),
         ({"inert_threshold": 2.0}, "inert_threshold"),
