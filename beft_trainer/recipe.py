@@ -12,7 +12,6 @@ from typing import Any
 
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-from .artifacts import save_adapter
 from .errors import BeftConfigError
 from .methods import MethodArguments, trainable_parameter_counts
 from .report import REPORT_NAME
@@ -126,7 +125,7 @@ def save_task_adapter(trainer: Trainer) -> dict[str, Any] | None:
     """
     if not isinstance(trainer, BeftTrainer):
         return None
-    metadata = save_adapter(trainer)
+    metadata = trainer.save_adapter()
     return {"path": trainer.args.output_dir, "bytes": metadata.file_size, "parameters": metadata.parameter_count}
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from .artifacts import save_adapter
+from .artifacts import AdapterMetadata, BeftAdapter, adapter_from_trainer
 from .biases import BiasLayout, add_missing_biases, find_biases, split_fused_qkv_bias
 from .callback import BiasSelectionCallback
 from .config import BeftConfig
@@ -59,6 +59,7 @@ class BeftTrainer(Trainer):
             raise BeftConfigError("BeftTrainer needs a model (model_init is not supported).")
         self.beft_config = beft_config or BeftConfig()
         selection = self._selection_callback(callbacks)
+        self.selection_callback = selection
         self.bias_layout = _prepare_model(model, self.beft_config)
         self.parameter_groups = self._trainable_groups(model, selection)
         self.frozen_groups: list[str] = []
@@ -165,7 +166,27 @@ class BeftTrainer(Trainer):
         Every process calls it (reading ZeRO-3 partitions is collective); only the main one writes.
         """
         super().save_model(output_dir, _internal_call)
-        save_adapter(self, output_dir or self.args.output_dir)
+        self.save_adapter(output_dir)
+
+    # -- the adapter --------------------------------------------------------------------------
+
+    def build_adapter(self) -> BeftAdapter:
+        """The BEFT adapter of the model as it is now: trained bias deltas and the head.
+
+        Collective under ZeRO-3 (every process must call it).
+        """
+        return adapter_from_trainer(self)
+
+    def save_adapter(self, output_dir: str | None = None) -> AdapterMetadata:
+        """Write the adapter to ``output_dir`` (default ``args.output_dir``) on the main process.
+
+        Every process calls it (reading ZeRO-3 partitions is collective). Returns the metadata
+        (``file_size`` is set on the main process).
+        """
+        adapter = self.build_adapter()
+        if self.is_world_process_zero():
+            adapter.save(output_dir or self.args.output_dir)
+        return adapter.metadata
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """Override: remember the checkpoint folder so the selection state resumes with it."""
