@@ -2,7 +2,7 @@
 
 Events used: ``on_init_end`` (refuses a plain Trainer), ``on_train_begin`` (validates, resumes,
 starts gradient tracking), ``on_step_end`` (the switch at ``probe_steps``) and ``on_save``
-(writes its state next to the checkpoint).
+(writes its state next to the checkpoint; a probing checkpoint never counts as the best model).
 """
 
 from __future__ import annotations
@@ -13,23 +13,19 @@ import os
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from .config import SelectionConfig
-from .distributed import all_reduce_sum, broadcast_from_main, rank, read_full_fp32, settle_zero3
+from .distributed import broadcast_from_main, rank, read_full_fp32, settle_zero3, world_size
 from .errors import BeftConfigError
 from .plot import plot_report
+from .probe import ProbeStatistics
 from .report import PLOT_NAME, REPORT_NAME, SelectionReport, write_report
 from .scores import find_inert, rank_types
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "beft_state.json"
-
-
-def _probe_file(process_rank: int) -> str:
-    return f"beft_probe_rank{process_rank}.safetensors"
 
 
 class BiasSelectionCallback(TrainerCallback):
@@ -59,9 +55,7 @@ class BiasSelectionCallback(TrainerCallback):
         self.trainer = None
         self.selected: list[str] | None = None
         self.report: SelectionReport | None = None
-        self._squared_grads: dict[str, torch.Tensor] = {}
-        self._grad_counts: dict[str, int] = {}
-        self._hooks: list = []
+        self.probe = ProbeStatistics()
 
     def __getattr__(self, name: str) -> Any:
         # The options read as attributes (callback.probe_steps), from the one config.
@@ -71,6 +65,11 @@ class BiasSelectionCallback(TrainerCallback):
 
     def bind(self, trainer) -> None:
         """Attach to a ``BeftTrainer`` (it calls this itself) and check the candidates exist."""
+        if self.trainer is not None and self.trainer is not trainer:
+            raise BeftConfigError(
+                "This BiasSelectionCallback already belongs to another trainer and holds its selection; "
+                "create a new BiasSelectionCallback(...) for each trainer."
+            )
         trainer.bias_layout.require(self.candidates)
         self.trainer = trainer
 
@@ -84,6 +83,11 @@ class BiasSelectionCallback(TrainerCallback):
             )
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer is None:
+            raise BeftConfigError(
+                "BiasSelectionCallback was added after the trainer was built; BeftTrainer builds one optimizer "
+                "group per candidate type from it: pass it as BeftTrainer(model, args, callbacks=[...])."
+            )
         if self.probe_steps >= state.max_steps:
             raise BeftConfigError(
                 f"probe_steps={self.probe_steps} leaves no training after the selection "
@@ -92,8 +96,10 @@ class BiasSelectionCallback(TrainerCallback):
         self._load_state(self.trainer.resume_checkpoint_dir)
         if self.selected is not None:
             self.trainer.freeze_groups([t for t in self.candidates if t not in self.selected])
-        elif not self._hooks:
-            self._track_gradients()
+        elif not self.probe.tracking:
+            params = self._candidate_params()
+            self.probe.track(params, {n: self.trainer.pretrained_biases[n].shape for n in params})
+        self._forget_probing_best(state)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.selected is None and state.global_step >= self.probe_steps:
@@ -102,47 +108,34 @@ class BiasSelectionCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = self.trainer.checkpoint_dir(state.global_step)
+        self._forget_probing_best(state)
         if not os.path.isdir(folder):
             return
         if self.selected is None:
-            tensors = {f"sq/{n}": t.cpu() for n, t in self._squared_grads.items()}
-            tensors |= {f"count/{n}": torch.tensor(c) for n, c in self._grad_counts.items()}
-            save_file(tensors, os.path.join(folder, _probe_file(rank())))
+            self.probe.save(folder, rank())
         if state.is_world_process_zero:
             payload = {"selected": self.selected, "report": self.report.to_dict() if self.report else None}
             with open(os.path.join(folder, STATE_NAME), "w") as f:
                 json.dump(payload, f, indent=2)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._remove_hooks()
+        self.probe.stop()
+
+    def _forget_probing_best(self, state) -> None:
+        # With load_best_model_at_end a probing checkpoint would bring back every candidate type
+        # trained, while the report says one: only checkpoints after the switch may be the best.
+        switch_step = self.report.step if self.report is not None else None
+        best = state.best_global_step
+        if best and (switch_step is None or best < switch_step):
+            state.best_metric = None
+            state.best_global_step = None
+            state.best_model_checkpoint = None
 
     # -- probing ------------------------------------------------------------------------------
 
     def _candidate_params(self) -> dict[str, torch.Tensor]:
         names = set(self.trainer.bias_layout.names(self.candidates))
         return {n: p for n, p in self.trainer.model.named_parameters() if n in names}
-
-    def _track_gradients(self) -> None:
-        for name, param in self._candidate_params().items():
-            shape = self.trainer.pretrained_biases[name].shape
-            if name not in self._squared_grads:
-                self._squared_grads[name] = torch.zeros(shape, dtype=torch.float32, device=param.device)
-                self._grad_counts[name] = 0
-            self._hooks.append(param.register_hook(self._accumulator(name)))
-
-    def _accumulator(self, name: str):
-        def accumulate(grad: torch.Tensor) -> None:
-            squared = self._squared_grads[name]
-            if grad.numel() == squared.numel():
-                squared.add_(grad.detach().float().view_as(squared).pow(2).to(squared.device))
-                self._grad_counts[name] += 1
-
-        return accumulate
-
-    def _remove_hooks(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
 
     # -- the decision -------------------------------------------------------------------------
 
@@ -151,7 +144,7 @@ class BiasSelectionCallback(TrainerCallback):
         settle_zero3(trainer.model_wrapped)
         params = self._candidate_params()
         post = {n: read_full_fp32(p) for n, p in params.items()}
-        fisher_sums, counts = self._reduced_gradients(args)
+        fisher_sums, counts = self.probe.reduced(args.device)
         report = SelectionReport.build(
             layout=trainer.bias_layout,
             candidates=self.candidates,
@@ -168,8 +161,8 @@ class BiasSelectionCallback(TrainerCallback):
             logger.warning("Rank %d computed %s but follows rank 0's %s.", rank(), chosen, self.selected)
         before = trainer.count_parameters()
         trainer.freeze_groups([t for t in self.candidates if t not in self.selected], rewind=self.rewind)
-        self._remove_hooks()
-        report.finish(
+        self.probe.stop()
+        report.record_decision(
             selected=self.selected,
             score=self.score,
             probe_steps=self.probe_steps,
@@ -183,15 +176,6 @@ class BiasSelectionCallback(TrainerCallback):
             },
         )
         self.report = report
-
-    def _reduced_gradients(self, args) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        names = list(self._squared_grads)
-        counts = torch.tensor([float(self._grad_counts[n]) for n in names])
-        reduced = all_reduce_sum([self._squared_grads[n] for n in names] + [counts], args.device)
-        summed_counts = reduced[-1].tolist()
-        return dict(zip(names, reduced[:-1], strict=True)), {
-            n: int(c) for n, c in zip(names, summed_counts, strict=True)
-        }
 
     def _publish(self, args, state, control) -> None:
         report = self.report
@@ -216,11 +200,6 @@ class BiasSelectionCallback(TrainerCallback):
         self.selected = payload["selected"]
         if payload.get("report"):
             self.report = SelectionReport.from_dict(payload["report"])
-        probe_file = os.path.join(checkpoint, _probe_file(rank()))
-        if self.selected is None and os.path.isfile(probe_file):
-            tensors = load_file(probe_file)
+        if self.selected is None:
             params = self._candidate_params()
-            self._squared_grads = {
-                k[3:]: v.to(params[k[3:]].device) for k, v in tensors.items() if k.startswith("sq/")
-            }
-            self._grad_counts = {k[6:]: int(v) for k, v in tensors.items() if k.startswith("count/")}
+            self.probe.load(checkpoint, rank(), world_size(), {n: p.device for n, p in params.items()})

@@ -1,7 +1,9 @@
-"""Reading and writing full parameters and agreeing across ranks, on every backend.
+"""Everything that knows about DDP and DeepSpeed ZeRO: full parameters, ranks, optimizer groups.
 
 Under DeepSpeed ZeRO the module's parameters are working copies (bf16, or empty partitions at
 stage 3): the truth is the optimizer's fp32 master copy, which these helpers read and write.
+The optimizer and the scheduler come wrapped (accelerate, DeepSpeed); the helpers that freeze a
+parameter group reach the torch objects underneath. No other module reads ``ds_*`` attributes.
 """
 
 from __future__ import annotations
@@ -11,10 +13,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-
-def _is_zero_param(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
 
 
 def _has_fp32_master(param: torch.Tensor) -> bool:
@@ -100,6 +98,66 @@ def broadcast_from_main(obj: Any) -> Any:
     return box[0]
 
 
-def is_zero_partitioned(param: torch.Tensor) -> bool:
-    """Whether ``param`` is managed by DeepSpeed ZeRO (its module tensor may not be the truth)."""
-    return _is_zero_param(param)
+def full_numel(param: torch.Tensor) -> int:
+    """Number of scalars of ``param``, a ZeRO-3 partition counted in full."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def master_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype ``param`` trains in: fp32 under ZeRO (its master copy), else the tensor's own."""
+    return torch.float32 if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping") else param.dtype
+
+
+def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's and DeepSpeed's wrappers (they share its groups)."""
+    while hasattr(optimizer, "optimizer") and optimizer.optimizer is not optimizer:
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _innermost_scheduler(scheduler: Any) -> Any:
+    while scheduler is not None and not hasattr(scheduler, "base_lrs") and hasattr(scheduler, "scheduler"):
+        scheduler = scheduler.scheduler
+    return scheduler if hasattr(scheduler, "base_lrs") else None
+
+
+def zero_group_learning_rates(optimizer: Any, scheduler: Any, indices: list[int]) -> None:
+    """Set the learning rate of the optimizer groups ``indices`` to 0, in the scheduler too.
+
+    The scheduler recomputes each group's rate from its base rate every step, so the base rate
+    (and the last rate it reports) must be 0 as well, or the group would move again.
+    """
+    groups = innermost_optimizer(optimizer).param_groups
+    for i in indices:
+        groups[i]["lr"] = 0.0
+        if "initial_lr" in groups[i]:
+            groups[i]["initial_lr"] = 0.0
+    scheduler = _innermost_scheduler(scheduler)
+    if scheduler is None:
+        return
+    for i in indices:
+        scheduler.base_lrs[i] = 0.0
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr[i] = 0.0
+
+
+def last_learning_rates(scheduler: Any) -> list[float] | None:
+    """The scheduler's current rate of every optimizer group, or None before it has stepped."""
+    scheduler = _innermost_scheduler(scheduler)
+    rates = getattr(scheduler, "_last_lr", None)
+    return list(rates) if rates else None
+
+
+def reset_optimizer_state(optimizer: Any, indices: list[int]) -> None:
+    """Zero the optimizer state (momenta) of the parameters of groups ``indices``; steps are kept."""
+    inner = innermost_optimizer(optimizer)
+    for i in indices:
+        for param in inner.param_groups[i]["params"]:
+            for key, value in inner.state.get(param, {}).items():
+                if torch.is_tensor(value) and key != "step":
+                    value.zero_()
+
+
+def world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

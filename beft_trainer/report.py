@@ -68,10 +68,25 @@ class SelectionReport:
             scores[bias_type] = entry
         return cls(model_type=layout.model_type, candidates=list(candidates), scores=scores)
 
-    def finish(self, **decision: Any) -> None:
-        """Record the decision (selected, score, step, inert, ...) in the report."""
-        for key, value in decision.items():
-            setattr(self, key, value)
+    def record_decision(
+        self,
+        *,
+        selected: list[str],
+        score: str,
+        probe_steps: int,
+        step: int,
+        inert: dict[str, str],
+        rewind: bool,
+        trainable_parameters: dict[str, int],
+    ) -> None:
+        """Record what was decided, at which step, and the trainable parameter counts around the switch."""
+        self.selected = list(selected)
+        self.score = score
+        self.probe_steps = probe_steps
+        self.step = step
+        self.inert = dict(inert)
+        self.rewind = rewind
+        self.trainable_parameters = dict(trainable_parameters)
 
     def type_scores(self, score: str) -> dict[str, float]:
         """``{bias_type: value}`` of one score."""

@@ -1,7 +1,9 @@
 """BeftTrainer: a ``transformers.Trainer`` that trains bias vectors and freezes them exactly.
 
 Overridden hooks: ``__init__`` (prepares the model and the trainable set), ``create_optimizer``
-(one parameter group per bias type) and ``train`` (remembers the checkpoint it resumes from).
+(one parameter group per bias type), ``train`` (checks the checkpoint it resumes from),
+``save_model`` (adds the adapter and the run's settings) and ``_get_learning_rate`` (logs a group
+that still trains).
 """
 
 from __future__ import annotations
@@ -20,16 +22,21 @@ from .artifacts import AdapterMetadata, BeftAdapter, adapter_from_trainer
 from .biases import BiasLayout, add_missing_biases, find_biases, split_fused_qkv_bias
 from .callback import BiasSelectionCallback
 from .config import BeftConfig
-from .distributed import read_full_fp32, write_full_fp32
-from .errors import BeftConfigError
+from .distributed import (
+    full_numel,
+    last_learning_rates,
+    read_full_fp32,
+    reset_optimizer_state,
+    write_full_fp32,
+    zero_group_learning_rates,
+)
+from .errors import BeftConfigError, ResumeError
+from .groups import HEAD_DECAY_GROUP, bias_parameter_names, trainable_groups
 from .heads import find_head_parameters
 from .precision import cast_frozen_parameters, resolve_frozen_dtype
+from .resume import check_resume, write_run_settings
 
 logger = logging.getLogger(__name__)
-
-HEAD_GROUP = "head"
-HEAD_DECAY_GROUP = "head_decay"
-OTHER_BIASES_GROUP = "other_biases"
 
 #: Optimizers that ignore a parameter group's lr, so an lr of 0 would not freeze anything.
 _LR_IGNORING_OPTIMIZERS = ("lomo", "adalomo", "schedule_free", "galore", "apollo")
@@ -55,9 +62,10 @@ class BeftTrainer(Trainer):
         callbacks: list | None = None,
         **trainer_kwargs: Any,
     ) -> None:
-        if model is None:
-            raise BeftConfigError("BeftTrainer needs a model (model_init is not supported).")
+        _check_model(model)
         self.beft_config = beft_config or BeftConfig()
+        if not isinstance(self.beft_config, BeftConfig):
+            raise BeftConfigError(f"beft_config must be a BeftConfig, not {type(self.beft_config).__name__}.")
         selection = self._selection_callback(callbacks)
         self.selection_callback = selection
         self.bias_layout = _prepare_model(model, self.beft_config)
@@ -68,7 +76,7 @@ class BeftTrainer(Trainer):
         frozen_dtype = resolve_frozen_dtype(self.beft_config.frozen_dtype, args)
         if frozen_dtype is not None:
             cast_frozen_parameters(model, frozen_dtype, trainable)
-        bias_names = self._bias_names(self.parameter_groups)
+        bias_names = bias_parameter_names(self.parameter_groups)
         self.pretrained_biases = {
             name: read_full_fp32(param) for name, param in model.named_parameters() if name in bias_names
         }
@@ -81,6 +89,11 @@ class BeftTrainer(Trainer):
     # -- set-up -------------------------------------------------------------------------------
 
     def _selection_callback(self, callbacks: list | None) -> BiasSelectionCallback | None:
+        if any(isinstance(cb, type) and issubclass(cb, BiasSelectionCallback) for cb in callbacks or []):
+            raise BeftConfigError(
+                "callbacks holds the BiasSelectionCallback class; pass an instance: "
+                "callbacks=[BiasSelectionCallback(probe_steps=50)]."
+            )
         found = [cb for cb in callbacks or [] if isinstance(cb, BiasSelectionCallback)]
         if len(found) > 1:
             raise BeftConfigError("Pass at most one BiasSelectionCallback.")
@@ -92,33 +105,21 @@ class BeftTrainer(Trainer):
         return found[0] if found else None
 
     def _trainable_groups(self, model: nn.Module, selection) -> dict[str, list[str]]:
-        layout = self.bias_layout
+        layout, config = self.bias_layout, self.beft_config
         if selection is not None:
-            bias_types: Sequence[str] = selection.candidates
-        elif self.beft_config.is_bitfit:
+            bias_types: Sequence[str] = selection.config.candidates
+        elif config.is_bitfit:
             bias_types = layout.types
         else:
-            bias_types = self.beft_config.bias_types or ("v",)
+            bias_types = config.bias_types or ("v",)
         layout.require(bias_types)
-        head = find_head_parameters(model, self.beft_config.head_modules)
-        biases = {t: layout.names([t]) for t in bias_types}
-        if self.beft_config.is_bitfit:
-            # A head bias is random at init: it belongs with the head, not with BitFit's deltas.
-            biases[OTHER_BIASES_GROUP] = [n for n in layout.other_biases if n not in head]
-        # The head comes first: the Trainer logs the first group's learning rate, which must not
-        # read 0 once a bias type is frozen.
-        groups: dict[str, list[str]] = {}
-        if self.beft_config.train_head:
-            head = [n for n in head if n not in self._bias_names(biases)]
-            decay = set(self.get_decay_parameter_names(model))
-            groups[HEAD_GROUP] = [n for n in head if n not in decay]
-            groups[HEAD_DECAY_GROUP] = [n for n in head if n in decay]
-        groups.update(biases)
-        return {name: names for name, names in groups.items() if names}
-
-    @staticmethod
-    def _bias_names(groups: dict[str, list[str]]) -> set[str]:
-        return {n for g, names in groups.items() if g not in (HEAD_GROUP, HEAD_DECAY_GROUP) for n in names}
+        return trainable_groups(
+            {t: layout.names([t]) for t in bias_types},
+            head=find_head_parameters(model, config.head_modules),
+            decay=set(self.get_decay_parameter_names(model)),
+            other_biases=layout.other_biases if config.is_bitfit else None,
+            train_head=config.train_head,
+        )
 
     def _validate_backend(self) -> None:
         optim = getattr(self.args.optim, "value", str(self.args.optim))
@@ -167,6 +168,8 @@ class BeftTrainer(Trainer):
         """
         super().save_model(output_dir, _internal_call)
         self.save_adapter(output_dir)
+        if self.is_world_process_zero():
+            write_run_settings(output_dir or self.args.output_dir, self.run_settings())
 
     # -- the adapter --------------------------------------------------------------------------
 
@@ -189,11 +192,42 @@ class BeftTrainer(Trainer):
         return adapter.metadata
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
-        """Override: remember the checkpoint folder so the selection state resumes with it."""
+        """Override: check the checkpoint against this run's settings, and remember it for the callback."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-        self.resume_checkpoint_dir = resume_from_checkpoint or None
+            if resume_from_checkpoint is None:
+                raise ResumeError(
+                    f"resume_from_checkpoint=True, but {self.args.output_dir} holds no checkpoint-N folder. "
+                    "Pass the checkpoint's path, or start without resume_from_checkpoint."
+                )
+        if resume_from_checkpoint:
+            check_resume(os.fspath(resume_from_checkpoint), self.run_settings())
+        self.resume_checkpoint_dir = os.fspath(resume_from_checkpoint) if resume_from_checkpoint else None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def run_settings(self) -> dict[str, Any]:
+        """What shaped this run (parameter groups, BeftConfig, selection options), stored with each checkpoint."""
+        config = self.beft_config
+        selection = self.selection_callback
+        return {
+            "parameter_groups": list(self.parameter_groups),
+            "beft_config": {
+                "bias_types": config.bias_types if isinstance(config.bias_types, str) else list(config.bias_types or []),
+                "head_modules": list(config.head_modules) if config.head_modules is not None else None,
+                "train_head": config.train_head,
+                "frozen_dtype": config.frozen_dtype,
+                "add_missing_biases": config.add_missing_biases,
+            },
+            "selection": selection.config.shaping_settings() if selection is not None else None,
+        }
+
+    def _get_learning_rate(self) -> float:
+        """Override: the rate of the first group that still trains (the first group may be frozen)."""
+        rates = last_learning_rates(self.lr_scheduler)
+        active = [i for i, name in enumerate(self.parameter_groups) if name not in self.frozen_groups]
+        if rates is None or not active or len(rates) != len(self.parameter_groups):
+            return super()._get_learning_rate()
+        return rates[active[0]]
 
     # -- the switch ---------------------------------------------------------------------------
 
@@ -210,8 +244,8 @@ class BeftTrainer(Trainer):
         if self.optimizer is None:
             raise BeftConfigError("freeze_groups() needs the optimizer: call it during training.")
         indices = [self.group_index[g] for g in group_names]
-        _zero_group_learning_rates(self.optimizer, self.lr_scheduler, indices)
-        _reset_optimizer_state(self.optimizer, indices)
+        zero_group_learning_rates(self.optimizer, self.lr_scheduler, indices)
+        reset_optimizer_state(self.optimizer, indices)
         if rewind:
             self._rewind([n for g in group_names for n in self.parameter_groups[g]])
         if not self.is_deepspeed_enabled and self.args.world_size == 1:
@@ -237,11 +271,11 @@ class BeftTrainer(Trainer):
         """Number of scalars in the given groups (default: every group still training)."""
         params = dict(self.model.named_parameters())
         names = [n for g in (group_names or self.active_groups) for n in self.parameter_groups[g]]
-        return sum(_numel(params[n]) for n in names)
+        return sum(full_numel(params[n]) for n in names)
 
     def total_parameters(self) -> int:
         """Number of scalars in the whole model (ZeRO-3 partitions counted in full)."""
-        return sum(_numel(p) for p in self.model.parameters())
+        return sum(full_numel(p) for p in self.model.parameters())
 
     def checkpoint_dir(self, step: int) -> str:
         """The folder the Trainer writes the checkpoint of ``step`` to."""
@@ -262,37 +296,12 @@ def _freeze_all_but(model: nn.Module, trainable: list[str]) -> None:
         param.requires_grad_(name in keep)
 
 
-def _numel(param: torch.Tensor) -> int:
-    return int(getattr(param, "ds_numel", param.numel()))
-
-
-def _innermost(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer under accelerate's and DeepSpeed's wrappers (they share its groups)."""
-    while hasattr(optimizer, "optimizer") and optimizer.optimizer is not optimizer:
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
-def _zero_group_learning_rates(optimizer: Any, scheduler: Any, indices: list[int]) -> None:
-    groups = _innermost(optimizer).param_groups
-    for i in indices:
-        groups[i]["lr"] = 0.0
-        if "initial_lr" in groups[i]:
-            groups[i]["initial_lr"] = 0.0
-    while scheduler is not None and not hasattr(scheduler, "base_lrs") and hasattr(scheduler, "scheduler"):
-        scheduler = scheduler.scheduler
-    if scheduler is not None and hasattr(scheduler, "base_lrs"):
-        for i in indices:
-            scheduler.base_lrs[i] = 0.0
-        if hasattr(scheduler, "_last_lr"):
-            for i in indices:
-                scheduler._last_lr[i] = 0.0
-
-
-def _reset_optimizer_state(optimizer: Any, indices: list[int]) -> None:
-    inner = _innermost(optimizer)
-    for i in indices:
-        for param in inner.param_groups[i]["params"]:
-            for key, value in inner.state.get(param, {}).items():
-                if torch.is_tensor(value) and key != "step":
-                    value.zero_()
+def _check_model(model: nn.Module | None) -> None:
+    if model is None:
+        raise BeftConfigError("BeftTrainer needs a model (model_init is not supported).")
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        raise BeftConfigError(
+            f"The model is already wrapped by peft ({type(model).__name__}): BeftTrainer would train its "
+            "adapter and biases together. Pass the plain transformers model, or merge the peft adapter "
+            "first (model.merge_and_unload())."
+        )

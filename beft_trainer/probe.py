@@ -1,0 +1,112 @@
+"""Gradient statistics gathered while probing: squared gradients per bias vector, saved per rank.
+
+Each process sums the squared gradients of its own batches; the selection sums them over
+processes. A checkpoint holds one file per rank, so a resume on another number of processes
+merges them: new rank ``r`` takes the files of old ranks ``r, r + N, r + 2N, ...`` (N = new world
+size), and the sum over processes is the same as the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .distributed import all_reduce_sum
+
+logger = logging.getLogger(__name__)
+
+_SQUARED_PREFIX = "sq/"
+_COUNT_PREFIX = "count/"
+_FILE_PATTERN = re.compile(r"beft_probe_rank(\d+)\.safetensors$")
+
+
+def probe_file_name(process_rank: int) -> str:
+    """The file of one rank's statistics inside a checkpoint folder."""
+    return f"beft_probe_rank{process_rank}.safetensors"
+
+
+class ProbeStatistics:
+    """Squared-gradient sums and backward counts of every candidate bias vector on this process."""
+
+    def __init__(self) -> None:
+        self.squared_grads: dict[str, torch.Tensor] = {}
+        self.grad_counts: dict[str, int] = {}
+        self._hooks: list = []
+
+    @property
+    def tracking(self) -> bool:
+        """Whether gradient hooks are installed."""
+        return bool(self._hooks)
+
+    def track(self, params: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> None:
+        """Accumulate the squared gradient of each parameter (full ``shapes``: ZeRO-3 partitions are empty)."""
+        for name, param in params.items():
+            if name not in self.squared_grads:
+                self.squared_grads[name] = torch.zeros(shapes[name], dtype=torch.float32, device=param.device)
+                self.grad_counts[name] = 0
+            self._hooks.append(param.register_hook(self._accumulator(name)))
+
+    def _accumulator(self, name: str):
+        def accumulate(grad: torch.Tensor) -> None:
+            squared = self.squared_grads[name]
+            if grad.numel() == squared.numel():
+                squared.add_(grad.detach().float().view_as(squared).pow(2).to(squared.device))
+                self.grad_counts[name] += 1
+
+        return accumulate
+
+    def stop(self) -> None:
+        """Remove the gradient hooks."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def reduced(self, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Sums over every process (collective): ``(squared-gradient sums, backward counts)``."""
+        names = list(self.squared_grads)
+        counts = torch.tensor([float(self.grad_counts[n]) for n in names])
+        reduced = all_reduce_sum([self.squared_grads[n] for n in names] + [counts], device)
+        summed_counts = {n: int(c) for n, c in zip(names, reduced[-1].tolist(), strict=True)}
+        return dict(zip(names, reduced[:-1], strict=True)), summed_counts
+
+    def save(self, folder: str, process_rank: int) -> None:
+        """Write this process's statistics into a checkpoint folder."""
+        tensors = {_SQUARED_PREFIX + n: t.cpu() for n, t in self.squared_grads.items()}
+        tensors |= {_COUNT_PREFIX + n: torch.tensor(c) for n, c in self.grad_counts.items()}
+        save_file(tensors, os.path.join(folder, probe_file_name(process_rank)))
+
+    def load(self, folder: str, process_rank: int, world_size: int, devices: dict[str, torch.device]) -> None:
+        """Read the statistics this process continues from (see the module docstring)."""
+        saved = _saved_ranks(folder)
+        mine = [r for r in saved if r % world_size == process_rank]
+        if saved and len(saved) != world_size:
+            logger.warning(
+                "%s holds probe statistics of %d processes, this run has %d: merging them so the "
+                "selection sees every process's gradients.",
+                folder,
+                len(saved),
+                world_size,
+            )
+        self.squared_grads = {n: torch.zeros_like(t) for n, t in self.squared_grads.items()}
+        self.grad_counts = dict.fromkeys(self.grad_counts, 0)
+        for old_rank in mine:
+            tensors = load_file(os.path.join(folder, probe_file_name(old_rank)))
+            for key, value in tensors.items():
+                if key.startswith(_SQUARED_PREFIX):
+                    name = key.removeprefix(_SQUARED_PREFIX)
+                    previous = self.squared_grads.get(name)
+                    value = value.to(devices[name])
+                    self.squared_grads[name] = value if previous is None else previous + value
+                elif key.startswith(_COUNT_PREFIX):
+                    name = key.removeprefix(_COUNT_PREFIX)
+                    self.grad_counts[name] = self.grad_counts.get(name, 0) + int(value)
+
+
+def _saved_ranks(folder: str) -> list[int]:
+    files = glob.glob(os.path.join(glob.escape(folder), "beft_probe_rank*.safetensors"))
+    return sorted(int(match.group(1)) for f in files if (match := _FILE_PATTERN.search(f)))

@@ -1,0 +1,67 @@
+"""What a checkpoint records about the run that made it, and the check a resume must pass.
+
+A resume continues the optimizer, the scheduler and the selection state of the checkpoint; they
+only fit a run with the same parameter groups and the same selection settings. Each checkpoint
+holds ``beft_run.json`` with those settings, and a resume that contradicts one is refused before
+any step, naming the setting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from .errors import ResumeError
+
+logger = logging.getLogger(__name__)
+
+#: File name of the run's settings inside each checkpoint folder.
+RUN_SETTINGS_NAME = "beft_run.json"
+
+
+def write_run_settings(folder: str, settings: dict[str, Any]) -> None:
+    """Write ``settings`` to ``folder/beft_run.json`` (call it on the main process only)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, RUN_SETTINGS_NAME), "w") as f:
+        json.dump(settings, f, indent=2)
+
+
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume(checkpoint: str, settings: dict[str, Any]) -> None:
+    """Raise ``ResumeError`` unless ``checkpoint`` was made by a run with these ``settings``.
+
+    A checkpoint without the settings file (written by an older beft-trainer) is accepted with
+    a warning: nothing can be compared.
+    """
+    if not os.path.isdir(checkpoint):
+        raise ResumeError(f"resume_from_checkpoint={checkpoint!r} is not a folder; pass a checkpoint-N folder.")
+    path = os.path.join(checkpoint, RUN_SETTINGS_NAME)
+    if not os.path.isfile(path):
+        logger.warning("%s has no %s: cannot check that this run's settings match it.", checkpoint, RUN_SETTINGS_NAME)
+        return
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ResumeError(f"{path} cannot be read ({error}); resume from another checkpoint.") from error
+    if not isinstance(recorded, dict):
+        raise ResumeError(f"{path} is not a settings object; resume from another checkpoint.")
+    before, now = _flatten(recorded), _flatten(settings)
+    changed = [key for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)]
+    if changed:
+        details = "; ".join(f"{key}: checkpoint {before.get(key)!r}, this run {now.get(key)!r}" for key in changed)
+        raise ResumeError(
+            f"Cannot resume from {checkpoint}: this run's settings differ from the checkpoint's ({details}). "
+            "Resume with the checkpoint's settings, or start a new run in another output_dir."
+        )
