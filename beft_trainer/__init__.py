@@ -20,7 +20,7 @@ from .config import BeftConfig, SelectionConfig
 from .errors import BeftConfigError, BiasTypeError
 from .heads import find_head_parameters
 from .peft_export import PeftExportError, export_peft
-from .plot import plot_report
+from .plot import plot_report, report_figure
 from .report import REPORT_NAME, SelectionReport, read_report, write_report
 from .scores import SCORE_NAMES, find_inert, fisher_score, magnitude_score, projection_score, random_score
 from .trainer import BeftTrainer
@@ -63,6 +63,7 @@ __all__ = [
     "random_score",
     "read_adapter",
     "read_report",
+    "report_figure",
     "save_adapter",
     "save_bias_adapter",
     "split_fused_qkv_bias",

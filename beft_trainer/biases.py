@@ -132,10 +132,6 @@ class BiasLayout:
         """Full parameter names of every vector of the given types."""
         return [v.name for t in bias_types for v in self.vectors.get(t, [])]
 
-    def all_bias_names(self) -> list[str]:
-        """Every bias parameter of the model: typed vectors plus the others (embeddings LN, ...)."""
-        return self.names(self.types) + list(self.other_biases)
-
     def require(self, bias_types: Iterable[str]) -> None:
         """Raise ``BiasTypeError`` unless every type is a known name present in the model."""
         for bias_type in bias_types:
@@ -225,7 +221,7 @@ def split_fused_qkv_bias(model: nn.Module) -> int:
     split = 0
     for name, module in model.named_modules():
         if name.endswith("attn.c_attn") and type(module) is Conv1D and module.bias is not None:
-            _SplitBiasConv1D.convert(module)
+            _split_conv1d_bias(module)
             split += 1
     return split
 
@@ -243,21 +239,19 @@ def _split_load_pre_hook(state_dict, prefix, *args, **kwargs):
             state_dict[prefix + f"bias_{t}"] = part
 
 
-class _SplitBiasConv1D(nn.Module):
-    """Forward of a GPT-2 ``Conv1D`` whose bias lives in three parameters."""
+def _split_conv1d_bias(module: nn.Module) -> None:
+    fused = module._parameters.pop("bias")
+    for t, part in zip("qkv", fused.detach().chunk(3), strict=True):
+        module.register_parameter(f"bias_{t}", nn.Parameter(part.clone(), requires_grad=fused.requires_grad))
+    module.bias = None  # read by Conv1D.__repr__ only
+    module.forward = _split_bias_forward.__get__(module)
+    module._register_state_dict_hook(_split_state_dict_hook)
+    module._register_load_state_dict_pre_hook(_split_load_pre_hook)
 
-    @staticmethod
-    def convert(module: nn.Module) -> None:
-        fused = module._parameters.pop("bias")
-        for t, part in zip("qkv", fused.detach().chunk(3), strict=True):
-            module.register_parameter(f"bias_{t}", nn.Parameter(part.clone(), requires_grad=fused.requires_grad))
-        module.bias = None  # read by Conv1D.__repr__ only
-        module.forward = _SplitBiasConv1D.forward.__get__(module)
-        module._register_state_dict_hook(_split_state_dict_hook)
-        module._register_load_state_dict_pre_hook(_split_load_pre_hook)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - bound onto Conv1D instances
-        bias = torch.cat((self.bias_q, self.bias_k, self.bias_v))
-        size_out = x.size()[:-1] + (self.nf,)
-        x = torch.addmm(bias, x.view(-1, x.size(-1)), self.weight)
-        return x.view(size_out)
+def _split_bias_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """GPT-2 ``Conv1D.forward`` with the bias read from its three parts (bound onto the module)."""
+    bias = torch.cat((self.bias_q, self.bias_k, self.bias_v))
+    size_out = x.size()[:-1] + (self.nf,)
+    x = torch.addmm(bias, x.view(-1, x.size(-1)), self.weight)
+    return x.view(size_out)

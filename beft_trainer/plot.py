@@ -11,6 +11,9 @@ from __future__ import annotations
 import math
 import os
 
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
 from .report import SelectionReport, read_report
 
 #: The scores drawn side by side for every type (``random`` joins them when it decided).
@@ -21,31 +24,27 @@ _TYPE_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"
 _SELECTED_COLOR = "#fff3b0"
 
 
-def plot_report(report: SelectionReport | str | os.PathLike, png_path: str | os.PathLike) -> str:
-    """Draw ``report`` (a ``SelectionReport`` or the path of a ``beft_selection.json``) to ``png_path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; safe to call from a training job
-    import matplotlib.pyplot as plt
-
-    if not isinstance(report, SelectionReport):
-        report = read_report(os.fspath(report))
+def report_figure(report: SelectionReport) -> Figure:
+    """The report's figure (a ``matplotlib.figure.Figure``: no pyplot state, no backend switched)."""
     scores = list(PLOTTED_SCORES) + (["random"] if report.score == "random" else [])
     types = list(report.candidates)
-
-    fig, (ax_types, ax_layers, ax_fisher) = plt.subplots(
-        1, 3, figsize=(15, 4.6), gridspec_kw={"width_ratios": [1.1, 1, 1]}
-    )
+    fig = Figure(figsize=(15, 4.6))
+    ax_types, ax_layers, ax_fisher = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.1, 1, 1]})
     _draw_type_scores(ax_types, report, types, scores)
     _draw_per_layer(ax_layers, report, types, report.score, log=False)
     _draw_per_layer(ax_fisher, report, types, "fisher", log=True)
-
     fig.suptitle(_title(report), fontsize=12, fontweight="bold")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return fig
+
+
+def plot_report(report: SelectionReport | str | os.PathLike, png_path: str | os.PathLike) -> str:
+    """Draw ``report`` (a ``SelectionReport`` or the path of a ``beft_selection.json``) to ``png_path``."""
+    if not isinstance(report, SelectionReport):
+        report = read_report(os.fspath(report))
     png_path = os.fspath(png_path)
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
+    report_figure(report).savefig(png_path, dpi=110)
     return png_path
 
 
@@ -65,8 +64,6 @@ def _normalized(values: list[float]) -> list[float]:
 
 
 def _draw_type_scores(ax, report: SelectionReport, types: list[str], scores: list[str]) -> None:
-    from matplotlib.patches import Patch
-
     width = 0.8 / len(scores)
     for i, score in enumerate(scores):
         raw = [float(report.scores[t][score]) for t in types]

@@ -70,3 +70,15 @@ def test_plot_marks_choice_and_inert(tmp_path, monkeypatch):
 def test_plot_missing_report_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         plot_report(tmp_path / "none.json", tmp_path / "p.png")
+
+
+def test_plotting_leaves_the_users_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        plot_report(make_report(), tmp_path / "plot.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)

@@ -1,0 +1,132 @@
+"""Nothing silent: every wrong use of the trainer and the callback is refused before a step, in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from helpers import VOCAB, TokenDataset, randomize_biases, snapshot, tiny_bert, training_args
+
+from beft_trainer import BeftConfig, BeftConfigError, BeftTrainer, BiasSelectionCallback, SelectionConfig
+
+
+def _untouched(model, before) -> bool:
+    return all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("with_callback", [False, True], ids=["fixed-types", "selection"])
+def test_a_peft_wrapped_model_is_refused(with_callback, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(target_modules=["query"], r=2))
+    kwargs = (
+        {"callbacks": [BiasSelectionCallback(probe_steps=2)]}
+        if with_callback
+        else {"beft_config": BeftConfig(bias_types=("v",))}
+    )
+    with pytest.raises(BeftConfigError, match="already wrapped by peft") as error:
+        BeftTrainer(model, training_args(tmp_path), train_dataset=TokenDataset(), **kwargs)
+    assert "add_missing_biases" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"candidates": "qkv"}, r"unknown bias types \['qkv'\]"),
+        ({"candidates": "q,,z"}, r"unknown bias types \['z'\]"),
+        ({"candidates": ("q", "q", "v")}, "a repeated name"),
+        ({"probe_steps": 2.7}, "probe_steps must be a whole number, got 2.7"),
+        ({"probe_steps": True}, "probe_steps must be a whole number"),
+        ({"top_k": "1"}, "top_k must be a whole number"),
+        ({"rewind": "no"}, "rewind must be True or False"),
+        ({"inert_threshold": "small"}, "inert_threshold must be a number"),
+        ({"probe_step": 5}, r"unknown options \['probe_step'\]"),
+    ],
+)
+def test_bad_selection_options_say_which_and_why(options, message):
+    with pytest.raises(BeftConfigError, match=message):
+        BiasSelectionCallback(**options)
+
+
+def test_a_comma_list_of_candidates_is_the_same_as_a_tuple():
+    assert BiasSelectionCallback(candidates="q,v").candidates == ("q", "v")
+    assert BiasSelectionCallback(candidates=["q,v", "k"]).candidates == ("q", "v", "k")
+    config = SelectionConfig(probe_steps=7, candidates=("q", "v"))
+    assert BiasSelectionCallback(config).config is config and BiasSelectionCallback(config).probe_steps == 7
+    with pytest.raises(BeftConfigError, match="not both"):
+        BiasSelectionCallback(config, probe_steps=3)
+
+
+def test_the_callback_class_instead_of_an_instance_is_refused(tmp_path):
+    with pytest.raises(BeftConfigError, match="pass an instance"):
+        BeftTrainer(tiny_bert(), training_args(tmp_path), train_dataset=TokenDataset(), callbacks=[BiasSelectionCallback])
+
+
+def test_a_callback_added_after_construction_is_refused_before_any_step(tmp_path):
+    model = tiny_bert()
+    before = snapshot(model)
+    trainer = BeftTrainer(model, training_args(tmp_path), train_dataset=TokenDataset())
+    trainer.add_callback(BiasSelectionCallback(probe_steps=2))
+    with pytest.raises(BeftConfigError, match="added after the trainer was built"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and _untouched(model, before)
+
+
+def test_one_callback_for_two_trainers_is_refused(tmp_path):
+    selection = BiasSelectionCallback(probe_steps=2)
+    first = BeftTrainer(
+        tiny_bert(), training_args(tmp_path / "a", max_steps=4), train_dataset=TokenDataset(), callbacks=[selection]
+    )
+    first.train()
+    assert selection.selected is not None
+    with pytest.raises(BeftConfigError, match="already belongs to another trainer"):
+        BeftTrainer(tiny_bert(), training_args(tmp_path / "b"), train_dataset=TokenDataset(), callbacks=[selection])
+
+
+def test_resume_true_without_a_checkpoint_is_refused(tmp_path):
+    model = tiny_bert()
+    before = snapshot(model)
+    trainer = BeftTrainer(model, training_args(tmp_path), train_dataset=TokenDataset())
+    with pytest.raises(BeftConfigError, match="holds no checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 0 and _untouched(model, before)
+
+
+def test_beft_config_of_the_wrong_type_is_refused(tmp_path):
+    with pytest.raises(BeftConfigError, match="must be a BeftConfig"):
+        BeftTrainer(tiny_bert(), training_args(tmp_path), beft_config={"bias_types": "v"})
+
+
+class _CausalTokens(torch.utils.data.Dataset):
+    """TokenDataset as language modelling: predict every token."""
+
+    def __init__(self):
+        self.tokens = TokenDataset()
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.tokens[i]
+        return {"input_ids": item["input_ids"], "attention_mask": item["attention_mask"], "labels": item["input_ids"]}
+
+
+def test_logged_learning_rate_is_a_training_groups_without_a_head(tmp_path):
+    torch.manual_seed(0)
+    config = tf.OPTConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
+        word_embed_proj_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    model = randomize_biases(tf.OPTForCausalLM(config))
+    # k (inert under OPT's absolute positions) is the first group and is frozen at the switch.
+    selection = BiasSelectionCallback(probe_steps=3, candidates=("k", "v"))
+    trainer = BeftTrainer(
+        model,
+        training_args(tmp_path, max_steps=6, lr_scheduler_type="constant"),
+        train_dataset=_CausalTokens(),
+        callbacks=[selection],
+    )
+    assert list(trainer.parameter_groups) == ["k", "v"]
+    trainer.train()
+    assert selection.selected == ["v"]
+    rates = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    assert len(rates) == 6 and rates == [1e-2] * 6
