@@ -34,7 +34,7 @@ from .errors import BeftConfigError, ResumeError
 from .groups import HEAD_DECAY_GROUP, bias_parameter_names, trainable_groups
 from .heads import find_head_parameters
 from .precision import cast_frozen_parameters, resolve_frozen_dtype
-from .resume import check_resume, write_run_settings
+from .resume import check_output_dir, check_resume, write_run_settings
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,12 @@ class BeftTrainer(Trainer):
         **trainer_kwargs: Any,
     ) -> None:
         _check_model(model)
+        if trainer_kwargs.get("optimizers", (None, None)) != (None, None):
+            raise BeftConfigError(
+                "BeftTrainer builds its own optimizer (one parameter group per bias type, so the switch "
+                "can freeze exactly): drop optimizers=..., choose one with TrainingArguments(optim=...) "
+                "or optimizer_cls_and_kwargs=(cls, kwargs)."
+            )
         self.beft_config = beft_config or BeftConfig()
         if not isinstance(self.beft_config, BeftConfig):
             raise BeftConfigError(f"beft_config must be a BeftConfig, not {type(self.beft_config).__name__}.")
@@ -202,6 +208,8 @@ class BeftTrainer(Trainer):
                 )
         if resume_from_checkpoint:
             check_resume(os.fspath(resume_from_checkpoint), self.run_settings())
+        else:
+            check_output_dir(self.args.output_dir)
         self.resume_checkpoint_dir = os.fspath(resume_from_checkpoint) if resume_from_checkpoint else None
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 

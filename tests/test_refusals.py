@@ -130,3 +130,29 @@ def test_logged_learning_rate_is_a_training_groups_without_a_head(tmp_path):
     assert selection.selected == ["v"]
     rates = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
     assert len(rates) == 6 and rates == [1e-2] * 6
+
+
+def test_an_output_dir_with_someone_elses_files_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    model = tiny_bert()
+    trainer = BeftTrainer(model, training_args(tmp_path, max_steps=2), train_dataset=TokenDataset())
+    with pytest.raises(BeftConfigError, match=r"already holds files that no beft-trainer run wrote \(notes.txt\)"):
+        trainer.train()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_an_earlier_runs_output_dir_can_be_reused(tmp_path):
+    for _ in range(2):
+        selection = BiasSelectionCallback(probe_steps=2)
+        trainer = BeftTrainer(
+            tiny_bert(), training_args(tmp_path, max_steps=3), train_dataset=TokenDataset(), callbacks=[selection]
+        )
+        trainer.train()
+    assert (tmp_path / "beft_selection.json").is_file()
+
+
+def test_an_optimizer_of_ones_own_is_refused(tmp_path):
+    model = tiny_bert()
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(BeftConfigError, match="builds its own optimizer"):
+        BeftTrainer(model, training_args(tmp_path), train_dataset=TokenDataset(), optimizers=(optimizer, None))
