@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import os
-
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
+from typing import TYPE_CHECKING
 
 from .report import SelectionReport, read_report
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: The scores drawn side by side for every type (``random`` joins them when it decided).
 PLOTTED_SCORES = ("projection", "magnitude", "fisher")
@@ -26,6 +27,8 @@ _SELECTED_COLOR = "#fff3b0"
 
 def report_figure(report: SelectionReport) -> Figure:
     """The report's figure (a ``matplotlib.figure.Figure``: no pyplot state, no backend switched)."""
+    from matplotlib.figure import Figure  # imported here: training without a plot never loads matplotlib
+
     scores = list(PLOTTED_SCORES) + (["random"] if report.score == "random" else [])
     types = list(report.candidates)
     fig = Figure(figsize=(15, 4.6))
@@ -64,6 +67,8 @@ def _normalized(values: list[float]) -> list[float]:
 
 
 def _draw_type_scores(ax, report: SelectionReport, types: list[str], scores: list[str]) -> None:
+    from matplotlib.patches import Patch
+
     width = 0.8 / len(scores)
     for i, score in enumerate(scores):
         raw = [float(report.scores[t][score]) for t in types]
