@@ -13,14 +13,29 @@ import logging
 import os
 from typing import Any
 
-from .errors import BeftConfigError, ResumeError
+from .config import BeftConfig, SelectionConfig
+from .errors import ResumeError
 
 logger = logging.getLogger(__name__)
 
 #: File name of the run's settings inside each checkpoint folder.
 RUN_SETTINGS_NAME = "beft_run.json"
-#: Files that mark a folder as written by an earlier beft-trainer run (which a new run may overwrite).
-_RUN_MARKERS = (RUN_SETTINGS_NAME, "beft_selection.json", "beft_adapter.json")
+def run_settings(
+    group_names: list[str], beft_config: BeftConfig, selection: SelectionConfig | None
+) -> dict[str, Any]:
+    """The settings a checkpoint records: the parameter groups, ``BeftConfig`` and the selection options."""
+    bias_types = beft_config.bias_types
+    return {
+        "parameter_groups": list(group_names),
+        "beft_config": {
+            "bias_types": bias_types if isinstance(bias_types, str) else list(bias_types or []),
+            "head_modules": list(beft_config.head_modules) if beft_config.head_modules is not None else None,
+            "train_head": beft_config.train_head,
+            "frozen_dtype": beft_config.frozen_dtype,
+            "add_missing_biases": beft_config.add_missing_biases,
+        },
+        "selection": selection.shaping_settings() if selection is not None else None,
+    }
 
 
 def write_run_settings(folder: str, settings: dict[str, Any]) -> None:
@@ -66,23 +81,4 @@ def check_resume(checkpoint: str, settings: dict[str, Any]) -> None:
         raise ResumeError(
             f"Cannot resume from {checkpoint}: this run's settings differ from the checkpoint's ({details}). "
             "Resume with the checkpoint's settings, or start a new run in another output_dir."
-        )
-
-
-def check_output_dir(output_dir: str) -> None:
-    """Refuse to start a new run in a folder that holds files no beft-trainer run wrote.
-
-    An empty or missing folder, or the folder of an earlier run (it holds ``beft_run.json``, a
-    selection report, an adapter or ``checkpoint-N`` folders), is fine: the new run replaces
-    its own kind of files.
-    """
-    if not os.path.isdir(output_dir):
-        return
-    entries = os.listdir(output_dir)
-    earlier_run = any(name in _RUN_MARKERS or name.startswith("checkpoint-") for name in entries)
-    if entries and not earlier_run:
-        shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
-        raise BeftConfigError(
-            f"output_dir={output_dir!r} already holds files that no beft-trainer run wrote ({shown}); "
-            "training would write its checkpoints, report and adapter among them. Choose an empty or new folder."
         )

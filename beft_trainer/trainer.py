@@ -21,6 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .artifacts import AdapterMetadata, BeftAdapter, adapter_from_trainer
 from .biases import BiasLayout, add_missing_biases, find_biases, split_fused_qkv_bias
 from .callback import BiasSelectionCallback
+from .checks import check_model, check_no_optimizer_given, check_optimizer, check_output_dir
 from .config import BeftConfig
 from .distributed import (
     full_numel,
@@ -34,13 +35,9 @@ from .errors import BeftConfigError, ResumeError
 from .groups import HEAD_DECAY_GROUP, bias_parameter_names, trainable_groups
 from .heads import find_head_parameters
 from .precision import cast_frozen_parameters, resolve_frozen_dtype
-from .resume import check_output_dir, check_resume, write_run_settings
+from .resume import check_resume, run_settings, write_run_settings
 
 logger = logging.getLogger(__name__)
-
-#: Optimizers that ignore a parameter group's lr, so an lr of 0 would not freeze anything.
-_LR_IGNORING_OPTIMIZERS = ("lomo", "adalomo", "schedule_free", "galore", "apollo")
-
 
 class BeftTrainer(Trainer):
     """A Trainer that trains only bias vectors (BitFit/BEFT) and the task head.
@@ -62,13 +59,8 @@ class BeftTrainer(Trainer):
         callbacks: list | None = None,
         **trainer_kwargs: Any,
     ) -> None:
-        _check_model(model)
-        if trainer_kwargs.get("optimizers", (None, None)) != (None, None):
-            raise BeftConfigError(
-                "BeftTrainer builds its own optimizer (one parameter group per bias type, so the switch "
-                "can freeze exactly): drop optimizers=..., choose one with TrainingArguments(optim=...) "
-                "or optimizer_cls_and_kwargs=(cls, kwargs)."
-            )
+        check_model(model)
+        check_no_optimizer_given(trainer_kwargs.get("optimizers", (None, None)))
         self.beft_config = beft_config or BeftConfig()
         if not isinstance(self.beft_config, BeftConfig):
             raise BeftConfigError(f"beft_config must be a BeftConfig, not {type(self.beft_config).__name__}.")
@@ -90,7 +82,7 @@ class BeftTrainer(Trainer):
         if selection is not None:
             selection.bind(self)
         super().__init__(model, args, *trainer_args, callbacks=callbacks, **trainer_kwargs)
-        self._validate_backend()
+        check_optimizer(self.args, self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None)
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -126,22 +118,6 @@ class BeftTrainer(Trainer):
             other_biases=layout.other_biases if config.is_bitfit else None,
             train_head=config.train_head,
         )
-
-    def _validate_backend(self) -> None:
-        optim = getattr(self.args.optim, "value", str(self.args.optim))
-        if optim.startswith(_LR_IGNORING_OPTIMIZERS):
-            raise BeftConfigError(
-                f"optim={self.args.optim!r} ignores per-group learning rates, so frozen bias types "
-                "would keep moving or it builds its own groups. Use AdamW (the default), SGD, Adafactor, RMSprop or Lion."
-            )
-        if self.is_deepspeed_enabled:
-            ds_config = self.accelerator.state.deepspeed_plugin.hf_ds_config.config
-            if "optimizer" in ds_config:
-                raise BeftConfigError(
-                    "The DeepSpeed config has an 'optimizer' section, which replaces the Trainer's "
-                    "per-bias-type parameter groups. Remove it (ds_configs/*.json show how): the "
-                    "Trainer's AdamW then runs inside ZeRO."
-                )
 
     # -- Trainer hooks ------------------------------------------------------------------------
 
@@ -215,19 +191,8 @@ class BeftTrainer(Trainer):
 
     def run_settings(self) -> dict[str, Any]:
         """What shaped this run (parameter groups, BeftConfig, selection options), stored with each checkpoint."""
-        config = self.beft_config
-        selection = self.selection_callback
-        return {
-            "parameter_groups": list(self.parameter_groups),
-            "beft_config": {
-                "bias_types": config.bias_types if isinstance(config.bias_types, str) else list(config.bias_types or []),
-                "head_modules": list(config.head_modules) if config.head_modules is not None else None,
-                "train_head": config.train_head,
-                "frozen_dtype": config.frozen_dtype,
-                "add_missing_biases": config.add_missing_biases,
-            },
-            "selection": selection.config.shaping_settings() if selection is not None else None,
-        }
+        selection = self.selection_callback.config if self.selection_callback is not None else None
+        return run_settings(list(self.parameter_groups), self.beft_config, selection)
 
     def _get_learning_rate(self) -> float:
         """Override: the rate of the first group that still trains (the first group may be frozen)."""
@@ -302,14 +267,3 @@ def _freeze_all_but(model: nn.Module, trainable: list[str]) -> None:
     keep = set(trainable)
     for name, param in model.named_parameters():
         param.requires_grad_(name in keep)
-
-
-def _check_model(model: nn.Module | None) -> None:
-    if model is None:
-        raise BeftConfigError("BeftTrainer needs a model (model_init is not supported).")
-    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
-        raise BeftConfigError(
-            f"The model is already wrapped by peft ({type(model).__name__}): BeftTrainer would train its "
-            "adapter and biases together. Pass the plain transformers model, or merge the peft adapter "
-            "first (model.merge_and_unload())."
-        )
