@@ -16,12 +16,13 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from .artifacts import AdapterMetadata, BeftAdapter, adapter_from_trainer
+from .adapters import AdapterMetadata, BeftAdapter, base_model_fingerprint, build_adapter
 from .biases import BiasLayout, add_missing_biases, find_biases, split_fused_qkv_bias
 from .callback import BiasSelectionCallback
 from .config import BeftConfig
-from .distributed import read_full_fp32, write_full_fp32
+from .distributed import read_full_fp32, settle_zero3, write_full_fp32
 from .errors import BeftConfigError
+from .groups import HEAD_GROUPS
 from .heads import find_head_parameters
 from .precision import cast_frozen_parameters, resolve_frozen_dtype
 
@@ -65,6 +66,8 @@ class BeftTrainer(Trainer):
         self.frozen_groups: list[str] = []
         trainable = [n for names in self.parameter_groups.values() for n in names]
         _freeze_all_but(model, trainable)
+        # Before the cast below: adapters load onto the original (float32) checkpoint.
+        self.base_fingerprint = base_model_fingerprint(model, exclude=[n for g in HEAD_GROUPS if g in self.parameter_groups for n in self.parameter_groups[g]])
         frozen_dtype = resolve_frozen_dtype(self.beft_config.frozen_dtype, args)
         if frozen_dtype is not None:
             cast_frozen_parameters(model, frozen_dtype, trainable)
@@ -173,9 +176,32 @@ class BeftTrainer(Trainer):
     def build_adapter(self) -> BeftAdapter:
         """The BEFT adapter of the model as it is now: trained bias deltas and the head.
 
-        Collective under ZeRO-3 (every process must call it).
+        Stores the active bias groups, and any frozen group that moved (``rewind=False`` leaves
+        its probing changes in the model, which the adapter must reproduce). Collective under
+        ZeRO-3 (every process must call it).
         """
-        return adapter_from_trainer(self)
+        settle_zero3(self.model_wrapped)
+        head = [n for g in HEAD_GROUPS if g in self.parameter_groups for n in self.parameter_groups[g]]
+        params = dict(self.model.named_parameters())
+        stored = {
+            group: names
+            for group, names in self.parameter_groups.items()
+            if group not in HEAD_GROUPS
+            and (group in self.active_groups or any(
+                not torch.equal(read_full_fp32(params[n]), self.pretrained_biases[n]) for n in names
+            ))
+        }
+        selection = self.selection_callback
+        return build_adapter(
+            self.model,
+            stored,
+            self.pretrained_biases,
+            head,
+            selected=[g for g in self.active_groups if g not in HEAD_GROUPS],
+            score=selection.config.score if selection is not None else None,
+            added_biases=self.beft_config.add_missing_biases,
+            base_fingerprint=self.base_fingerprint,
+        )
 
     def save_adapter(self, output_dir: str | None = None) -> AdapterMetadata:
         """Write the adapter to ``output_dir`` (default ``args.output_dir``) on the main process.

@@ -11,7 +11,6 @@ import transformers as tf
 from helpers import TokenDataset, tiny_bert, training_args
 
 from beft_trainer import BeftTrainer, BiasSelectionCallback
-from beft_trainer.artifacts import save_adapter
 from beft_trainer.cli import main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,7 +29,7 @@ def trained(tmp_path_factory):
         callbacks=[BiasSelectionCallback(probe_steps=3)],
     )
     trainer.train()
-    save_adapter(trainer)  # what BeftTrainer.save_model() writes next to the model
+    trainer.save_adapter()  # what BeftTrainer.save_model() writes next to the model
     model.eval()
     return root, model
 
