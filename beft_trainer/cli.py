@@ -36,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CommandError, BeftConfigError, OSError) as error:
-        print(f"beft {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line, even for multi-line library messages
+        print(f"beft {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 
@@ -181,8 +182,10 @@ def load_model(name: str, auto_class: str = "AutoModelForSequenceClassification"
     transformers.utils.logging.disable_progress_bar()
     try:
         return getattr(transformers, auto_class).from_pretrained(path, use_safetensors=True, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
-        raise CommandError(f"Cannot load {path} with safetensors weights: {error}") from error
+    # from_pretrained on a user's folder fails in many ways (bad JSON, config types, truncated
+    # safetensors, unknown architecture), each its own exception class: all end in one line here.
+    except Exception as error:
+        raise CommandError(f"Cannot load {path} with safetensors weights: {type(error).__name__}: {error}") from error
 
 
 def _inspect(args: argparse.Namespace) -> int:

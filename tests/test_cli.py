@@ -212,3 +212,24 @@ def test_report_on_malformed_report_is_one_line(trained, tmp_path, capsys, edit,
     path = _edit_report(root, tmp_path, edit)
     assert main(["report", path, "--png", str(tmp_path / "p.png")]) == 1
     assert message in _one_line_error(capsys, "report")
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"config.json": "{not json"}, "not a valid JSON"),
+        ({"config.json": '{"model_type": "bert", "hidden_size": "x"}'}, "hidden_size"),
+        ({"config.json": '{"model_type": "nonexistent"}'}, "nonexistent"),
+        ({"model.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{"}, "Cannot load"),
+    ],
+    ids=["config-not-json", "config-wrong-type", "unknown-architecture", "truncated-weights"],
+)
+def test_inspect_on_broken_model_folder_is_one_line(trained, tmp_path, capsys, files, message):
+    root, _ = trained
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((root / "base" / "config.json").read_bytes())
+    for name, content in files.items():
+        (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(["inspect", str(folder)]) == 1
+    assert message in _one_line_error(capsys, "inspect")
