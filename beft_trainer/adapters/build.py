@@ -58,12 +58,7 @@ def build_adapter(
     no_pretrained = [n for n in bias_names if n not in pretrained]
     if no_pretrained:
         raise AdapterError(f"No pretrained value given for {no_pretrained[:5]}.")
-    deltas, fixes = {}, {}
-    for name in bias_names:
-        trained = _trained_value(params[name])
-        deltas[name], fix = exact_delta(pretrained[name].to(trained.dtype), trained)
-        if fix is not None:
-            fixes[name] = fix
+    deltas, fixes = _exact_deltas(params, bias_names, pretrained)
     head_values = {name: _trained_value(params[name]) for name in head}
     config = getattr(model, "config", None)
     metadata = AdapterMetadata(
@@ -84,6 +79,18 @@ def build_adapter(
     adapter = BeftAdapter(deltas=deltas, head=head_values, metadata=metadata, fixes=fixes)
     metadata.parameter_count = adapter.parameter_count
     return adapter
+
+
+def _exact_deltas(
+    params: Mapping[str, torch.Tensor], names: list[str], pretrained: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    deltas, fixes = {}, {}
+    for name in names:
+        trained = _trained_value(params[name])
+        deltas[name], fix = exact_delta(pretrained[name].to(trained.dtype), trained)
+        if fix is not None:
+            fixes[name] = fix
+    return deltas, fixes
 
 
 def _trained_value(param: torch.Tensor) -> torch.Tensor:

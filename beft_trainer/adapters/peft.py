@@ -88,14 +88,11 @@ def export_peft(
 
     ``PeftModel.from_pretrained(base_model, out_dir)`` then gives the trained model's outputs
     (to float rounding: peft adds each float32 delta after the layer, and where a bias crossed
-    zero the merged bias can land one ulp away; ``beft_trainer.load_adapter`` is the bit-exact path). Raises ``PeftExportError`` if the adapter holds biases peft cannot represent.
+    zero the merged bias can land one ulp away; ``beft_trainer.load_adapter`` is the bit-exact
+    path). Raises ``PeftExportError`` if the adapter holds biases peft cannot represent, or if
+    ``out_dir`` is not empty and ``overwrite`` is False.
     """
-    try:
-        import peft
-    except ImportError as error:  # pragma: no cover - peft is an optional extra
-        raise PeftExportError("Exporting to peft needs peft >= 0.20: pip install 'beft-trainer[peft]'.") from error
-    if not hasattr(peft, "BeftConfig"):
-        raise PeftExportError(f"peft {peft.__version__} has no BEFT tuner; upgrade to peft >= 0.20.")
+    peft = _import_peft()
     adapter = _as_adapter(source)
     reasons = peft_unsupported(adapter)
     if reasons:
@@ -130,6 +127,16 @@ def export_peft(
     tensors |= {f"{_PEFT_PREFIX}{name}": value.contiguous() for name, value in head.items()}
     save_file(tensors, os.path.join(out_dir, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
     return out_dir
+
+
+def _import_peft():
+    try:
+        import peft
+    except ImportError as error:  # pragma: no cover - peft is an optional extra
+        raise PeftExportError("Exporting to peft needs peft >= 0.20: pip install 'beft-trainer[peft]'.") from error
+    if not hasattr(peft, "BeftConfig"):
+        raise PeftExportError(f"peft {peft.__version__} has no BEFT tuner; upgrade to peft >= 0.20.")
+    return peft
 
 
 def _deltas_against_base(
