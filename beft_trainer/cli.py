@@ -92,6 +92,13 @@ def _report(args: argparse.Namespace) -> int:
             "(training with BeftTrainer(..., callbacks=[BiasSelectionCallback(...)]))."
         )
     report = _read_report(report_path)
+    adapter_line = None
+    if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_NAME)):
+        metadata = read_adapter(folder).metadata  # read first: a damaged adapter is the only output
+        adapter_line = (
+            f"adapter: {'+'.join(metadata.bias_types) or 'head only'} + head, "
+            f"{metadata.parameter_count:,} parameters, {format_size(metadata.file_size)}"
+        )
     print(report.summary())
     print()
     print(f"{'type':<10}{'projection':>12}{'magnitude':>12}{'fisher':>12}  status")
@@ -103,12 +110,8 @@ def _report(args: argparse.Namespace) -> int:
         )
     for bias_type, reason in report.inert.items():
         print(f"inert {bias_type}: {reason}")
-    if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_NAME)):
-        metadata = read_adapter(folder).metadata
-        print(
-            f"adapter: {'+'.join(metadata.bias_types) or 'head only'} + head, "
-            f"{metadata.parameter_count:,} parameters, {format_size(metadata.file_size)}"
-        )
+    if adapter_line:
+        print(adapter_line)
     try:
         png = plot_report(report, args.png or os.path.join(folder, PLOT_NAME))
     except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -140,6 +143,9 @@ def _report_problem(report, score_names) -> str | None:
     for field_name in ("scores", "inert", "trainable_parameters"):
         if not isinstance(getattr(report, field_name), dict):
             return f"{field_name!r} must be an object"
+    counts = report.trainable_parameters
+    if not all(_is_number(v) for v in counts.values()) or ("total" in counts and "after" not in counts):
+        return "'trainable_parameters' must map 'before', 'after' and 'total' to numbers"
     if not isinstance(report.score, str) or report.score not in score_names:
         return f"'score' must be one of {', '.join(score_names)}, not {report.score!r}"
     for bias_type in report.candidates:
@@ -147,10 +153,13 @@ def _report_problem(report, score_names) -> str | None:
         if not isinstance(scores, dict):
             return f"no scores for candidate {bias_type!r}"
         for name in {"projection", "magnitude", "fisher", report.score}:
-            value = scores.get(name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
+            if not _is_number(scores.get(name)):
                 return f"scores[{bias_type!r}] lacks a numeric {name!r} score"
     return None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # -- inspect ----------------------------------------------------------------------------------

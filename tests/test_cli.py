@@ -181,6 +181,7 @@ def test_damaged_adapter_is_one_line(trained, tmp_path, capsys, command, damage)
     assert main([command, *args]) == 1
     line = _one_line_error(capsys, command)
     assert str(out) in line
+    assert not (tmp_path / "p.png").exists()
     assert not (tmp_path / "peft").exists()
 
 
@@ -200,12 +201,13 @@ def _edit_report(root, tmp_path, edit) -> str:
         (lambda r: r.update(candidates="qkv"), "'candidates' must be a list"),
         (lambda r: r.update(score="nope"), "'score' must be one of"),
         (lambda r: r.update(inert=["k"]), "'inert' must be an object"),
+        (lambda r: r["trainable_parameters"].update(after="many"), "'trainable_parameters' must map"),
         (lambda r: r["scores"][r["candidates"][0]].update(per_layer=[1]), "cannot plot its per-layer scores"),
         (lambda r: r["scores"][r["candidates"][0]]["per_layer"]["fisher"].update(x=1), "cannot plot its per-layer"),
         (lambda r: r.pop("candidates"), "not a BEFT selection report"),
     ],
     ids=["no-fisher", "no-deciding-score", "no-candidate-scores", "candidates-string", "unknown-score",
-         "inert-list", "per-layer-list", "per-layer-bad-layer", "no-candidates"],
+         "inert-list", "counts-string", "per-layer-list", "per-layer-bad-layer", "no-candidates"],
 )  # fmt: skip
 def test_report_on_malformed_report_is_one_line(trained, tmp_path, capsys, edit, message):
     root, _ = trained
