@@ -186,8 +186,9 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise PeftExportError(f"{out_dir} is a file, not a folder; pass a new or empty folder.")
     if not overwrite and os.path.isdir(out_dir) and os.listdir(out_dir):
+        held = sorted(os.listdir(out_dir))
         raise PeftExportError(
-            f"{out_dir} is not empty ({', '.join(sorted(os.listdir(out_dir))[:3])}, ...); pass a new or empty "
+            f"{out_dir} is not empty (holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); pass a new or empty "
             "folder, or overwrite=True (on the command line: --overwrite) to replace its adapter files."
         )
 
