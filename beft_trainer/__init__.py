@@ -1,25 +1,22 @@
 """beft-trainer: bias-efficient fine-tuning (BitFit, BEFT) for the Hugging Face Trainer."""
 
-from .artifacts import (
+from .adapters import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
-    AdapterError,
     AdapterSet,
     BeftAdapter,
-    adapter_fingerprint,
+    base_model_fingerprint,
     build_adapter,
     check_adapter,
+    export_peft,
     load_adapter,
     read_adapter,
-    save_adapter,
-    save_bias_adapter,
 )
 from .biases import ALL_BIASES, BIAS_TYPES, BiasLayout, add_missing_biases, find_biases, split_fused_qkv_bias
 from .callback import BiasSelectionCallback
 from .config import BeftConfig, SelectionConfig
-from .errors import BeftConfigError, BiasTypeError
+from .errors import AdapterError, BeftConfigError, BiasTypeError, PeftExportError
 from .heads import find_head_parameters
-from .peft_export import PeftExportError, export_peft
 from .plot import plot_report, report_figure
 from .report import REPORT_NAME, SelectionReport, read_report, write_report
 from .scores import SCORE_NAMES, find_inert, fisher_score, magnitude_score, projection_score, random_score
@@ -47,8 +44,8 @@ __all__ = [
     "SelectionConfig",
     "SelectionReport",
     "__version__",
-    "adapter_fingerprint",
     "add_missing_biases",
+    "base_model_fingerprint",
     "build_adapter",
     "check_adapter",
     "export_peft",
@@ -64,8 +61,6 @@ __all__ = [
     "read_adapter",
     "read_report",
     "report_figure",
-    "save_adapter",
-    "save_bias_adapter",
     "split_fused_qkv_bias",
     "write_report",
 ]

@@ -2,10 +2,11 @@
 
     beft report OUTPUT_DIR                   summary of beft_selection.json + its plot (PNG)
     beft inspect MODEL                       bias types of a model, their sizes, what is selectable
-    beft export-peft ADAPTER_DIR OUT_DIR     a BEFT adapter as a peft BEFT adapter folder
+    beft export-peft ADAPTER_DIR OUT_DIR     a BEFT adapter as a peft BEFT adapter folder (OUT_DIR new or empty)
 
 MODEL is a local model folder or an alias (``minilm``: the packaged all-MiniLM-L6-v2). Weights
-are read from safetensors only; nothing is unpickled.
+are read from safetensors only; nothing is unpickled. Every wrong input ends in one line,
+``beft COMMAND: error: ...``, and exit code 1.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .errors import BeftConfigError
+from .errors import BeftConfigError, CommandError
 
 #: Model aliases: name -> function returning a local folder.
 MODEL_ALIASES = ("minilm", "all-minilm-l6-v2")
@@ -28,10 +29,6 @@ _HEADS = {
 }
 
 
-class CommandError(Exception):
-    """A user error the command reports in one line (exit code 1)."""
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``beft`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     parser = _parser()
@@ -39,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CommandError, BeftConfigError, OSError) as error:
-        print(f"beft {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line, even for multi-line library messages
+        print(f"beft {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 
@@ -68,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
         help="base model folder or alias, needed when the head has a backbone bias (BERT's pooler); "
         "default: the base model recorded in the adapter, if it is a local folder",
     )
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace the adapter files of a non-empty OUT_DIR (default: refuse)"
+    )
     export.set_defaults(func=_export_peft)
     return parser
 
@@ -76,9 +77,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .artifacts import ADAPTER_CONFIG_NAME, format_size, read_adapter
+    from .adapters import ADAPTER_CONFIG_NAME, format_size, read_adapter
     from .plot import plot_report
-    from .report import PLOT_NAME, REPORT_NAME, read_report
+    from .report import PLOT_NAME, REPORT_NAME
 
     path = args.output_dir
     report_path = path if os.path.isfile(path) else os.path.join(path, REPORT_NAME)
@@ -90,11 +91,14 @@ def _report(args: argparse.Namespace) -> int:
             f"No {REPORT_NAME} in {path}: it is written by BiasSelectionCallback at the switch "
             "(training with BeftTrainer(..., callbacks=[BiasSelectionCallback(...)]))."
         )
-    try:
-        report = read_report(report_path)
-    except (ValueError, TypeError, KeyError) as error:
-        raise CommandError(f"{report_path} is not a BEFT selection report: {error}") from error
-
+    report = _read_report(report_path)
+    adapter_line = None
+    if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_NAME)):
+        metadata = read_adapter(folder).metadata  # read first: a damaged adapter is the only output
+        adapter_line = (
+            f"adapter: {'+'.join(metadata.bias_types) or 'head only'} + head, "
+            f"{metadata.parameter_count:,} parameters, {format_size(metadata.file_size)}"
+        )
     print(report.summary())
     print()
     print(f"{'type':<10}{'projection':>12}{'magnitude':>12}{'fisher':>12}  status")
@@ -106,15 +110,56 @@ def _report(args: argparse.Namespace) -> int:
         )
     for bias_type, reason in report.inert.items():
         print(f"inert {bias_type}: {reason}")
-    if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_NAME)):
-        metadata = read_adapter(folder).metadata
-        print(
-            f"adapter: {'+'.join(metadata.bias_types) or 'head only'} + head, "
-            f"{metadata.parameter_count:,} parameters, {format_size(metadata.file_size)}"
-        )
-    png = plot_report(report, args.png or os.path.join(folder, PLOT_NAME))
+    if adapter_line:
+        print(adapter_line)
+    try:
+        png = plot_report(report, args.png or os.path.join(folder, PLOT_NAME))
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CommandError(f"{report_path}: cannot plot its per-layer scores ({error!r}); the file was edited.") from error
     print(f"plot: {png}")
     return 0
+
+
+def _read_report(report_path: str):
+    """The report at ``report_path``, with every field the summary reads checked (one line if not)."""
+    from .report import REPORTED_SCORES, read_report
+
+    try:
+        report = read_report(report_path)
+    except (ValueError, TypeError, KeyError) as error:
+        raise CommandError(f"{report_path} is not a BEFT selection report: {error}") from error
+    problem = _report_problem(report, REPORTED_SCORES)
+    if problem:
+        raise CommandError(f"{report_path} is not a complete BEFT selection report: {problem}.")
+    return report
+
+
+def _report_problem(report, score_names) -> str | None:
+    """What is missing or mistyped in ``report``, or None."""
+    lists = {"candidates": report.candidates, "selected": report.selected}
+    for field_name, value in lists.items():
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            return f"{field_name!r} must be a list of bias types"
+    for field_name in ("scores", "inert", "trainable_parameters"):
+        if not isinstance(getattr(report, field_name), dict):
+            return f"{field_name!r} must be an object"
+    counts = report.trainable_parameters
+    if not all(_is_number(v) for v in counts.values()) or ("total" in counts and "after" not in counts):
+        return "'trainable_parameters' must map 'before', 'after' and 'total' to numbers"
+    if not isinstance(report.score, str) or report.score not in score_names:
+        return f"'score' must be one of {', '.join(score_names)}, not {report.score!r}"
+    for bias_type in report.candidates:
+        scores = report.scores.get(bias_type)
+        if not isinstance(scores, dict):
+            return f"no scores for candidate {bias_type!r}"
+        for name in {"projection", "magnitude", "fisher", report.score}:
+            if not _is_number(scores.get(name)):
+                return f"scores[{bias_type!r}] lacks a numeric {name!r} score"
+    return None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # -- inspect ----------------------------------------------------------------------------------
@@ -146,8 +191,10 @@ def load_model(name: str, auto_class: str = "AutoModelForSequenceClassification"
     transformers.utils.logging.disable_progress_bar()
     try:
         return getattr(transformers, auto_class).from_pretrained(path, use_safetensors=True, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
-        raise CommandError(f"Cannot load {path} with safetensors weights: {error}") from error
+    # from_pretrained on a user's folder fails in many ways (bad JSON, config types, truncated
+    # safetensors, unknown architecture), each its own exception class: all end in one line here.
+    except Exception as error:
+        raise CommandError(f"Cannot load {path} with safetensors weights: {type(error).__name__}: {error}") from error
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -199,32 +246,39 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export_peft(args: argparse.Namespace) -> int:
-    from .artifacts import read_adapter
-    from .peft_export import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, export_peft
+    from .adapters import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, export_peft, read_adapter
+    from .adapters.peft import check_out_dir
 
     adapter = read_adapter(args.adapter_dir)
+    check_out_dir(args.out_dir, args.overwrite)  # before loading a base model: refuse early
     metadata = adapter.metadata
     base_model = None
-    needs_base = metadata.backbone_prefix is not None and any(
+    if metadata.backbone_prefix is not None and any(
         n.startswith(metadata.backbone_prefix + ".") for n in metadata.head
-    )
-    if needs_base:
-        name = args.base_model or metadata.base_model
-        if not name:
-            raise CommandError("The adapter's head has a backbone bias (BERT's pooler): pass --base-model PATH.")
-        if not args.base_model and not os.path.isdir(name) and name.lower() not in MODEL_ALIASES:
-            raise CommandError(f"The adapter's base model {name!r} is not a local folder: pass --base-model PATH.")
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        auto_class = metadata.model_class if hasattr(transformers, metadata.model_class or "") else "AutoModel"
-        kwargs = {"num_labels": metadata.num_labels} if metadata.num_labels else {}
-        base_model = load_model(name, auto_class, **kwargs)
-    out_dir = export_peft(adapter, args.out_dir, base_model=base_model)
+    ):
+        base_model = _export_base_model(args.base_model, metadata)
+    out_dir = export_peft(adapter, args.out_dir, base_model=base_model, overwrite=args.overwrite)
     size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME))
     print(f"wrote {os.path.join(out_dir, PEFT_CONFIG_NAME)} and {PEFT_WEIGHTS_NAME} ({size:,} bytes)")
     print(f"load it with: PeftModel.from_pretrained(base_model, {out_dir!r})")
     return 0
+
+
+def _export_base_model(requested: str | None, metadata):
+    """The base model peft's delta of a backbone head bias (BERT's pooler) is computed against."""
+    import transformers
+
+    name = requested or metadata.base_model
+    if not name:
+        raise CommandError("The adapter's head has a backbone bias (BERT's pooler): pass --base-model PATH.")
+    if not requested and not os.path.isdir(name) and name.lower() not in MODEL_ALIASES:
+        raise CommandError(f"The adapter's base model {name!r} is not a local folder: pass --base-model PATH.")
+    transformers.logging.set_verbosity_error()
+    model_class = getattr(transformers, metadata.model_class or "", None)
+    is_model_class = isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)
+    auto_class = metadata.model_class if is_model_class else "AutoModel"
+    kwargs = {"num_labels": metadata.num_labels} if metadata.num_labels else {}
+    return load_model(name, auto_class, **kwargs)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -98,6 +98,11 @@ def broadcast_from_main(obj: Any) -> Any:
     return box[0]
 
 
+def is_zero_partitioned(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a ZeRO-3 partition (its module tensor is empty outside ``gathered``)."""
+    return hasattr(param, "ds_id")
+
+
 def full_numel(param: torch.Tensor) -> int:
     """Number of scalars of ``param``, a ZeRO-3 partition counted in full."""
     return int(getattr(param, "ds_numel", param.numel()))

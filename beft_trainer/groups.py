@@ -45,3 +45,8 @@ def trainable_groups(
 def bias_parameter_names(groups: dict[str, list[str]]) -> set[str]:
     """Every parameter name in the groups that are not the head's."""
     return {name for group, names in groups.items() if group not in HEAD_GROUPS for name in names}
+
+
+def head_parameter_names(groups: dict[str, list[str]]) -> list[str]:
+    """Every parameter name in the head's groups."""
+    return [name for group in HEAD_GROUPS for name in groups.get(group, [])]

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from .artifacts import AdapterMetadata, BeftAdapter, adapter_from_trainer
+from .adapters import AdapterMetadata, BeftAdapter, base_model_fingerprint, build_adapter
 from .biases import BiasLayout, add_missing_biases, find_biases, split_fused_qkv_bias
 from .callback import BiasSelectionCallback
 from .checks import check_model, check_no_optimizer_given, check_optimizer, check_output_dir
@@ -28,11 +28,12 @@ from .distributed import (
     last_learning_rates,
     read_full_fp32,
     reset_optimizer_state,
+    settle_zero3,
     write_full_fp32,
     zero_group_learning_rates,
 )
 from .errors import BeftConfigError, ResumeError
-from .groups import HEAD_DECAY_GROUP, bias_parameter_names, trainable_groups
+from .groups import HEAD_DECAY_GROUP, HEAD_GROUPS, bias_parameter_names, head_parameter_names, trainable_groups
 from .heads import find_head_parameters
 from .precision import cast_frozen_parameters, resolve_frozen_dtype
 from .resume import check_resume, run_settings, write_run_settings
@@ -71,6 +72,8 @@ class BeftTrainer(Trainer):
         self.frozen_groups: list[str] = []
         trainable = [n for names in self.parameter_groups.values() for n in names]
         _freeze_all_but(model, trainable)
+        # Before the cast below: adapters load onto the original (float32) checkpoint.
+        self.base_fingerprint = base_model_fingerprint(model, exclude=head_parameter_names(self.parameter_groups))
         frozen_dtype = resolve_frozen_dtype(self.beft_config.frozen_dtype, args)
         if frozen_dtype is not None:
             cast_frozen_parameters(model, frozen_dtype, trainable)
@@ -158,9 +161,31 @@ class BeftTrainer(Trainer):
     def build_adapter(self) -> BeftAdapter:
         """The BEFT adapter of the model as it is now: trained bias deltas and the head.
 
-        Collective under ZeRO-3 (every process must call it).
+        Stores the active bias groups, and any frozen group that moved (``rewind=False`` leaves
+        its probing changes in the model, which the adapter must reproduce). Collective under
+        ZeRO-3 (every process must call it).
         """
-        return adapter_from_trainer(self)
+        settle_zero3(self.model_wrapped)
+        head = head_parameter_names(self.parameter_groups)
+        params = dict(self.model.named_parameters())
+        bias_groups = {g: names for g, names in self.parameter_groups.items() if g not in HEAD_GROUPS}
+        stored = {
+            group: names
+            for group, names in bias_groups.items()
+            if group in self.active_groups
+            or any(not torch.equal(read_full_fp32(params[n]), self.pretrained_biases[n]) for n in names)
+        }
+        selection = self.selection_callback
+        return build_adapter(
+            self.model,
+            stored,
+            self.pretrained_biases,
+            head,
+            selected=[g for g in self.active_groups if g not in HEAD_GROUPS],
+            score=selection.config.score if selection is not None else None,
+            added_biases=self.beft_config.add_missing_biases,
+            base_fingerprint=self.base_fingerprint,
+        )
 
     def save_adapter(self, output_dir: str | None = None) -> AdapterMetadata:
         """Write the adapter to ``output_dir`` (default ``args.output_dir``) on the main process.

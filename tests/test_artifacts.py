@@ -20,24 +20,34 @@ from beft_trainer import (
     read_report,
     split_fused_qkv_bias,
 )
-from beft_trainer.artifacts import (
+from beft_trainer.adapters import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     AdapterError,
     AdapterSet,
+    PeftExportError,
     apply_delta,
+    base_model_fingerprint,
     build_adapter,
     exact_delta,
+    export_peft,
     load_adapter,
     read_adapter,
-    save_adapter,
-    save_bias_adapter,
+    tensor_checksum,
 )
-from beft_trainer.peft_export import PeftExportError, export_peft
+from beft_trainer.adapters import fingerprint as fingerprint_module
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 INPUTS = TokenDataset(size=16, seed=7).input_ids
+
+
+def copy_adapter(folder, destination):
+    """A copy of an adapter folder, to damage."""
+    destination.mkdir()
+    for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
+        (destination / name).write_bytes((folder / name).read_bytes())
+    return destination
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
@@ -66,7 +76,7 @@ def selected_run(tmp_path_factory):
     """One BEFT run with selection on a tiny BERT, its adapter folder and reference logits."""
     tmp_path = tmp_path_factory.mktemp("selected")
     trainer = train(tmp_path, tiny_bert())
-    save_adapter(trainer, tmp_path / "adapter")
+    trainer.save_adapter(tmp_path / "adapter")
     return trainer, tmp_path / "adapter", logits(trainer.model)
 
 
@@ -101,7 +111,8 @@ def test_adapter_holds_selected_type_and_head_only(selected_run):
 
 def test_rewind_false_keeps_moved_frozen_types(tmp_path):
     trainer = train(tmp_path, tiny_bert(), callback={"rewind": False})
-    adapter = read_adapter(save_adapter(trainer, tmp_path / "a") and tmp_path / "a")
+    trainer.save_adapter(tmp_path / "a")
+    adapter = read_adapter(tmp_path / "a")
     assert set(adapter.metadata.bias_groups) > set(adapter.metadata.selected)
     base = tiny_bert()
     load_adapter(base, tmp_path / "a")
@@ -112,7 +123,7 @@ def test_rewind_false_keeps_moved_frozen_types(tmp_path):
 def test_round_trip_other_architectures(tmp_path, model_type):
     # GPT-2 trains split q/k/v slices of the fused c_attn bias: loading splits the base the same way.
     trainer = train(tmp_path, tiny_model(model_type), callback=False, bias_types=("q", "v"))
-    save_adapter(trainer, tmp_path / "a")
+    trainer.save_adapter(tmp_path / "a")
     base = tiny_model(model_type)
     load_adapter(base, tmp_path / "a")
     assert torch.equal(logits(base), logits(trainer.model))
@@ -120,7 +131,8 @@ def test_round_trip_other_architectures(tmp_path, model_type):
 
 def test_bitfit_round_trip(tmp_path):
     trainer = train(tmp_path, tiny_bert(), callback=False, bias_types="all")
-    adapter = read_adapter(save_adapter(trainer, tmp_path / "a") and tmp_path / "a")
+    trainer.save_adapter(tmp_path / "a")
+    adapter = read_adapter(tmp_path / "a")
     assert "other_biases" in adapter.metadata.bias_groups
     assert "classifier.bias" in adapter.head  # a head bias, not a delta against a random init
     base = tiny_bert()
@@ -147,7 +159,7 @@ def test_bias_crossing_zero_round_trips_exactly(tmp_path):
     pretrained = {name: dict(model.named_parameters())[name].detach().clone()}
     with torch.no_grad():
         dict(model.named_parameters())[name][3] = 3e-12  # from ~0.1 to ~0: no float32 delta adds back to it
-    save_bias_adapter(model, tmp_path, {"v": [name]}, pretrained)
+    build_adapter(model, {"v": [name]}, pretrained).save(tmp_path)
     adapter = read_adapter(tmp_path)
     assert 3 in adapter.fixes[name][0].tolist()
     base = tiny_bert()
@@ -158,7 +170,7 @@ def test_bias_crossing_zero_round_trips_exactly(tmp_path):
 def test_switching_adapters_is_exact(tmp_path, selected_run):
     _, folder_a, expected_a = selected_run
     trainer_b = train(tmp_path, tiny_bert(), callback=False, seed=3, bias_types=("q",))
-    save_adapter(trainer_b, tmp_path / "b")
+    trainer_b.save_adapter(tmp_path / "b")
     expected_b = logits(trainer_b.model)
 
     base = tiny_bert()
@@ -184,9 +196,9 @@ def test_lower_level_save(tmp_path):
         for name, param in model.named_parameters():
             if name in pretrained or name.startswith("classifier"):
                 param.add_(0.01)
-    metadata = save_bias_adapter(
-        model, tmp_path, {"v": list(pretrained)}, pretrained, head=["classifier.weight", "classifier.bias"]
-    )
+    adapter = build_adapter(model, {"v": list(pretrained)}, pretrained, head=["classifier.weight", "classifier.bias"])
+    adapter.save(tmp_path)
+    metadata = adapter.metadata
     assert metadata.parameter_count == 2 * 16 + 2 * 16 + 2
     base = tiny_bert()
     load_adapter(base, tmp_path)
@@ -236,29 +248,253 @@ def test_bad_folders_are_refused(tmp_path, selected_run):
         read_adapter(tmp_path / "missing")
     with pytest.raises(AdapterError, match="No BEFT adapter"):
         read_adapter(tmp_path)
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / ADAPTER_WEIGHTS_NAME).write_bytes((folder / ADAPTER_WEIGHTS_NAME).read_bytes())
+    broken = copy_adapter(folder, tmp_path / "broken")
     config = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
     (broken / ADAPTER_CONFIG_NAME).write_text(json.dumps(config | {"format_version": 99}))
     with pytest.raises(AdapterError, match="format version 99"):
         read_adapter(broken)
-    (broken / ADAPTER_CONFIG_NAME).write_text(json.dumps(config | {"head": ["classifier.weight"]}))
-    with pytest.raises(AdapterError, match="mixes two adapters"):
-        read_adapter(broken)
-    (broken / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
-    tensors = load_file(folder / ADAPTER_WEIGHTS_NAME)
-    some_bias = next(k for k in tensors if k.startswith("bias/"))[len("bias/") :]
-    fix = {
-        f"fix/{some_bias}/index": torch.tensor([10_000], dtype=torch.int32),
-        f"fix/{some_bias}/value": torch.ones(1),
-    }
-    save_file(tensors | fix, broken / ADAPTER_WEIGHTS_NAME)
-    with pytest.raises(AdapterError, match="mixes two adapters"):  # a fix outside its bias
+    (broken / ADAPTER_CONFIG_NAME).write_text(json.dumps(config | {"format_version": 1}))
+    with pytest.raises(AdapterError, match="format-1 adapter.*save the adapter again"):
         read_adapter(broken)
     (broken / ADAPTER_CONFIG_NAME).write_text("{not json")
     with pytest.raises(AdapterError, match="not a valid BEFT adapter config"):
         read_adapter(broken)
+
+
+def rewrite_adapter(folder, destination, edit_tensors=None, edit_config=None, recompute_checksum=True):
+    """A copy of an adapter with edited tensors/config and, like a careful forger, a matching checksum."""
+    tensors = load_file(folder / ADAPTER_WEIGHTS_NAME)
+    config = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
+    tensors = edit_tensors(dict(tensors)) if edit_tensors else tensors
+    config = edit_config(dict(config)) if edit_config else config
+    if recompute_checksum:
+        config["checksum"] = tensor_checksum(tensors)
+    destination.mkdir()
+    save_file(tensors, destination / ADAPTER_WEIGHTS_NAME)
+    (destination / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
+    return destination
+
+
+def tensor_byte_offset(path, key: str) -> int:
+    """Where the bytes of tensor ``key`` start in a safetensors file (8-byte header size, JSON header, data)."""
+    raw = path.read_bytes()
+    header_size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_size])
+    return 8 + header_size + header[key]["data_offsets"][0]
+
+
+def test_flipped_bit_is_refused_by_the_checksum(tmp_path, selected_run):
+    _, folder, _ = selected_run
+    broken = copy_adapter(folder, tmp_path / "broken")
+    raw = bytearray((broken / ADAPTER_WEIGHTS_NAME).read_bytes())
+    raw[tensor_byte_offset(broken / ADAPTER_WEIGHTS_NAME, "head/classifier.weight") + 5] ^= 0x01
+    (broken / ADAPTER_WEIGHTS_NAME).write_bytes(bytes(raw))
+    assert torch.isfinite(load_file(broken / ADAPTER_WEIGHTS_NAME)["head/classifier.weight"]).all()  # still plausible
+    with pytest.raises(AdapterError, match="does not match the checksum"):
+        load_adapter(tiny_bert(), broken)
+
+
+def _first_bias(tensors):
+    return next(k for k in sorted(tensors) if k.startswith("bias/"))
+
+
+def _retype(dtype):
+    def edit(tensors):
+        key = _first_bias(tensors)
+        tensors[key] = tensors[key].to(dtype)
+        return tensors
+
+    return edit
+
+
+def _poison(value, prefix="bias/"):
+    def edit(tensors):
+        key = next(k for k in sorted(tensors) if k.startswith(prefix))
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[0] = value
+        return tensors
+
+    return edit
+
+
+def _record_dtype(dtype_name):
+    def edit(config):
+        config["dtypes"] = dict.fromkeys(config["dtypes"], dtype_name)
+        return config
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit_tensors", "edit_config", "message"),
+    [
+        (_retype(torch.float16), None, "is float16, but beft_adapter.json records float32"),
+        (_retype(torch.float16), _record_dtype("float16"), "records .* as float16; adapters store bfloat16, float32"),
+        (_retype(torch.int64), None, "is int64, but beft_adapter.json records float32"),
+        (_retype(torch.int64), _record_dtype("int64"), "records .* as int64"),
+        (_poison(float("nan")), None, "bias/.*holds NaN or infinite values"),
+        (_poison(float("inf"), "head/"), None, "head/.*holds NaN or infinite values"),
+    ],
+    ids=["fp16", "fp16-recorded", "int64", "int64-recorded", "nan-delta", "inf-head"],
+)
+def test_unusable_values_are_refused_even_with_a_valid_checksum(tmp_path, selected_run, edit_tensors, edit_config, message):
+    _, folder, _ = selected_run
+    broken = rewrite_adapter(folder, tmp_path / "broken", edit_tensors, edit_config)
+    with pytest.raises(AdapterError, match=message):
+        read_adapter(broken)
+
+
+def _with_fix(index, value=None):
+    def edit(tensors):
+        name = _first_bias(tensors).removeprefix("bias/")
+        tensors[f"fix/{name}/index"] = index
+        tensors[f"fix/{name}/value"] = torch.ones(index.shape) if value is None else value
+        return tensors
+
+    return edit
+
+
+def _rename(old_prefix, new_name):
+    def edit(tensors):
+        key = next(k for k in sorted(tensors) if k.startswith(old_prefix))
+        tensors[new_name] = tensors.pop(key)
+        return tensors
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit_tensors", "message"),
+    [
+        (_with_fix(torch.tensor([10_000], dtype=torch.int32)), "index points outside the bias: indices 10000..10000"),
+        (_with_fix(torch.tensor([-1], dtype=torch.int32)), "index points outside the bias"),
+        (_with_fix(torch.tensor([1, 1], dtype=torch.int32)), "repeats an index"),
+        (_with_fix(torch.tensor([1], dtype=torch.int64)), "must be a 1-D int32 tensor, not int64"),
+        (_with_fix(torch.tensor([1], dtype=torch.int32), torch.ones(2)), "value must be float32 \\(1,\\)"),
+        (_rename("head/classifier.weight", "head/classifier..weight"), "does not list: \\['head/classifier..weight'\\]"),
+        (_rename("bias/", "bias/../escape"), "does not list: \\['bias/../escape'\\]"),
+        (_rename("bias/", "stray"), "does not list: \\['stray'\\]"),
+        (lambda t: {k: v for k, v in t.items() if k != "head/classifier.bias"}, "lacks tensors.*'head/classifier.bias'"),
+    ],
+    ids=["index-too-large", "index-negative", "index-repeated", "index-int64", "value-shape", "dotdot-head",
+         "dotdot-bias", "stray-tensor", "missing-tensor"],
+)  # fmt: skip
+def test_edited_tensors_are_refused_with_the_reason(tmp_path, selected_run, edit_tensors, message):
+    _, folder, _ = selected_run
+    broken = rewrite_adapter(folder, tmp_path / "broken", edit_tensors)
+    with pytest.raises(AdapterError, match=message) as error:
+        read_adapter(broken)
+    assert "mixes two adapters" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ([], "must hold a JSON object, not a list"),
+        (None, "must hold a JSON object, not null"),
+        ({"bias_groups": ["v"]}, "field 'bias_groups' must be an object of lists of parameter names, not a list"),
+        ({"head": "classifier.weight"}, "field 'head' must be a list of parameter names, not a string"),
+        ({"num_labels": "2"}, "field 'num_labels' must be a whole number or null, not a string"),
+        ({"added_biases": 1}, "field 'added_biases' must be true or false, not a number"),
+        ({"fingerprint": None}, "field 'fingerprint' must be a SHA-256 hex digest, not null"),
+        ({"model_type": None}, "field 'model_type' must be a string, not null"),
+        ({"head": ["classifier..weight"]}, "names a parameter 'classifier..weight', which no model has"),
+    ],
+    ids=["list", "null", "groups-list", "head-string", "labels-string", "bool-number", "fingerprint-null",
+         "model-type-null", "dotdot-name"],
+)  # fmt: skip
+def test_malformed_config_is_one_clear_error(tmp_path, selected_run, payload, message):
+    _, folder, _ = selected_run
+    broken = copy_adapter(folder, tmp_path / "broken")
+    config = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
+    (broken / ADAPTER_CONFIG_NAME).write_text(json.dumps(config | payload if isinstance(payload, dict) else payload))
+    with pytest.raises(AdapterError, match=message) as error:
+        read_adapter(broken)
+    assert str(broken / ADAPTER_CONFIG_NAME) in str(error.value)
+    config.pop("fingerprint")
+    (broken / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="lacks the field 'fingerprint'"):
+        read_adapter(broken)
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 7, 100, -10], ids=["empty", "header-cut", "body-cut", "tail-cut"])
+def test_truncated_weights_are_one_clear_error(tmp_path, selected_run, keep_bytes):
+    _, folder, _ = selected_run
+    broken = copy_adapter(folder, tmp_path / "broken")
+    raw = (broken / ADAPTER_WEIGHTS_NAME).read_bytes()
+    (broken / ADAPTER_WEIGHTS_NAME).write_bytes(raw[:keep_bytes])
+    with pytest.raises(AdapterError, match="adapter.safetensors is not a readable safetensors file.*truncated"):
+        read_adapter(broken)
+
+
+def _changed_weight(name: str, index: int) -> torch.nn.Module:
+    model = tiny_bert()
+    with torch.no_grad():
+        dict(model.named_parameters())[name].view(-1)[index] += 1e-3
+    return model
+
+
+@pytest.mark.parametrize(
+    ("name", "index"),
+    [
+        ("bert.encoder.layer.0.attention.self.query.weight", 0),
+        ("bert.encoder.layer.1.attention.self.value.weight", 200),  # past the 32 values once sampled
+        ("bert.embeddings.word_embeddings.weight", 1000),
+        ("bert.encoder.layer.1.output.LayerNorm.weight", 15),
+    ],
+)
+def test_base_with_any_other_weight_changed_is_refused(selected_run, name, index):
+    _, folder, _ = selected_run
+    other = _changed_weight(name, index)
+    with pytest.raises(AdapterError, match="not the base model"):
+        load_adapter(other, folder)
+    assert not hasattr(other, "beft_adapters")
+
+
+def test_fingerprint_ignores_only_the_head():
+    base = base_model_fingerprint(tiny_bert(), exclude=["classifier.weight", "classifier.bias"])
+    fresh_head = tiny_bert()
+    torch.nn.init.normal_(fresh_head.classifier.weight)
+    assert base_model_fingerprint(fresh_head, exclude=["classifier.weight", "classifier.bias"]) == base
+    assert base_model_fingerprint(fresh_head) != base_model_fingerprint(tiny_bert())
+    for name, _ in tiny_bert().named_parameters():
+        if not name.startswith("classifier"):
+            changed = _changed_weight(name, 0)
+            assert base_model_fingerprint(changed, exclude=["classifier.weight", "classifier.bias"]) != base, name
+
+
+def test_adapter_from_bf16_frozen_weights_loads_onto_the_float32_base(tmp_path):
+    # frozen_dtype="auto" casts frozen weights to bf16 in training; the base checkpoint stays fp32.
+    trainer = BeftTrainer(
+        tiny_bert(),
+        training_args(tmp_path / "run", max_steps=3, bf16=True),
+        train_dataset=TokenDataset(),
+        beft_config=BeftConfig(bias_types=("v",), frozen_dtype="auto"),
+    )
+    trainer.train()
+    assert trainer.model.bert.encoder.layer[0].attention.self.query.weight.dtype == torch.bfloat16
+    trainer.save_adapter(tmp_path / "a")
+    base = tiny_bert()
+    load_adapter(base, tmp_path / "a")
+    trained = dict(trainer.model.named_parameters())
+    for name, param in base.named_parameters():
+        if name in trained and trained[name].dtype == torch.float32:  # the trained biases and the head
+            assert torch.equal(param, trained[name]), name
+    with pytest.raises(AdapterError, match="not the base model.*float32"):
+        load_adapter(tiny_bert().to(torch.bfloat16), tmp_path / "a")
+
+
+def test_adapter_set_hashes_the_base_once(selected_run, tmp_path, monkeypatch):
+    _, folder, expected = selected_run
+    hashed = []
+    original = fingerprint_module._digest
+    monkeypatch.setattr(fingerprint_module, "_digest", lambda name, t: hashed.append(name) or original(name, t))
+    base = tiny_bert()
+    adapters = load_adapter(base, folder, adapter_name="a")
+    load_adapter(base, folder, adapter_name="b")  # applied onto a base whose biases "a" changed
+    assert sorted(hashed) == sorted(n for n, _ in base.named_parameters() if n not in adapters.adapters["a"].head)
+    adapters.set_adapter("b")
+    assert torch.equal(logits(base), expected)
 
 
 def test_nothing_is_unpickled(selected_run, monkeypatch):
@@ -294,7 +530,7 @@ def test_peft_export_loads_with_same_outputs(tmp_path, selected_run):
 def test_peft_export_from_trainer(tmp_path):
     peft = pytest.importorskip("peft")
     trainer = train(tmp_path, tiny_model("opt"), callback=False, bias_types=("v", "mlp_in"))
-    out = export_peft(trainer, tmp_path / "peft")  # OPT's head has no backbone bias: no base model needed
+    out = export_peft(trainer.build_adapter(), tmp_path / "peft")  # OPT's head has no backbone bias: no base model needed
     merged = peft.PeftModel.from_pretrained(tiny_model("opt"), out).merge_and_unload()
     torch.testing.assert_close(logits(merged), logits(trainer.model), rtol=0, atol=1e-6)
     trained = dict(trainer.model.named_parameters())
@@ -329,7 +565,7 @@ def test_peft_export_refuses_what_peft_cannot_represent(tmp_path, model_type, gr
     with pytest.raises(PeftExportError, match=message):
         export_peft(adapter, tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
-    with pytest.raises(PeftExportError, match="BeftTrainer, a BeftAdapter"):
+    with pytest.raises(PeftExportError, match="takes a BeftAdapter.*not int"):
         export_peft(42, tmp_path / "peft")
 
 
@@ -347,7 +583,7 @@ def test_minilm_value_adapter_round_trip(tmp_path):
         train_dataset=TokenDataset(size=12, seed=0),
     )
     trainer.train()
-    metadata = save_adapter(trainer, tmp_path / "a")
+    metadata = trainer.save_adapter(tmp_path / "a")
     assert metadata.parameter_count == 6 * 384 + 2 * 384 + 2 + 384
     assert metadata.file_size < 32_000
     torch.manual_seed(123)  # a different random head: the adapter must replace it

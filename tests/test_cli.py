@@ -11,7 +11,6 @@ import transformers as tf
 from helpers import TokenDataset, tiny_bert, training_args
 
 from beft_trainer import BeftTrainer, BiasSelectionCallback
-from beft_trainer.artifacts import save_adapter
 from beft_trainer.cli import main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,7 +29,7 @@ def trained(tmp_path_factory):
         callbacks=[BiasSelectionCallback(probe_steps=3)],
     )
     trainer.train()
-    save_adapter(trainer)  # what BeftTrainer.save_model() writes next to the model
+    trainer.save_adapter()  # what BeftTrainer.save_model() writes next to the model
     model.eval()
     return root, model
 
@@ -116,3 +115,123 @@ def test_inspect_minilm_alias(capsys):
     out = capsys.readouterr().out
     assert "bert (BertForSequenceClassification)" in out
     assert any(line.split()[:3] == ["v", "6", "2,304"] for line in out.splitlines())
+
+
+def _copy_adapter(source, destination):
+    destination.mkdir()
+    for name in ("beft_adapter.json", "adapter.safetensors"):
+        (destination / name).write_bytes((source / name).read_bytes())
+    return destination
+
+
+def _one_line_error(capsys, command: str) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"beft {command}: error: "), captured.err
+    assert "Traceback" not in captured.err + captured.out
+    return lines[0]
+
+
+def test_export_peft_refuses_a_non_empty_folder(trained, tmp_path, capsys):
+    pytest.importorskip("peft")
+    root, _ = trained
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (lora / "adapter_model.safetensors").write_bytes(b"someone's weights")
+    before = {p.name: p.read_bytes() for p in lora.iterdir()}
+    assert main(["export-peft", str(root / "out"), str(lora)]) == 1
+    assert "is not empty" in _one_line_error(capsys, "export-peft")
+    assert {p.name: p.read_bytes() for p in lora.iterdir()} == before  # nothing written
+    assert main(["export-peft", str(root / "out"), str(lora), "--overwrite"]) == 0
+    assert json.loads((lora / "adapter_config.json").read_text())["peft_type"] == "BEFT"
+    (tmp_path / "file").write_text("x")
+    assert main(["export-peft", str(root / "out"), str(tmp_path / "file")]) == 1
+    assert "is a file" in _one_line_error(capsys, "export-peft")
+
+
+def test_export_peft_python_api_refuses_a_non_empty_folder(trained, tmp_path):
+    from beft_trainer import PeftExportError, export_peft
+
+    root, _ = trained
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(PeftExportError, match="not empty.*overwrite=True"):
+        export_peft(root / "out", tmp_path, base_model=tiny_bert())
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("command", ["report", "export-peft"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "config-list", "config-null", "config-field"])
+def test_damaged_adapter_is_one_line(trained, tmp_path, capsys, command, damage):
+    root, _ = trained
+    out = _copy_adapter(root / "out", tmp_path / "out")
+    (out / "beft_selection.json").write_bytes((root / "out" / "beft_selection.json").read_bytes())
+    weights, config = out / "adapter.safetensors", out / "beft_adapter.json"
+    if damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-40])
+    elif damage == "config-list":
+        config.write_text("[]")
+    elif damage == "config-null":
+        config.write_text("null")
+    else:
+        config.write_text(json.dumps(json.loads(config.read_text()) | {"bias_groups": None}))
+    args = [str(out), "--png", str(tmp_path / "p.png")] if command == "report" else [str(out), str(tmp_path / "peft")]
+    assert main([command, *args]) == 1
+    line = _one_line_error(capsys, command)
+    assert str(out) in line
+    assert not (tmp_path / "p.png").exists()
+    assert not (tmp_path / "peft").exists()
+
+
+def _edit_report(root, tmp_path, edit) -> str:
+    report = json.loads((root / "out" / "beft_selection.json").read_text())
+    edit(report)
+    (tmp_path / "beft_selection.json").write_text(json.dumps(report))
+    return str(tmp_path / "beft_selection.json")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r["scores"][r["candidates"][0]].pop("fisher"), "lacks a numeric 'fisher' score"),
+        (lambda r: r["scores"][r["candidates"][0]].pop(r["score"]), "lacks a numeric"),
+        (lambda r: r["scores"].pop(r["candidates"][-1]), "no scores for candidate"),
+        (lambda r: r.update(candidates="qkv"), "'candidates' must be a list"),
+        (lambda r: r.update(score="nope"), "'score' must be one of"),
+        (lambda r: r.update(inert=["k"]), "'inert' must be an object"),
+        (lambda r: r["trainable_parameters"].update(after="many"), "'trainable_parameters' must map"),
+        (lambda r: r["scores"][r["candidates"][0]].update(per_layer=[1]), "cannot plot its per-layer scores"),
+        (lambda r: r["scores"][r["candidates"][0]]["per_layer"]["fisher"].update(x=1), "cannot plot its per-layer"),
+        (lambda r: r.pop("candidates"), "not a BEFT selection report"),
+    ],
+    ids=["no-fisher", "no-deciding-score", "no-candidate-scores", "candidates-string", "unknown-score",
+         "inert-list", "counts-string", "per-layer-list", "per-layer-bad-layer", "no-candidates"],
+)  # fmt: skip
+def test_report_on_malformed_report_is_one_line(trained, tmp_path, capsys, edit, message):
+    root, _ = trained
+    path = _edit_report(root, tmp_path, edit)
+    assert main(["report", path, "--png", str(tmp_path / "p.png")]) == 1
+    assert message in _one_line_error(capsys, "report")
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"config.json": "{not json"}, "not a valid JSON"),
+        ({"config.json": '{"model_type": "bert", "hidden_size": "x"}'}, "hidden_size"),
+        ({"config.json": '{"model_type": "nonexistent"}'}, "nonexistent"),
+        ({"model.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{"}, "Cannot load"),
+    ],
+    ids=["config-not-json", "config-wrong-type", "unknown-architecture", "truncated-weights"],
+)
+def test_inspect_on_broken_model_folder_is_one_line(trained, tmp_path, capsys, files, message):
+    root, _ = trained
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((root / "base" / "config.json").read_bytes())
+    for name, content in files.items():
+        (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(["inspect", str(folder)]) == 1
+    assert message in _one_line_error(capsys, "inspect")

@@ -17,21 +17,17 @@ such an adapter raises ``PeftExportError`` naming them; ``load_adapter`` still l
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .artifacts import (
-    AdapterError,
-    BeftAdapter,
-    adapter_from_trainer,
-    check_adapter,
-    exact_delta,
-    prepare_base_model,
-    read_adapter,
-)
+from ..errors import PeftExportError
+from .apply import check_adapter, prepare_base_model
+from .arithmetic import exact_delta
+from .format import BeftAdapter, read_adapter
+
+__all__ = ["PEFT_CONFIG_NAME", "PEFT_LINEAR_TYPES", "PEFT_WEIGHTS_NAME", "check_out_dir", "export_peft", "peft_unsupported"]
 
 #: Bias types that live in ``nn.Linear`` layers in every architecture ``find_biases`` knows but GPT-2.
 PEFT_LINEAR_TYPES = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
@@ -51,10 +47,6 @@ _PEFT_PREFIX = "base_model.model."
 #: File names of a peft adapter folder.
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-class PeftExportError(AdapterError):
-    """The adapter holds something peft's BEFT tuner cannot represent."""
 
 
 def peft_unsupported(adapter: BeftAdapter) -> list[str]:
@@ -78,28 +70,29 @@ def peft_unsupported(adapter: BeftAdapter) -> list[str]:
 
 
 def export_peft(
-    source: Any, out_dir: str | os.PathLike, base_model: nn.Module | None = None, overwrite: bool = True
+    source: BeftAdapter | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    base_model: nn.Module | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for peft's BEFT tuner.
 
     Args:
-        source: a ``BeftTrainer``, a ``BeftAdapter``, or the folder of a saved adapter.
+        source: a ``BeftAdapter`` (``trainer.build_adapter()``) or the folder of a saved adapter.
         out_dir: the peft adapter folder to write.
         base_model: the adapter's base model. Needed when the head includes a bias inside the
             backbone (BERT's pooler bias): peft gets it as one more BEFT delta, against the
             base model's value. The base model is checked like ``load_adapter`` checks it.
-        overwrite: set False to refuse writing into a folder that already holds a peft adapter.
+        overwrite: replace the files of a non-empty ``out_dir``; by default a folder that holds
+            anything (another adapter, someone's files) is refused before anything is written.
 
     ``PeftModel.from_pretrained(base_model, out_dir)`` then gives the trained model's outputs
     (to float rounding: peft adds each float32 delta after the layer, and where a bias crossed
-    zero the merged bias can land one ulp away; ``beft_trainer.load_adapter`` is the bit-exact path). Raises ``PeftExportError`` if the adapter holds biases peft cannot represent.
+    zero the merged bias can land one ulp away; ``beft_trainer.load_adapter`` is the bit-exact
+    path). Raises ``PeftExportError`` if the adapter holds biases peft cannot represent, or if
+    ``out_dir`` is not empty and ``overwrite`` is False.
     """
-    try:
-        import peft
-    except ImportError as error:  # pragma: no cover - peft is an optional extra
-        raise PeftExportError("Exporting to peft needs peft >= 0.20: pip install 'beft-trainer[peft]'.") from error
-    if not hasattr(peft, "BeftConfig"):
-        raise PeftExportError(f"peft {peft.__version__} has no BEFT tuner; upgrade to peft >= 0.20.")
+    peft = _import_peft()
     adapter = _as_adapter(source)
     reasons = peft_unsupported(adapter)
     if reasons:
@@ -109,8 +102,7 @@ def export_peft(
             + ". Load it with beft_trainer.load_adapter(), or train linear bias types (q, k, v, ...)."
         )
     out_dir = os.fspath(out_dir)
-    if not overwrite and os.path.exists(os.path.join(out_dir, PEFT_CONFIG_NAME)):
-        raise PeftExportError(f"{out_dir} already holds a peft adapter (pass overwrite=True to replace it).")
+    check_out_dir(out_dir, overwrite)
     metadata = adapter.metadata
     deltas = dict(adapter.deltas)
     head = dict(adapter.head)
@@ -135,6 +127,16 @@ def export_peft(
     tensors |= {f"{_PEFT_PREFIX}{name}": value.contiguous() for name, value in head.items()}
     save_file(tensors, os.path.join(out_dir, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
     return out_dir
+
+
+def _import_peft():
+    try:
+        import peft
+    except ImportError as error:  # pragma: no cover - peft is an optional extra
+        raise PeftExportError("Exporting to peft needs peft >= 0.20: pip install 'beft-trainer[peft]'.") from error
+    if not hasattr(peft, "BeftConfig"):
+        raise PeftExportError(f"peft {peft.__version__} has no BEFT tuner; upgrade to peft >= 0.20.")
+    return peft
 
 
 def _deltas_against_base(
@@ -167,16 +169,28 @@ def _deltas_against_base(
     return deltas
 
 
-def _as_adapter(source: Any) -> BeftAdapter:
+def _as_adapter(source: BeftAdapter | str | os.PathLike) -> BeftAdapter:
     if isinstance(source, BeftAdapter):
         return source
     if isinstance(source, (str, os.PathLike)):
         return read_adapter(source)
-    if hasattr(source, "parameter_groups") and hasattr(source, "pretrained_biases"):
-        return adapter_from_trainer(source)
     raise PeftExportError(
-        f"export_peft takes a BeftTrainer, a BeftAdapter or an adapter folder, not {type(source).__name__}."
+        f"export_peft takes a BeftAdapter (e.g. trainer.build_adapter()) or an adapter folder, "
+        f"not {type(source).__name__}."
     )
+
+
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise ``PeftExportError`` unless ``out_dir`` is new or empty (or ``overwrite``), before any write."""
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise PeftExportError(f"{out_dir} is a file, not a folder; pass a new or empty folder.")
+    if not overwrite and os.path.isdir(out_dir) and os.listdir(out_dir):
+        held = sorted(os.listdir(out_dir))
+        raise PeftExportError(
+            f"{out_dir} is not empty (holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); pass a new or empty "
+            "folder, or overwrite=True (on the command line: --overwrite) to replace its adapter files."
+        )
 
 
 def _in_backbone(name: str, backbone_prefix: str | None) -> bool:

@@ -1,0 +1,169 @@
+"""``beft_adapter.json``: what an adapter holds and where it comes from, checked field by field when read."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from ..errors import AdapterError
+
+__all__ = ["ADAPTER_FORMAT_VERSION", "STORED_DTYPES", "AdapterMetadata"]
+
+#: Version of the on-disk layout; bumped on incompatible changes (2: checksum, whole-model fingerprint).
+ADAPTER_FORMAT_VERSION = 2
+#: Dtypes a delta or a head value may be stored in (half precision would lose the trained values).
+STORED_DTYPES = ("bfloat16", "float32", "float64")
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass
+class AdapterMetadata:
+    """The ``beft_adapter.json`` of an adapter.
+
+    ``fingerprint`` identifies the base model (every parameter but the head, see
+    ``base_model_fingerprint``); ``checksum`` the stored tensors (see ``tensor_checksum``);
+    ``dtypes`` the dtype of each stored delta and head value, by parameter name.
+    """
+
+    model_type: str
+    fingerprint: str
+    bias_groups: dict[str, list[str]]
+    head: list[str]
+    selected: list[str] = field(default_factory=list)
+    score: str | None = None
+    base_model: str | None = None
+    model_class: str | None = None
+    backbone_prefix: str | None = None
+    num_labels: int | None = None
+    added_biases: bool = False
+    dtypes: dict[str, str] = field(default_factory=dict)
+    checksum: str = ""
+    parameter_count: int = 0
+    file_size: int = 0
+    library_version: str = ""
+    format_version: int = ADAPTER_FORMAT_VERSION
+
+    @property
+    def bias_types(self) -> list[str]:
+        """Bias groups stored (types such as ``v``, or ``other_biases`` for BitFit)."""
+        return list(self.bias_groups)
+
+    @property
+    def bias_names(self) -> list[str]:
+        """Every bias whose delta the adapter stores."""
+        return [name for names in self.bias_groups.values() for name in names]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready metadata."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, payload: Any, source: str = "the adapter config") -> AdapterMetadata:
+        """Inverse of ``to_dict``; one ``AdapterError`` naming ``source`` and the field for any wrong input."""
+        if not isinstance(payload, Mapping):
+            raise AdapterError(f"{source} must hold a JSON object, not {_json_kind(payload)}; save the adapter again.")
+        _check_version(payload.get("format_version"), source)
+        for spec in fields(cls):
+            if spec.name not in payload:
+                if spec.default is MISSING and spec.default_factory is MISSING:
+                    raise AdapterError(f"{source} lacks the field {spec.name!r}; save the adapter again.")
+                continue
+            check, expected = _FIELD_CHECKS[spec.name]
+            if not check(payload[spec.name]):
+                raise AdapterError(
+                    f"{source}: field {spec.name!r} must be {expected}, not {_json_kind(payload[spec.name])} "
+                    f"({payload[spec.name]!r:.60}); the file was edited or is not a BEFT adapter config."
+                )
+        metadata = cls(**{spec.name: payload[spec.name] for spec in fields(cls) if spec.name in payload})
+        metadata.check_names(source)
+        return metadata
+
+    def check_names(self, source: str) -> None:
+        """Refuse parameter names no model has, names listed twice, and unknown dtypes."""
+        names = [*self.bias_names, *self.head]
+        for name in names:
+            if not _is_parameter_name(name):
+                raise AdapterError(f"{source} names a parameter {name!r}, which no model has; the file was edited.")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise AdapterError(f"{source} lists {twice[:3]} more than once; the file was edited.")
+        if set(self.dtypes) != set(names):
+            odd = sorted(set(self.dtypes) ^ set(names))
+            raise AdapterError(f"{source}: field 'dtypes' does not cover exactly the stored parameters ({odd[:3]}).")
+        for name, dtype in self.dtypes.items():
+            if dtype not in STORED_DTYPES:
+                raise AdapterError(
+                    f"{source} records {name} as {dtype}; adapters store {', '.join(STORED_DTYPES)} values only."
+                )
+
+
+def _check_version(version: Any, source: str) -> None:
+    if version == ADAPTER_FORMAT_VERSION:
+        return
+    if version == 1:
+        raise AdapterError(
+            f"{source} is a format-1 adapter, whose fingerprint does not cover the whole base model; "
+            "this beft-trainer reads format 2: save the adapter again from the training output."
+        )
+    raise AdapterError(
+        f"Adapter format version {version!r} in {source} is not supported by this beft-trainer "
+        f"(reads version {ADAPTER_FORMAT_VERSION}); upgrade beft-trainer."
+    )
+
+
+def _is_parameter_name(name: str) -> bool:
+    # Module paths are dot-joined non-empty names: "a..b", ".a" or "a/b" cannot name a parameter.
+    return all(part and "/" not in part and part.strip() == part for part in name.split("."))
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_str_map(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, dict) and all(check(item) for item in value.values())
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and _SHA256.fullmatch(value) is not None
+
+
+_FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model_type": (_is_str, "a string"),
+    "fingerprint": (_is_sha256, "a SHA-256 hex digest"),
+    "bias_groups": (_is_str_map(_is_str_list), "an object of lists of parameter names"),
+    "head": (_is_str_list, "a list of parameter names"),
+    "selected": (_is_str_list, "a list of bias types"),
+    "score": (_optional(_is_str), "a string or null"),
+    "base_model": (_optional(_is_str), "a string or null"),
+    "model_class": (_optional(_is_str), "a string or null"),
+    "backbone_prefix": (_optional(_is_str), "a string or null"),
+    "num_labels": (_optional(_is_int), "a whole number or null"),
+    "added_biases": (lambda value: isinstance(value, bool), "true or false"),
+    "dtypes": (_is_str_map(_is_str), "an object of dtype names"),
+    "checksum": (_is_sha256, "a SHA-256 hex digest"),
+    "parameter_count": (_is_int, "a whole number"),
+    "file_size": (_is_int, "a whole number"),
+    "library_version": (_is_str, "a string"),
+    "format_version": (_is_int, "a whole number"),
+}
