@@ -1,4 +1,25 @@
-"""beft-trainer: bias-efficient fine-tuning (BitFit, BEFT) for the Hugging Face Trainer."""
+"""beft-trainer: bias-efficient fine-tuning (BitFit, BEFT) for the Hugging Face Trainer.
+
+Module map (data flows one way: model -> biases -> groups -> probe -> scores -> switch -> report + adapter):
+
+- ``config``: every option, declared once: ``SelectionConfig`` (the callback) and ``BeftConfig`` (the trainer).
+- ``biases``: which parameters are a model's q/k/v/... biases, by exact per-architecture names.
+- ``heads``: which parameters are the task head.
+- ``groups``: the optimizer parameter groups (one per bias type, the head's two) and their names.
+- ``checks``: checks of what the trainer is given, before any step.
+- ``trainer``: ``BeftTrainer``: the groups, the exact switch, the adapter of the run.
+- ``callback``: ``BiasSelectionCallback``: probe, score, decide, report.
+- ``probe``: squared-gradient statistics gathered while probing, saved per rank, merged on resume.
+- ``scores``: importance scores as pure tensor functions; inert detection; the ranking.
+- ``resume``: the settings each checkpoint records, and the check a resume must pass.
+- ``distributed``: everything that knows about DDP and DeepSpeed ZeRO (full values, ranks, optimizer groups).
+- ``precision``: frozen weights in half precision, every trained vector in fp32.
+- ``report``, ``plot``: the selection report (``beft_selection.json``) and its figure.
+- ``adapters/``: the adapter file format, checksum, base-model fingerprint, exact arithmetic, apply, peft export.
+- ``errors``: every error class.
+- ``cli``: the ``beft`` command (report, inspect, export-peft).
+- ``recipes_support/``: tasks, data checks, methods and argument parsing for ``recipes/`` (not imported here).
+"""
 
 from .adapters import (
     ADAPTER_CONFIG_NAME,
@@ -15,7 +36,7 @@ from .adapters import (
 from .biases import ALL_BIASES, BIAS_TYPES, BiasLayout, add_missing_biases, find_biases, split_fused_qkv_bias
 from .callback import BiasSelectionCallback
 from .config import BeftConfig, SelectionConfig
-from .errors import AdapterError, BeftConfigError, BiasTypeError, PeftExportError
+from .errors import AdapterError, BeftConfigError, BiasTypeError, PeftExportError, ResumeError
 from .heads import find_head_parameters
 from .plot import plot_report, report_figure
 from .report import REPORT_NAME, SelectionReport, read_report, write_report
@@ -41,6 +62,7 @@ __all__ = [
     "BiasSelectionCallback",
     "BiasTypeError",
     "PeftExportError",
+    "ResumeError",
     "SelectionConfig",
     "SelectionReport",
     "__version__",
