@@ -7,6 +7,7 @@ the recipes stop before the model loads and before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -77,11 +78,23 @@ def check_file(path: str, option: str) -> None:
         )
     if not os.path.isfile(path):
         raise DataInputError(f"{option} {path}: no such file.")
-    with open(path, "rb") as f:
-        if not f.read(4096).strip():
-            raise DataInputError(
-                f"{option} {path}: the file is empty; it needs a header (CSV/TSV) and at least one row."
-            )
+    lines = _first_lines(path, 2)
+    if not lines:
+        raise DataInputError(f"{option} {path}: the file is empty; it needs at least one example.")
+    if FILE_BUILDERS[extension] == "csv" and len(lines) < 2:
+        raise DataInputError(f"{option} {path}: a header but no rows; the file needs at least one example.")
+
+
+def _first_lines(path: str, count: int) -> list[str]:
+    """Up to ``count`` non-blank lines from the start of a file."""
+    lines: list[str] = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            if line.strip():
+                lines.append(line)
+                if len(lines) == count:
+                    break
+    return lines
 
 
 def read_file(path: str):
@@ -91,13 +104,33 @@ def read_file(path: str):
     extension = os.path.splitext(path)[1].lower()
     options = {"delimiter": "\t"} if extension == ".tsv" else {}
     try:
-        return load_dataset(FILE_BUILDERS[extension], data_files={"train": path}, split="train", **options)
+        with _quiet_progress_bars():  # an error must stay the only line on stderr
+            return load_dataset(FILE_BUILDERS[extension], data_files={"train": path}, split="train", **options)
     except Exception as error:  # datasets wraps parse errors in several types (DatasetGenerationError, ArrowInvalid)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataInputError(
-            f"{path}: cannot be read as {FILE_BUILDERS[extension].upper()} ({reason}); "
+            f"{path}: cannot be read as {FILE_BUILDERS[extension].upper()} ({_root_cause(error)}); "
             "use JSON lines (one object per line) or CSV/TSV with a header row."
         ) from error
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars():
+    from datasets.utils import logging as datasets_logging
+
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets_logging.enable_progress_bar()
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def load_hub_splits(hub: Sequence[str], hub_validation_split: str) -> dict:

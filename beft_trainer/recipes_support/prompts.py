@@ -130,8 +130,21 @@ def encode_prompt_answer(tokenizer, prompt: str, answer: str, max_length: int) -
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
+def check_prompt_room(tokenizer, task: PromptTask, max_length: int) -> None:
+    """Refuse, before encoding, a ``max_length`` that leaves no token for the prompt after BOS and the label word."""
+    separator = "" if task.template.endswith("\n") else " "
+    prefix = 1 if tokenizer.bos_token_id is not None else 0
+    longest = max(len(tokenizer(separator + w, add_special_tokens=False)["input_ids"]) for w in task.label_words)
+    if max_length - prefix - longest < 1:
+        raise BeftConfigError(
+            f"--max_seq_length {max_length} leaves no room for the {task.name} prompt: BOS and the longest "
+            f"label word take {prefix + longest} tokens; raise it."
+        )
+
+
 def encode_for_training(dataset, tokenizer, task: PromptTask, max_length: int):
     """Each example as its prompt followed by its gold label word."""
+    check_prompt_room(tokenizer, task, max_length)
 
     def encode(example: dict[str, Any]) -> dict[str, list[int]]:
         return encode_prompt_answer(
@@ -143,6 +156,7 @@ def encode_for_training(dataset, tokenizer, task: PromptTask, max_length: int):
 
 def encode_candidates(dataset, tokenizer, task: PromptTask, max_length: int):
     """Each example once per label word, in order: row ``i * C + c`` is example ``i`` with word ``c``."""
+    check_prompt_room(tokenizer, task, max_length)
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
