@@ -1,7 +1,9 @@
-"""Helpers shared by the benchmark scripts: real GLUE data, the real model, methods, metrics.
+"""Helpers shared by the benchmark scripts: the real model, the studies' data regime and schedule, results files.
 
-Scripts, not a package: each benchmark does ``from common import ...`` with this folder on the
-path (``python benchmarks/quality.py`` puts it there).
+Tasks, data loading and checking, metrics, methods, learning-rate defaults and trainer construction
+come from ``beft_trainer.recipes_support``, exactly as the recipes use them. Scripts, not a package:
+each benchmark does ``from common import ...`` with this folder on the path (``python benchmarks/quality.py``
+puts it there).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,22 +20,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sklearn.metrics import accuracy_score, matthews_corrcoef  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+from beft_trainer import BeftConfig, SelectionConfig  # noqa: E402
+from beft_trainer.recipes_support import (  # noqa: E402
+    MethodArguments,
+    build_trainer,
+    configure_method,
+    get_task,
+    load_glue,
+    parse_method,
+    sample_examples,
+    sklearn_glue_metric,
+    tokenize_glue,
+)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = ROOT.parent / "shared" / "data" / "glue"
 
-#: task -> (text columns, metric name, training examples in the paper's low-data regime)
-TASKS = {
-    "sst2": (("sentence",), "accuracy", 1000),
-    "rte": (("sentence1", "sentence2"), "accuracy", 300),
-    "cola": (("sentence",), "matthews_corr", 1710),
-}
+#: The studies' tasks and the paper's low-data training sizes (first rows of a seeded shuffle).
+TRAIN_SIZES = {"sst2": 1000, "rte": 300, "cola": 1710}
+TASKS = tuple(TRAIN_SIZES)
 
-#: method -> what trains. "full" and "lora" use a plain Trainer; the rest BeftTrainer.
+#: What trains: any ``--method`` of the recipes ("full" and "lora" on a plain Trainer, the rest BeftTrainer).
 METHODS = ("full", "lora", "bitfit", "q", "k", "v", "beft")
 
 
@@ -54,32 +68,39 @@ def hardware() -> str:
     return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def metric_name(task: str) -> str:
+    """GLUE's main metric of the task (accuracy; matthews_correlation for CoLA)."""
+    return get_task(task).main_metric
+
+
+def default_learning_rate(method: str) -> float:
+    """The repository's learning rate for a method (``recipes_support.DEFAULT_LEARNING_RATES``)."""
+    return parse_method(method).default_learning_rate
+
+
 def load_task(task: str, tokenizer, train_size: int | None, seed: int, max_length: int):
-    """Tokenised (train, validation) datasets: the first ``train_size`` rows of a seeded shuffle."""
-    from datasets import load_dataset
-
-    columns, _, default_size = TASKS[task]
-    files = {split: str(DATA / task / f"{split}.jsonl") for split in ("train", "validation")}
-    raw = load_dataset("json", data_files=files)
-    size = train_size or default_size
-    train = raw["train"].shuffle(seed=seed).select(range(min(size, len(raw["train"]))))
-
-    def encode(batch):
-        return tokenizer(*[batch[c] for c in columns], truncation=True, max_length=max_length)
-
-    keep = ["input_ids", "attention_mask", "token_type_ids", "label"]
-    out = []
-    for split in (train, raw["validation"]):
-        enc = split.map(encode, batched=True)
-        out.append(enc.remove_columns([c for c in enc.column_names if c not in keep]))
-    return out[0], out[1]
+    """Tokenised (train, validation) datasets from ``DATA``: ``train_size`` rows of a seeded shuffle."""
+    spec = get_task(task)
+    raw = load_glue(spec, data_dir=DATA)
+    train = sample_examples(raw["train"], train_size or TRAIN_SIZES[task], seed)
+    return tuple(tokenize_glue(split, tokenizer, spec, max_length) for split in (train, raw["validation"]))
 
 
 def metric(task: str, predictions: np.ndarray, labels: np.ndarray) -> float:
-    """GLUE's metric for the task: accuracy, or Matthews correlation for CoLA."""
-    if TASKS[task][1] == "matthews_corr":
-        return float(matthews_corrcoef(labels, predictions))
-    return float(accuracy_score(labels, predictions))
+    """GLUE's main metric for the task, as the recipes compute it."""
+    return sklearn_glue_metric(get_task(task))(predictions, labels)[metric_name(task)]
+
+
+def make_trainer(
+    method: str, model, args, selection: SelectionConfig | None = None, beft_config: BeftConfig | None = None, **kwargs
+):
+    """The recipes' trainer for ``method`` (LoRA options as ``lora_*`` keywords), built by the library."""
+    lora = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("lora_")}
+    method_args = MethodArguments(method=method, **lora)
+    selection = selection or SelectionConfig()
+    beft_config = beft_config or BeftConfig()
+    configure_method(method_args, selection, beft_config)
+    return build_trainer(model, args, method_args, selection, beft_config, peft_task_type="SEQ_CLS", **kwargs)
 
 
 def append_jsonl(path: Path, record: dict) -> None:

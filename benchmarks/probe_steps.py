@@ -2,9 +2,11 @@
 
 On the real all-MiniLM-L6-v2 and real GLUE data. For each N in ``--probe-steps`` a run with
 ``BiasSelectionCallback(probe_steps=N)`` and the same ``--steps`` schedule stops right after its
-switch and records the selection and scores. The reference trains every bias (BitFit) for all
-``--steps`` steps and scores q, k and v from their pretrained and final vectors (the paper's
-setting), with the same inert rule (Fisher mass below 1e-3 of the strongest type's).
+switch and records the selection and scores from the callback's report. The reference trains every
+per-layer bias type (BitFit without the embedding LayerNorm bias) for all ``--steps`` steps at
+BitFit's learning rate: a probe whose candidates are all bias types and that lasts the whole run;
+q, k and v are then scored from the same report (projection, magnitude, Fisher: the paper's setting)
+with the callback's inert rule applied among q, k and v. Every score comes from the library.
 
     python benchmarks/probe_steps.py --tasks sst2 rte --seeds 0 1
 """
@@ -19,33 +21,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
 from common import (  # noqa: E402
     RESULTS,
-    ROOT,
     TASKS,
     append_jsonl,
+    default_learning_rate,
     hardware,
     load_task,
+    make_trainer,
     model_path,
     read_jsonl,
     study_training_args,
 )
 
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-import transformers as tf  # noqa: E402
-
-from beft_trainer import (  # noqa: E402
-    BeftConfig,
-    BeftTrainer,
-    BiasSelectionCallback,
-    find_inert,
-    fisher_score,
-    magnitude_score,
-    projection_score,
-    read_report,
-)
+from beft_trainer import BIAS_TYPES, SelectionConfig, find_inert  # noqa: E402
+from beft_trainer.recipes_support import selection_report  # noqa: E402
 from beft_trainer.scores import rank_types  # noqa: E402
 
 CANDIDATES = ("q", "k", "v")
@@ -59,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--probe-steps", nargs="+", type=int, default=[5, 10, 25, 50, 100])
     p.add_argument("--steps", type=int, default=150, help="schedule length, and the BitFit reference's steps")
-    p.add_argument("--lr", type=float, default=3e-2, help="probing learning rate (quality.py default for q/k/v/beft)")
-    p.add_argument("--bitfit-lr", type=float, default=3e-3)
+    p.add_argument(
+        "--lr", type=float, default=default_learning_rate("beft"), help="probing learning rate (default: beft's)"
+    )
+    p.add_argument("--bitfit-lr", type=float, default=default_learning_rate("bitfit"), help="the reference's")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
@@ -81,19 +75,6 @@ class StopAfter(tf.TrainerCallback):
             control.should_training_stop = True
 
 
-class GradSquares(tf.TrainerCallback):
-    """Accumulates squared gradients of given parameters (the Fisher mass), like the callback does."""
-
-    def __init__(self, params: dict[str, torch.Tensor]):
-        self.sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-        self.count = 0
-        for name, param in params.items():
-            param.register_hook(lambda g, n=name: self.sums[n].add_(g.detach().float() ** 2))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.count += args.gradient_accumulation_steps
-
-
 def setup(task: str, seed: int, opts):
     """Model (seeded head), tokenised training data and collator."""
     tokenizer = tf.AutoTokenizer.from_pretrained(str(model_path()))
@@ -103,54 +84,33 @@ def setup(task: str, seed: int, opts):
     return model, train, tf.DataCollatorWithPadding(tokenizer)
 
 
-def probe_run(task: str, seed: int, probe_steps: int, opts) -> dict:
-    """Selection and type scores after ``probe_steps`` steps of probing."""
+def probe_report(task: str, seed: int, opts, selection: SelectionConfig, schedule: int, lr: float):
+    """Train with ``selection`` on a ``schedule``-step schedule, stop at its switch, return the callback's report."""
     model, train, collator = setup(task, seed, opts)
     with tempfile.TemporaryDirectory() as out:
-        callbacks = [BiasSelectionCallback(probe_steps=probe_steps), StopAfter(probe_steps)]
-        trainer = BeftTrainer(
-            model,
-            study_training_args(out, opts.batch_size, opts.steps, seed, opts.lr),
-            train_dataset=train,
-            data_collator=collator,
-            callbacks=callbacks,
-        )
+        args = study_training_args(out, opts.batch_size, schedule, seed, lr)
+        trainer = make_trainer("beft", model, args, selection, train_dataset=train, data_collator=collator)
+        trainer.add_callback(StopAfter(selection.probe_steps))
         trainer.train()
-        report = read_report(str(Path(out) / "beft_selection.json")).to_dict()
-    return {
-        "selected": report["selected"],
-        "inert": sorted(report.get("inert", {})),
-        "scores": {t: {s: report["scores"][t][s] for s in ("projection", "magnitude", "fisher")} for t in CANDIDATES},
-    }
+    return selection_report(trainer)
+
+
+def type_scores(report) -> dict[str, dict[str, float]]:
+    """Projection, magnitude and Fisher score of q, k and v from a selection report."""
+    return {t: {s: report.type_scores(s)[t] for s in ("projection", "magnitude", "fisher")} for t in CANDIDATES}
+
+
+def probe_run(task: str, seed: int, probe_steps: int, opts) -> dict:
+    """Selection and type scores after ``probe_steps`` steps of probing."""
+    report = probe_report(task, seed, opts, SelectionConfig(probe_steps=probe_steps), opts.steps, opts.lr)
+    return {"selected": list(report.selected), "inert": sorted(report.inert or {}), "scores": type_scores(report)}
 
 
 def bitfit_reference(task: str, seed: int, opts) -> dict:
-    """Train every bias for ``--steps`` steps; score q, k, v from pretrained vs final vectors."""
-    model, train, collator = setup(task, seed, opts)
-    with tempfile.TemporaryDirectory() as out:
-        trainer = BeftTrainer(
-            model,
-            study_training_args(out, opts.batch_size, opts.steps, seed, opts.bitfit_lr),
-            train_dataset=train,
-            data_collator=collator,
-            beft_config=BeftConfig(bias_types="all"),
-        )
-        layout = trainer.bias_layout
-        params = dict(model.named_parameters())
-        names = {t: layout.names([t]) for t in CANDIDATES}
-        grads = GradSquares({n: params[n] for t in CANDIDATES for n in names[t]})
-        trainer.add_callback(grads)
-        trainer.train()
-    scores = {}
-    for t in CANDIDATES:
-        pre = [trainer.pretrained_biases[n] for n in names[t]]
-        post = [params[n].detach() for n in names[t]]
-        scores[t] = {
-            "projection": projection_score(pre, post)[0],
-            "magnitude": magnitude_score(pre, post)[0],
-            "fisher": fisher_score([grads.sums[n] for n in names[t]], [grads.count] * len(names[t]))[0],
-        }
-    inert = find_inert({t: s["fisher"] for t, s in scores.items()}, 1e-3)
+    """Every bias type trains for ``--steps`` steps (the schedule runs one step longer, for the switch)."""
+    selection = SelectionConfig(probe_steps=opts.steps, candidates=list(BIAS_TYPES), exclude_inert=False)
+    scores = type_scores(probe_report(task, seed, opts, selection, opts.steps + 1, opts.bitfit_lr))
+    inert = find_inert({t: s["fisher"] for t, s in scores.items()}, selection.inert_threshold)
     projection = {t: s["projection"] for t, s in scores.items()}
     return {
         "selected": rank_types(projection, list(inert), 1),

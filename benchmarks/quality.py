@@ -20,32 +20,35 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
 from common import (  # noqa: E402
     DATA,
     METHODS,
     RESULTS,
-    ROOT,
     TASKS,
+    TRAIN_SIZES,
     Stopwatch,
     append_jsonl,
+    default_learning_rate,
     hardware,
     load_task,
+    make_trainer,
     metric,
+    metric_name,
     model_path,
     read_jsonl,
     study_training_args,
 )
 
-sys.path.insert(0, str(ROOT))
+from beft_trainer import SelectionConfig  # noqa: E402
+from beft_trainer.recipes_support import selection_report, trainable_parameter_counts  # noqa: E402
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers as tf  # noqa: E402
-
-from beft_trainer import BeftConfig, BeftTrainer, BiasSelectionCallback, read_report  # noqa: E402
-
-#: Learning rates chosen from the sweep recorded in results/quality_sweep_cpu.md.
-DEFAULT_LR = {"full": 1e-4, "lora": 3e-3, "bitfit": 3e-3, "q": 3e-2, "k": 3e-2, "v": 3e-2, "beft": 3e-2}
+#: The learning rates that produced results/quality_cpu.* (chosen from the sweep in
+#: results/quality_sweep_cpu.jsonl). The study now runs at the repository's defaults
+#: (``recipes_support.DEFAULT_LEARNING_RATES``); pass ``--lr`` with these to reproduce the committed results.
+COMMITTED_LR = {"full": 1e-4, "lora": 3e-3, "bitfit": 3e-3, "q": 3e-2, "k": 3e-2, "v": 3e-2, "beft": 3e-2}
 #: The sweep grid: full FT, LoRA, and the bias-only family (BitFit and v only stand for it).
 SWEEP_GRID = {
     "full": (3e-5, 1e-4),
@@ -62,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=("sweep", "study", "report"))
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument(
+        "--lr",
+        nargs="+",
+        default=[],
+        metavar="METHOD=LR",
+        help="learning rates that replace the repository's defaults, e.g. v=3e-2 beft=3e-2 "
+        f"(the committed results: {' '.join(f'{m}={lr:g}' for m, lr in COMMITTED_LR.items())})",
+    )
     p.add_argument("--task", default="sst2", choices=list(TASKS), help="sweep task")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -89,36 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_model(method: str, seed: int):
-    """The real all-MiniLM-L6-v2 with a fresh 2-way head (seeded), wrapped in LoRA if asked."""
-    torch.manual_seed(seed)
-    model = tf.AutoModelForSequenceClassification.from_pretrained(str(model_path()), num_labels=2)
-    if method == "lora":
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        config = LoraConfig(
-            task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"]
-        )
-        model = get_peft_model(model, config)
-    return model
+def learning_rates(overrides: list[str]) -> dict[str, float]:
+    """Per method: ``--lr METHOD=LR`` where given, else the repository's default."""
+    rates = {method: default_learning_rate(method) for method in METHODS}
+    for item in overrides:
+        method, _, value = item.partition("=")
+        if method not in rates or not value:
+            raise SystemExit(f"--lr {item}: use METHOD=LR with METHOD among {', '.join(METHODS)}.")
+        rates[method] = float(value)
+    return rates
 
 
-def make_trainer(method, model, args, train, collator, probe_steps):
-    """A plain Trainer for full FT / LoRA, a BeftTrainer for the bias-only methods."""
-    common = dict(train_dataset=train, data_collator=collator)
-    if method in ("full", "lora"):
-        return tf.Trainer(model, args, **common)
-    if method == "beft":
-        return BeftTrainer(model, args, callbacks=[BiasSelectionCallback(probe_steps=probe_steps)], **common)
-    bias_types = "all" if method == "bitfit" else (method,)
-    return BeftTrainer(model, args, beft_config=BeftConfig(bias_types=bias_types), **common)
-
-
-def trainable_parameters(trainer) -> int:
-    """Scalars that train at the end of the run (after BEFT's switch, the selected type + head)."""
-    if isinstance(trainer, BeftTrainer):
-        return trainer.count_parameters()
-    return sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+def study_trainer(method: str, model, args, train, collator, probe_steps: int):
+    """The library's trainer for ``method`` (LoRA r=8 on query/value with dropout 0.1, as in the committed study)."""
+    options = {"lora_dropout": 0.1} if method == "lora" else {}
+    selection = SelectionConfig(probe_steps=probe_steps) if method == "beft" else None
+    return make_trainer(method, model, args, selection, train_dataset=train, data_collator=collator, **options)
 
 
 def run_one(task: str, method: str, seed: int, lr: float, opts) -> dict:
@@ -126,7 +123,9 @@ def run_one(task: str, method: str, seed: int, lr: float, opts) -> dict:
     clock = Stopwatch()
     tokenizer = tf.AutoTokenizer.from_pretrained(str(model_path()))
     train, dev = load_task(task, tokenizer, opts.train_size, seed, opts.max_length)
-    model = make_model(method, seed)
+    torch.manual_seed(seed)  # the fresh 2-way head
+    model = tf.AutoModelForSequenceClassification.from_pretrained(str(model_path()), num_labels=2)
+    total_parameters = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as out:
         args = study_training_args(
             out,
@@ -138,24 +137,23 @@ def run_one(task: str, method: str, seed: int, lr: float, opts) -> dict:
             logging_steps=max(1, opts.steps // 5),
         )
         collator = tf.DataCollatorWithPadding(tokenizer)
-        trainer = make_trainer(method, model, args, train, collator, opts.probe_steps)
+        trainer = study_trainer(method, model, args, train, collator, opts.probe_steps)
         train_out = trainer.train()
         train_s = clock()
         pred = trainer.predict(dev)
         score = metric(task, np.argmax(pred.predictions, axis=-1), pred.label_ids)
-        selected = None
-        if method == "beft":
-            selected = read_report(str(Path(out) / "beft_selection.json")).to_dict()["selected"]
+        report = selection_report(trainer)
+        selected = list(report.selected) if report else None
         record = {
             "task": task,
             "method": method,
             "seed": seed,
             "lr": lr,
-            "metric": TASKS[task][1],
+            "metric": metric_name(task),
             "score": score,
             "selected": selected,
-            "trainable_parameters": trainable_parameters(trainer),
-            "total_parameters": sum(p.numel() for p in model.parameters()),
+            "trainable_parameters": trainable_parameter_counts(trainer)["trainable"],
+            "total_parameters": total_parameters,
             "steps": opts.steps,
             "batch_size": opts.batch_size,
             "max_length": opts.max_length,
@@ -196,7 +194,8 @@ def sweep(opts) -> None:
 
 def study(opts) -> None:
     """Every task x method x seed at the default learning rates, seed-major so partial runs are balanced."""
-    jobs = [(t, m, s, DEFAULT_LR[m]) for s in opts.seeds for t in opts.tasks for m in opts.methods]
+    rates = learning_rates(opts.lr)
+    jobs = [(t, m, s, rates[m]) for s in opts.seeds for t in opts.tasks for m in opts.methods]
     run_all(jobs, opts.runs or RUNS, opts)
 
 
@@ -235,7 +234,7 @@ def markdown(summary: dict, sweep_records: list[dict], meta: dict) -> str:
         f"Setting: {meta['setting']}. Scores x100 (accuracy; Matthews correlation x100 for CoLA), "
         "mean ± std over seeds (n = seeds run), on the full validation split.",
         "",
-        "| method | trainable params | " + " | ".join(f"{t} ({TASKS[t][1]})" for t in tasks) + " | lr |",
+        "| method | trainable params | " + " | ".join(f"{t} ({metric_name(t)})" for t in tasks) + " | lr |",
         "|---|---|" + "---|" * len(tasks) + "---|",
     ]
     for m in METHODS:
@@ -299,7 +298,7 @@ def sweep_markdown(records: list[dict]) -> list[str]:
         lines.append(
             f"| {r['method']} | {r['lr']:g} | {r['steps']} | {100 * r['score']:.1f} | {r['train_loss']:.3f} |"
         )
-    lines += ["", f"Defaults chosen from it: {', '.join(f'{m} {lr:g}' for m, lr in DEFAULT_LR.items())}."]
+    lines += ["", f"Rates chosen from it for the study: {', '.join(f'{m} {lr:g}' for m, lr in COMMITTED_LR.items())}."]
     return lines
 
 
@@ -330,7 +329,7 @@ def plot(summary: dict, path: Path, baselines: dict[str, float]) -> None:
         bars = ax.bar(methods, means, yerr=stds, capsize=3, color=[colors[METHODS.index(m)] for m in methods])
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
         ax.axhline(baselines[task], ls="--", color="black", lw=0.8, label="majority class")
-        ax.set_title(f"{task} ({TASKS[task][1]} x100)")
+        ax.set_title(f"{task} ({metric_name(task)} x100)")
         low = min([m - s for m, s in zip(means, stds, strict=False)] + [baselines[task]])
         high = max([m + s for m, s in zip(means, stds, strict=False)] + [baselines[task]])
         ax.set_ylim(low - 5, high + 5)
@@ -339,6 +338,11 @@ def plot(summary: dict, path: Path, baselines: dict[str, float]) -> None:
     fig.suptitle("all-MiniLM-L6-v2, low-data GLUE, CPU (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def summary_lr(summary: dict, method: str) -> float | None:
+    """The learning rate the runs of ``method`` used (None when it did not run)."""
+    return next((methods[method]["lr"] for methods in summary.values() if method in methods), None)
 
 
 def report(opts) -> None:
@@ -353,12 +357,18 @@ def report(opts) -> None:
         "python benchmarks/quality.py report",
         "setting": f"{r0['steps']} optimizer steps, batch {r0['batch_size']}, max length {r0['max_length']} "
         f"(dynamic padding), linear schedule with 10% warm-up, AdamW; training sizes "
-        + ", ".join(f"{t} {v[2]}" for t, v in TASKS.items()),
+        + ", ".join(f"{t} {size}" for t, size in TRAIN_SIZES.items()),
         "majority_class": majority_baselines(),
     }
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{opts.out}.md").write_text(markdown(summary, sweep_records, meta))
-    payload = {"meta": meta, "default_lr": DEFAULT_LR, "summary": summary, "runs": records, "sweep": sweep_records}
+    payload = {
+        "meta": meta,
+        "lr": {m: summary_lr(summary, m) for m in METHODS},
+        "summary": summary,
+        "runs": records,
+        "sweep": sweep_records,
+    }
     Path(f"{opts.out}.json").write_text(json.dumps(payload, indent=1))
     plot(summary, Path(f"{opts.out}.png"), meta["majority_class"])
     print(Path(f"{opts.out}.md").read_text())

@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import RESULTS, hardware  # noqa: E402
+from common import RESULTS, default_learning_rate, hardware, make_trainer  # noqa: E402
 
 #: name -> (hidden, layers, heads, ffn). Real OPT shapes, except the "-Nl" ones with fewer layers.
 SIZES = {
@@ -52,6 +52,15 @@ SIZES = {
 }
 METHODS = ("full", "lora", "bitfit", "probe", "v", "v_amp", "v_bf16", "forward", "bare_full", "bare_v")
 MIXED = {"v_amp", "v_bf16"}
+#: The library method each timed method runs (its learning rate is the repository's default for it).
+LIBRARY_METHOD = {
+    "full": "full",
+    "bare_full": "full",
+    "forward": "full",
+    "lora": "lora",
+    "bitfit": "bitfit",
+    "probe": "beft",
+}
 VOCAB = 50272
 
 
@@ -192,7 +201,7 @@ def training_args(out: str, opts, method: str, max_steps: int):
         output_dir=out,
         per_device_train_batch_size=opts.batch_size,
         per_device_eval_batch_size=opts.batch_size,
-        learning_rate=1e-4,
+        learning_rate=default_learning_rate(LIBRARY_METHOD.get(method, "v")),
         max_steps=max_steps,
         logging_steps=10_000,
         save_strategy="no",
@@ -211,16 +220,17 @@ def trainer_for(method: str, model, args, data, timer, max_steps: int):
     """The trainer that runs ``method``."""
     import transformers as tf
 
-    from beft_trainer import BeftConfig, BeftTrainer, BiasSelectionCallback
+    from beft_trainer import BeftConfig, SelectionConfig
 
-    if method in ("full", "lora", "forward"):
+    if method in ("full", "lora", "forward"):  # lora: make_model wrapped it already (bf16 base weights)
         return tf.Trainer(model, args, train_dataset=data, eval_dataset=data, callbacks=[timer])
     if method == "probe":
-        probe = BiasSelectionCallback(probe_steps=max_steps - 1)
-        return BeftTrainer(model, args, train_dataset=data, callbacks=[timer, probe])
-    config = BeftConfig(bias_types="all" if method == "bitfit" else ("v",))
-    config.frozen_dtype = "auto" if method == "v_bf16" else None
-    return BeftTrainer(model, args, train_dataset=data, beft_config=config, callbacks=[timer])
+        selection = SelectionConfig(probe_steps=max_steps - 1)
+        return make_trainer("beft", model, args, selection, train_dataset=data, callbacks=[timer])
+    config = BeftConfig(frozen_dtype="auto" if method == "v_bf16" else None)
+    return make_trainer(
+        LIBRARY_METHOD.get(method, "v"), model, args, None, config, train_dataset=data, callbacks=[timer]
+    )
 
 
 def bare_loop(method: str, model, opts, n_steps: int) -> tuple[list[float], int]:
@@ -235,7 +245,7 @@ def bare_loop(method: str, model, opts, n_steps: int) -> tuple[list[float], int]
             del trainer
     model.to(opts.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=default_learning_rate(LIBRARY_METHOD.get(method, "v")))
     data = RandomTokens(opts.batch_size, opts.seq_len)
     batch = {"input_ids": data.ids, "attention_mask": torch.ones_like(data.ids), "labels": data.labels}
     batch = {k: v.to(opts.device) for k, v in batch.items()}

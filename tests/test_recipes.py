@@ -114,7 +114,6 @@ def common_args(output_dir, **overrides) -> list[str]:
     values = {
         "output_dir": str(output_dir),
         "max_steps": 8,
-        "probe_steps": 3,
         "per_device_train_batch_size": 8,
         "per_device_eval_batch_size": 16,
         "logging_steps": 4,
@@ -177,7 +176,7 @@ def test_run_glue_beft_selects_a_non_inert_type_and_writes_everything(tiny_bert_
             toy_data_dir,
             "--max_train_samples",
             "64",
-            *common_args(tmp_path),
+            *common_args(tmp_path, probe_steps=3),
         ]
     )
     report = read_json(tmp_path / "beft_selection.json")
@@ -252,15 +251,122 @@ def test_run_glue_regression_from_csv_files(tiny_bert_dir, tmp_path):
     assert {"eval_pearson", "eval_spearmanr"} <= set(results["final"])
 
 
-def test_run_glue_rejects_bad_options_before_training(tiny_bert_dir, toy_data_dir, tmp_path):
-    from beft_trainer.errors import BeftConfigError
+# -- wrong input: one line on stderr, exit status 2, before the model loads, nothing written -----------------
 
-    with pytest.raises(BeftConfigError, match="--method"):
-        run_glue.main(["--model_name_or_path", tiny_bert_dir, "--method", "qv", *common_args(tmp_path)])
-    with pytest.raises(BeftConfigError, match="leaves no training"):
-        run_glue.main(
-            ["--model_name_or_path", tiny_bert_dir, "--data_dir", toy_data_dir, *common_args(tmp_path, probe_steps=8)]
-        )
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a recipe loads its model: every input check must come before."""
+
+    class Refuse:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            raise AssertionError("the model loaded before the input was checked")
+
+    monkeypatch.setattr(run_glue, "AutoModelForSequenceClassification", Refuse)
+    monkeypatch.setattr(run_opt, "AutoModelForCausalLM", Refuse)
+
+
+def assert_usage_error(recipe, argv: list[str], output_dir: Path, capsys, *fragments: str) -> str:
+    """The recipe exits with status 2 and one stderr line holding ``fragments``; ``output_dir`` stays absent."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main(argv)
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert len(stderr) == 1 and stderr[0].startswith(f"{recipe.__name__}.py: error: "), stderr
+    for fragment in fragments:
+        assert fragment in stderr[0]
+    assert not output_dir.exists()
+    return stderr[0]
+
+
+def write_rows(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+#: name -> (train file content, validation file content, extension, fragments of the error line)
+BAD_FILES = {
+    "train_without_label": ([{"sentence": "a good film"}], None, ".jsonl", ["train.jsonl", "column(s) label"]),
+    "csv_wrong_columns": ("text,polarity\na,1\n", "text,polarity\nb,0\n", ".csv", ["train.csv", "sentence, label"]),
+    "empty_train": ("\n", None, ".jsonl", ["--train_file", "train.jsonl", "empty"]),
+    "empty_validation": (None, "", ".jsonl", ["--validation_file", "validation.jsonl", "empty"]),
+    "header_only_csv": ("sentence,label\n", "sentence,label\nb,0\n", ".csv", ["train.csv", "a header but no rows"]),
+    "string_labels": ([{"sentence": "a", "label": "positive"}], None, ".jsonl", ["'positive'", "map label names"]),
+    "label_out_of_range": ([{"sentence": "a", "label": 2}], None, ".jsonl", ["train.jsonl", "0..1, found 2"]),
+    "missing_text": ([{"sentence": None, "label": 1}], None, ".jsonl", ["train.jsonl", "no 'sentence'"]),
+    "not_json": ("{not json\n", None, ".jsonl", ["train.jsonl", "cannot be read as JSON"]),
+}
+
+
+def write_split(path: Path, content) -> str:
+    if isinstance(content, list):
+        return write_rows(path, content)
+    path.write_text(content)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_run_glue_bad_data_files_are_one_line_and_exit_2(case, tiny_bert_dir, no_model_load, tmp_path, capsys):
+    train, validation, extension, fragments = BAD_FILES[case]
+    good = [{"sentence": "a fine film", "label": 1}]
+    train_file = write_split(tmp_path / f"train{extension}", good if train is None else train)
+    validation_file = write_split(tmp_path / f"validation{extension}", good if validation is None else validation)
+    argv = ["--model_name_or_path", tiny_bert_dir, "--method", "v", "--train_file", train_file]
+    argv += ["--validation_file", validation_file]
+    assert_usage_error(run_glue, argv + common_args(tmp_path / "out"), tmp_path / "out", capsys, *fragments)
+
+
+BAD_OPTIONS = {
+    "missing_file": (
+        ["--train_file", "/no/such/train.jsonl", "--validation_file", "/no/such/v.jsonl"],
+        ["no such file"],
+    ),
+    "one_file_only": (["--train_file", "/no/such/train.jsonl"], ["both --train_file and --validation_file"]),
+    "data_dir_without_task": (["--data_dir", "{tmp}", "--task_name", "rte"], ["--data_dir", "rte/train.jsonl"]),
+    "unknown_task": (["--task_name", "squad"], ["--task_name 'squad'"]),
+    "max_train_samples_0": (["--max_train_samples", "0"], ["--max_train_samples must be >= 1"]),
+    "unknown_method": (["--method", "qv"], ["--method 'qv'"]),
+    "bad_candidate": (["--candidates", "q,z"], ["unknown bias types ['z']"]),
+    "bias_types_with_method": (["--method", "v", "--bias_types", "q"], ["--bias_types q", "--method"]),
+    "ignored_selection_option": (["--method", "bitfit", "--top_k", "2"], ["--top_k would be ignored"]),
+    "probe_leaves_no_training": (["--probe_steps", "200"], ["--probe_steps 200 leaves no training"]),
+    "not_a_number": (["--probe_steps", "many"], ["invalid int value: 'many'"]),
+    "unknown_option": (["--probe_stepz", "3"], ["--probe_stepz"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OPTIONS))
+def test_run_glue_bad_options_are_one_line_and_exit_2(case, tiny_bert_dir, no_model_load, tmp_path, capsys):
+    options, fragments = BAD_OPTIONS[case]
+    options = [value.replace("{tmp}", str(tmp_path)) for value in options]
+    argv = ["--model_name_or_path", tiny_bert_dir, *options, *common_args(tmp_path / "out", max_steps=100)]
+    assert_usage_error(run_glue, argv, tmp_path / "out", capsys, *fragments)
+
+
+def test_run_opt_checks_prompt_tasks_and_labels_before_loading(
+    tiny_opt_dir, toy_data_dir, no_model_load, tmp_path, capsys
+):
+    base = ["--model_name_or_path", tiny_opt_dir, "--method", "v", *common_args(tmp_path / "out")]
+    assert_usage_error(run_opt, ["--task_name", "cola", *base], tmp_path / "out", capsys, "unknown prompt task")
+    rows = [{"sentence1": "p", "sentence2": "h", "label": 2}]  # RTE has two label words: Yes, No
+    files = [write_rows(tmp_path / f"{split}.jsonl", rows) for split in ("train", "validation")]
+    argv = ["--task_name", "rte", "--train_file", files[0], "--validation_file", files[1], *base]
+    assert_usage_error(run_opt, argv, tmp_path / "out", capsys, "train.jsonl", "0..1, found 2")
+    argv = ["--task_name", "sst2", "--data_dir", toy_data_dir, "--max_seq_length", "1", *base]
+    assert_usage_error(run_opt, argv, tmp_path / "out", capsys, "--max_seq_length 1 leaves no room")
+
+
+def test_a_launched_recipe_prints_one_line_and_exits_2(tmp_path):
+    command = [sys.executable, "recipes/run_glue.py", "--train_file", str(tmp_path / "missing.csv")]
+    command += ["--validation_file", str(tmp_path / "missing.csv"), "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"run_glue.py: error: --train_file {tmp_path}/missing.csv: no such file."
+    ]
+    assert not (tmp_path / "out").exists()
 
 
 # -- launchers ------------------------------------------------------------------------------------
@@ -282,7 +388,7 @@ def test_run_glue_two_processes_with_torchrun(tiny_bert_dir, toy_data_dir, tmp_p
             toy_data_dir,
             "--ddp_backend",
             "gloo",
-            *common_args(tmp_path, per_device_train_batch_size=4),
+            *common_args(tmp_path, per_device_train_batch_size=4, probe_steps=3),
         ]
     )
     results, report = read_json(tmp_path / "eval_results.json"), read_json(tmp_path / "beft_selection.json")
@@ -318,7 +424,7 @@ def test_run_opt_under_deepspeed(config, processes, tiny_opt_dir, toy_data_dir, 
             "16",
             "--max_seq_length",
             "48",
-            *common_args(tmp_path, per_device_train_batch_size=2, max_steps=6),
+            *common_args(tmp_path, per_device_train_batch_size=2, max_steps=6, probe_steps=3),
         ]
     )
     results, report = read_json(tmp_path / "eval_results.json"), read_json(tmp_path / "beft_selection.json")

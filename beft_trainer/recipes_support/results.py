@@ -1,91 +1,20 @@
-"""What both recipes share: argument parsing (CLI or a .json/.yaml file), defaults, and the results files."""
+"""What a recipe reports after training: metrics before and after, trainable parameters, the adapter, a summary."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import Trainer
 
-from .errors import BeftConfigError
-from .methods import MethodArguments, trainable_parameter_counts
-from .report import REPORT_NAME
-from .trainer import BeftTrainer
-
-logger = logging.getLogger(__name__)
+from ..callback import BiasSelectionCallback
+from ..report import SelectionReport
+from ..trainer import BeftTrainer
+from .methods import MethodArguments
 
 #: The recipes' results file in ``output_dir``.
 RESULTS_NAME = "eval_results.json"
-
-_CONFIG_EXTENSIONS = (".json", ".yaml", ".yml")
-
-
-@dataclass
-class RecipeTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` whose learning rate defaults per method and that measure the untuned model."""
-
-    learning_rate: float | None = field(
-        default=None,
-        metadata={
-            "help": "Peak learning rate. Default: per method (bias types 1e-2, BitFit 3e-3, LoRA 1e-3, full 5e-5)."
-        },
-    )
-    eval_on_start: bool = field(
-        default=True,
-        metadata={"help": "Evaluate before the first step: the untuned baseline (pretrained backbone, initial head)."},
-    )
-
-
-def _read_config_file(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        if path.endswith(".json"):
-            return json.load(f)
-        import yaml
-
-        return yaml.safe_load(f) or {}
-
-
-def parse_recipe_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
-    """Parse the recipe's dataclasses from the command line, or from a .json/.yaml file given first.
-
-    Arguments after the file override it (launchers append ``--local_rank``, users may add others).
-    """
-    parser = HfArgumentParser(tuple(dataclass_types))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].endswith(_CONFIG_EXTENSIONS) and not argv[0].startswith("-"):
-        values = _read_config_file(argv.pop(0))
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise BeftConfigError(f"Unknown keys in the config file: {unknown}.")
-        parser.set_defaults(**values)
-    parsed = parser.parse_args_into_dataclasses(args=argv)
-    for item in parsed:
-        if isinstance(item, RecipeTrainingArguments) and item.learning_rate is None:
-            methods = [p for p in parsed if isinstance(p, MethodArguments)]
-            item.learning_rate = methods[0].parsed.default_learning_rate if methods else 5e-5
-    return parsed
-
-
-def start_processes(args: TrainingArguments) -> None:
-    """Set up the device and, under a launcher, the process group, before the model loads.
-
-    Under ZeRO-3 ``from_pretrained`` partitions the weights as it loads them; DeepSpeed reads the
-    world size from its process group then (``deepspeed.comm``) and would see 1 process if it did not exist.
-    """
-    logger.info("Process %d of %d on %s", args.process_index, args.world_size, args.device)
-    if args.deepspeed and args.world_size > 1:
-        import deepspeed.comm
-        import torch.distributed
-
-        if not deepspeed.comm.is_initialized() and torch.distributed.is_initialized():
-            # On CPU the Trainer starts a plain torch.distributed group; ZeRO-3's loading asks deepspeed.comm.
-            deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
 
 
 def untuned_metrics(trainer: Trainer) -> dict[str, float]:
@@ -96,25 +25,43 @@ def untuned_metrics(trainer: Trainer) -> dict[str, float]:
     return {}
 
 
-def selection_report(output_dir: str) -> dict[str, Any] | None:
-    """The BEFT selection report the callback wrote, if any."""
-    path = os.path.join(output_dir, REPORT_NAME)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+def selection_report(trainer: Trainer) -> SelectionReport | None:
+    """The report of the run's ``BiasSelectionCallback`` (the content of ``beft_selection.json``), if any."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, BiasSelectionCallback):
+            return callback.report
+    return None
+
+
+def count_trainable(model) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts of a model (ZeRO-3 partitions counted in full)."""
+    trainable = total = 0
+    for param in model.parameters():
+        numel = int(getattr(param, "ds_numel", param.numel()))
+        total += numel
+        trainable += numel if param.requires_grad else 0
+    return trainable, total
+
+
+def trainable_parameter_counts(trainer: Trainer) -> dict[str, int | float]:
+    """``{"trainable", "total", "share"}`` of the run's final trainable set."""
+    if isinstance(trainer, BeftTrainer):
+        trainable, total = trainer.count_parameters(), trainer.total_parameters()
+    else:
+        trainable, total = count_trainable(trainer.model)
+    return {"trainable": trainable, "total": total, "share": trainable / total if total else 0.0}
 
 
 def collect_results(trainer: Trainer, method_args: MethodArguments, final_metrics: dict[str, float], **extra) -> dict:
     """Everything a run reports: method, untuned and final metrics, trainable parameters, selection."""
-    report = selection_report(trainer.args.output_dir)
+    report = selection_report(trainer)
     return {
         **extra,
         "method": str(method_args.parsed),
         "untuned": untuned_metrics(trainer),
         "final": final_metrics,
         "trainable_parameters": trainable_parameter_counts(trainer),
-        "selected": report["selected"] if report else None,
+        "selected": list(report.selected) if report else None,
     }
 
 

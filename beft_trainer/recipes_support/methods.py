@@ -7,23 +7,23 @@ are baselines on a plain ``transformers.Trainer`` (peft wraps the model for the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from transformers import Trainer
 
-from .biases import ALL_BIASES, BIAS_TYPES
-from .callback import BiasSelectionCallback
-from .config import BeftConfig
-from .errors import BeftConfigError
-from .scores import SCORE_NAMES
-from .trainer import BeftTrainer
+from ..biases import ALL_BIASES, BIAS_TYPES
+from ..callback import BiasSelectionCallback
+from ..config import BeftConfig, SelectionConfig
+from ..errors import BeftConfigError
+from ..trainer import BeftTrainer
 
 #: Named methods; any comma list of ``BIAS_TYPES`` names is a method too (a fixed bias set).
 METHODS = ("beft", "bitfit", "full", "lora", "prefix")
 
-#: Learning rates that work per method. Bias-only training wants 1e-3..1e-2 (DESIGN.md: 1e-4
-#: leaves single-type runs near the head-only baseline); BitFit moves every bias, so a little less.
+#: The learning rates of the whole repository (recipes and benchmarks), per method. Bias-only
+#: training wants 1e-3..1e-2 (DESIGN.md: 1e-4 leaves single-type runs near the head-only
+#: baseline); BitFit moves every bias, so a little less.
 DEFAULT_LEARNING_RATES = {
     "beft": 1e-2,
     "bias_types": 1e-2,
@@ -70,13 +70,13 @@ def parse_method(method: str) -> Method:
     return Method("bias_types", bias_types)
 
 
-def _split_list(value: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in value.split(",") if item.strip())
-
-
 @dataclass
 class MethodArguments:
-    """Which parameters train and how BEFT selects them (shared by ``run_glue`` and ``run_opt``)."""
+    """Which method trains (shared by ``run_glue`` and ``run_opt``), and the peft baselines' options.
+
+    BEFT's options come from ``SelectionConfig`` and what bias methods train from ``BeftConfig``:
+    the recipes parse both directly (``--help`` lists them).
+    """
 
     method: str = field(
         default="beft",
@@ -85,25 +85,6 @@ class MethodArguments:
             "beft probes the candidates and keeps the best type; bitfit trains every bias."
         },
     )
-    probe_steps: int = field(default=50, metadata={"help": "beft: optimizer steps of the probing phase."})
-    candidates: str = field(
-        default="q,k,v", metadata={"help": f"beft: comma list of bias types to probe, among {', '.join(BIAS_TYPES)}."}
-    )
-    score: str = field(
-        default="projection", metadata={"help": f"beft: the score that selects, one of {', '.join(SCORE_NAMES)}."}
-    )
-    top_k: int = field(default=1, metadata={"help": "beft: how many bias types keep training after probing."})
-    rewind: bool = field(
-        default=True, metadata={"help": "beft: reset the bias types not selected to their pretrained values."}
-    )
-    inert_threshold: float = field(
-        default=1e-3,
-        metadata={"help": "beft: a type whose Fisher mass is below this fraction of the strongest is inert."},
-    )
-    frozen_dtype: str | None = field(
-        default=None,
-        metadata={"help": "Bias methods: store frozen weights in this dtype ('auto', 'bfloat16', 'float16')."},
-    )
     lora_r: int = field(default=8, metadata={"help": "lora: rank of the update matrices."})
     lora_alpha: int = field(default=16, metadata={"help": "lora: scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "lora: dropout on the LoRA input."})
@@ -111,25 +92,46 @@ class MethodArguments:
 
     def __post_init__(self) -> None:
         self.parsed = parse_method(self.method)
-        if self.parsed.kind == "beft":
-            # Built once here so that a bad candidate/score/top_k fails before the model loads.
-            self.selection_callback()
 
-    def selection_callback(self) -> BiasSelectionCallback:
-        """The ``BiasSelectionCallback`` for ``--method beft``."""
-        return BiasSelectionCallback(
-            probe_steps=self.probe_steps,
-            candidates=_split_list(self.candidates),
-            score=self.score,
-            top_k=self.top_k,
-            rewind=self.rewind,
-            inert_threshold=self.inert_threshold,
+
+#: Options that only one kind of method reads: given to another, they would be ignored silently.
+_OPTIONS_OF = {
+    "lora": ("lora_r", "lora_alpha", "lora_dropout"),
+    "prefix": ("num_virtual_tokens",),
+}
+
+
+def _changed_options(config: Any, names: tuple[str, ...] | None = None) -> list[str]:
+    """The options of a dataclass that differ from their defaults (what the user set)."""
+    default = type(config)()
+    names = names or tuple(f.name for f in fields(config))
+    return [f"--{name}" for name in names if getattr(config, name) != getattr(default, name)]
+
+
+def configure_method(method_args: MethodArguments, selection: SelectionConfig, beft: BeftConfig) -> None:
+    """Set ``beft.bias_types`` from ``--method``; refuse options the method would ignore.
+
+    ``--method`` is the one place that says what trains: ``--bias_types`` next to it is refused.
+    """
+    method = method_args.parsed
+    if beft.bias_types is not None:
+        raise BeftConfigError(
+            f"--bias_types {_type_names(beft.bias_types)}: choose the trained bias types with --method "
+            "(e.g. --method q,v, or --method bitfit for every bias), not --bias_types."
         )
+    ignored = [] if method.kind == "beft" else _changed_options(selection)
+    ignored += [] if method.trains_biases_only else _changed_options(beft)
+    for kind, names in _OPTIONS_OF.items():
+        ignored += [] if method.kind == kind else _changed_options(method_args, names)
+    if ignored:
+        raise BeftConfigError(
+            f"--method {method}: {', '.join(ignored)} would be ignored: drop them, or choose a --method that reads them."
+        )
+    beft.bias_types = {"beft": None, "bitfit": ALL_BIASES, "bias_types": method.bias_types}.get(method.kind)
 
-    def beft_config(self) -> BeftConfig:
-        """The ``BeftConfig`` of a bias method (selection, fixed types or BitFit)."""
-        bias_types = {"beft": None, "bitfit": ALL_BIASES, "bias_types": self.parsed.bias_types}[self.parsed.kind]
-        return BeftConfig(bias_types=bias_types, frozen_dtype=self.frozen_dtype)
+
+def _type_names(bias_types: str | tuple[str, ...]) -> str:
+    return bias_types if isinstance(bias_types, str) else ",".join(bias_types)
 
 
 def wrap_with_peft(model, method_args: MethodArguments, task_type: str):
@@ -153,33 +155,25 @@ def wrap_with_peft(model, method_args: MethodArguments, task_type: str):
     return peft.get_peft_model(model, config)
 
 
-def count_trainable(model) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts of a model (ZeRO-3 partitions counted in full)."""
-    trainable = total = 0
-    for param in model.parameters():
-        numel = int(getattr(param, "ds_numel", param.numel()))
-        total += numel
-        trainable += numel if param.requires_grad else 0
-    return trainable, total
+def build_trainer(
+    model,
+    args,
+    method_args: MethodArguments,
+    selection_config: SelectionConfig,
+    beft_config: BeftConfig,
+    peft_task_type: str,
+    **trainer_kwargs: Any,
+) -> Trainer:
+    """The trainer for ``--method``: ``BeftTrainer`` for bias methods (BEFT adds its callback), else a plain one.
 
-
-def build_trainer(model, args, method_args: MethodArguments, peft_task_type: str, **trainer_kwargs: Any) -> Trainer:
-    """The trainer for ``method_args.method``: ``BeftTrainer`` for bias methods, else a plain ``Trainer``."""
+    ``beft_config`` comes from ``configure_method``; ``peft_task_type`` is peft's (``SEQ_CLS``, ``CAUSAL_LM``).
+    """
     method = method_args.parsed
     if method.trains_biases_only:
         callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
         if method.kind == "beft":
-            callbacks.append(method_args.selection_callback())
-        return BeftTrainer(model, args, beft_config=method_args.beft_config(), callbacks=callbacks, **trainer_kwargs)
+            callbacks.append(BiasSelectionCallback(selection_config))
+        return BeftTrainer(model, args, beft_config=beft_config, callbacks=callbacks, **trainer_kwargs)
     if method.kind in ("lora", "prefix"):
         model = wrap_with_peft(model, method_args, peft_task_type)
     return Trainer(model, args, **trainer_kwargs)
-
-
-def trainable_parameter_counts(trainer: Trainer) -> dict[str, int | float]:
-    """``{"trainable", "total", "share"}`` of the run's final trainable set."""
-    if isinstance(trainer, BeftTrainer):
-        trainable, total = trainer.count_parameters(), trainer.total_parameters()
-    else:
-        trainable, total = count_trainable(trainer.model)
-    return {"trainable": trainable, "total": total, "share": trainable / total if total else 0.0}

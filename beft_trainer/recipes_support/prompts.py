@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import BeftConfigError
-from .glue import load_splits
+from ..errors import BeftConfigError
+from .data import SplitSpec, load_splits
 
 #: Label value of tokens that do not count in the loss (the prompt and the padding).
 IGNORE_INDEX = -100
@@ -36,17 +36,9 @@ class PromptTask:
         """The prompt of one example (without its label word)."""
         return self.template.format(**{name: _field(example, name, columns) for name, columns in self.fields.items()})
 
-    def check_columns(self, column_names: list[str]) -> None:
-        """Raise a clear error when a data split lacks a field of the template or the label."""
-        missing = [
-            f"{name} (one of {columns})"
-            for name, columns in self.fields.items()
-            if not set(columns) & set(column_names)
-        ]
-        if "label" not in column_names:
-            missing.append("label")
-        if missing:
-            raise BeftConfigError(f"The {self.name} data lacks {missing}; it has {column_names}.")
+    def split_spec(self) -> SplitSpec:
+        """What each data split must hold: a column for every template field, and labels ``0..len(label_words)-1``."""
+        return SplitSpec(self.name, tuple(self.fields.values()), len(self.label_words))
 
 
 def _field(example: dict[str, Any], name: str, columns: tuple[str, ...]) -> str:
@@ -101,7 +93,9 @@ def get_prompt_task(task_name: str) -> PromptTask:
     """The prompt spec of a task by name (``sst2``, ``rte``, ``cb``, ``boolq``, ``wic``)."""
     key = task_name.lower()
     if key not in PROMPT_TASKS:
-        raise BeftConfigError(f"Unknown prompt task {task_name!r}; choose one of {', '.join(PROMPT_TASKS)}.")
+        raise BeftConfigError(
+            f"--task_name {task_name!r}: unknown prompt task; choose one of {', '.join(PROMPT_TASKS)}."
+        )
     return PROMPT_TASKS[key]
 
 
@@ -111,8 +105,8 @@ def load_prompt_task(
     validation_file: str | None = None,
     data_dir: str | os.PathLike | None = None,
 ):
-    """``train``/``validation`` splits: explicit files, else ``data_dir/<task>/``, else the Hub."""
-    return load_splits(task.name, tuple(task.hub), "validation", train_file, validation_file, data_dir)
+    """Checked ``train``/``validation`` splits: explicit files, else ``data_dir/<task>/``, else the Hub."""
+    return load_splits(task.split_spec(), task.hub, "validation", train_file, validation_file, data_dir)
 
 
 # -- encoding -----------------------------------------------------------------------------------
@@ -136,9 +130,21 @@ def encode_prompt_answer(tokenizer, prompt: str, answer: str, max_length: int) -
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
+def check_prompt_room(tokenizer, task: PromptTask, max_length: int) -> None:
+    """Refuse, before encoding, a ``max_length`` that leaves no token for the prompt after BOS and the label word."""
+    separator = "" if task.template.endswith("\n") else " "
+    prefix = 1 if tokenizer.bos_token_id is not None else 0
+    longest = max(len(tokenizer(separator + w, add_special_tokens=False)["input_ids"]) for w in task.label_words)
+    if max_length - prefix - longest < 1:
+        raise BeftConfigError(
+            f"--max_seq_length {max_length} leaves no room for the {task.name} prompt: BOS and the longest "
+            f"label word take {prefix + longest} tokens; raise it."
+        )
+
+
 def encode_for_training(dataset, tokenizer, task: PromptTask, max_length: int):
     """Each example as its prompt followed by its gold label word."""
-    task.check_columns(dataset.column_names)
+    check_prompt_room(tokenizer, task, max_length)
 
     def encode(example: dict[str, Any]) -> dict[str, list[int]]:
         return encode_prompt_answer(
@@ -150,7 +156,7 @@ def encode_for_training(dataset, tokenizer, task: PromptTask, max_length: int):
 
 def encode_candidates(dataset, tokenizer, task: PromptTask, max_length: int):
     """Each example once per label word, in order: row ``i * C + c`` is example ``i`` with word ``c``."""
-    task.check_columns(dataset.column_names)
+    check_prompt_room(tokenizer, task, max_length)
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}

@@ -1,4 +1,4 @@
-"""GLUE tasks for encoder fine-tuning: specs, loading (Hub or local files), sampling, tokenization, metrics.
+"""GLUE tasks for encoder fine-tuning: the task table, loading, tokenization, metrics.
 
 The same code serves any local classification/regression task whose files use the Hub's GLUE
 column names (``sentence``, ``sentence1``/``sentence2``, ``question``/``sentence``, ``label``).
@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BeftConfigError
+from ..errors import BeftConfigError
+from .data import SplitSpec, load_splits
 
 logger = logging.getLogger(__name__)
 
@@ -55,67 +56,18 @@ GLUE_TASKS: dict[str, GlueTask] = {
     "rte": GlueTask("rte", ("sentence1", "sentence2"), 2, ("accuracy",)),
 }
 
-#: File extensions read as local data, and the ``datasets`` builder that reads each.
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv"}
-
 
 def get_task(task_name: str) -> GlueTask:
     """The spec of a GLUE task by its Hub config name (``sst2``, ``cola``, ...)."""
     key = task_name.lower()
     if key not in GLUE_TASKS:
-        raise BeftConfigError(f"Unknown GLUE task {task_name!r}; choose one of {', '.join(GLUE_TASKS)}.")
+        raise BeftConfigError(f"--task_name {task_name!r}: unknown GLUE task; choose one of {', '.join(GLUE_TASKS)}.")
     return GLUE_TASKS[key]
 
 
-def local_task_files(data_dir: str | os.PathLike | None, task_name: str) -> dict[str, str] | None:
-    """``{"train": ..., "validation": ...}`` in ``data_dir/<task>/`` when both JSON-lines files exist."""
-    if data_dir is None:
-        return None
-    folder = os.path.join(data_dir, task_name)
-    files = {split: os.path.join(folder, f"{split}.jsonl") for split in ("train", "validation")}
-    return files if all(os.path.isfile(path) for path in files.values()) else None
-
-
-def load_local_files(files: dict[str, str]):
-    """Load ``{split: path}`` files (JSON lines, CSV or TSV, one format) as a ``DatasetDict``."""
-    from datasets import load_dataset
-
-    extensions = {os.path.splitext(path)[1].lower() for path in files.values()}
-    unknown = extensions - set(_FILE_BUILDERS)
-    if unknown:
-        raise BeftConfigError(f"Data files must be .jsonl, .json, .csv or .tsv; got {sorted(unknown)}.")
-    if len({_FILE_BUILDERS[e] for e in extensions}) > 1 or (".tsv" in extensions and len(extensions) > 1):
-        raise BeftConfigError(f"Use one file format for every split; got {sorted(extensions)}.")
-    extension = extensions.pop()
-    options = {"delimiter": "\t"} if extension == ".tsv" else {}
-    return load_dataset(_FILE_BUILDERS[extension], data_files=dict(files), **options)
-
-
-def load_splits(
-    task_name: str,
-    hub: tuple[str, ...],
-    hub_validation_split: str = "validation",
-    train_file: str | None = None,
-    validation_file: str | None = None,
-    data_dir: str | os.PathLike | None = None,
-):
-    """A ``DatasetDict`` with ``train`` and ``validation`` splits.
-
-    Explicit files win; else ``data_dir/<task_name>/{train,validation}.jsonl`` when present; else
-    ``datasets.load_dataset(*hub)`` with its ``hub_validation_split`` as ``validation``.
-    """
-    if train_file or validation_file:
-        if not (train_file and validation_file):
-            raise BeftConfigError("Pass both --train_file and --validation_file (or neither, to use the Hub).")
-        return load_local_files({"train": train_file, "validation": validation_file})
-    files = local_task_files(data_dir, task_name)
-    if files is not None:
-        logger.info("Loading %s from %s", task_name, os.path.dirname(files["train"]))
-        return load_local_files(files)
-    from datasets import DatasetDict, load_dataset
-
-    loaded = load_dataset(*hub)
-    return DatasetDict(train=loaded["train"], validation=loaded[hub_validation_split])
+def split_spec(task: GlueTask) -> SplitSpec:
+    """What each split of ``task`` must hold: its text columns and ``label``."""
+    return SplitSpec(task.name, tuple((column,) for column in task.text_columns), task.num_labels)
 
 
 def load_glue(
@@ -124,36 +76,16 @@ def load_glue(
     validation_file: str | None = None,
     data_dir: str | os.PathLike | None = None,
 ):
-    """The ``train`` and ``validation`` splits of a GLUE task (see ``load_splits`` for the sources)."""
+    """The checked ``train`` and ``validation`` splits of a GLUE task (sources: ``data.load_splits``)."""
     hub = (GLUE_HUB_NAME, task.name)
-    return load_splits(task.name, hub, task.validation_split, train_file, validation_file, data_dir)
-
-
-def check_columns(dataset, task: GlueTask) -> None:
-    """Raise a clear error when a split lacks the task's text columns or its ``label``."""
-    missing = [c for c in (*task.text_columns, "label") if c not in dataset.column_names]
-    if missing:
-        raise BeftConfigError(
-            f"The {task.name} data lacks columns {missing} (it has {dataset.column_names}); "
-            "local files must use the Hub's GLUE column names."
-        )
-
-
-def sample_examples(dataset, max_samples: int | None, seed: int):
-    """A seeded random subset of at most ``max_samples`` rows (the low-data regime); all rows if None."""
-    if max_samples is None or max_samples >= len(dataset):
-        return dataset
-    if max_samples < 1:
-        raise BeftConfigError(f"max_samples must be >= 1, got {max_samples}.")
-    return dataset.shuffle(seed=seed).select(range(max_samples))
+    return load_splits(split_spec(task), hub, task.validation_split, train_file, validation_file, data_dir)
 
 
 def tokenize_glue(dataset, tokenizer, task: GlueTask, max_length: int = 128):
     """Tokenize one split: the task's text columns become ``input_ids``/``attention_mask``, plus ``labels``.
 
-    Padding is left to the collator (dynamic padding per batch).
+    Padding is left to the collator (dynamic padding per batch); the split was checked when loaded.
     """
-    check_columns(dataset, task)
 
     def encode(batch: dict[str, list]) -> dict[str, Any]:
         texts = [batch[column] for column in task.text_columns]

@@ -1,0 +1,91 @@
+"""What the recipes (``recipes/``), the benchmarks and their tests share; not imported by ``beft_trainer`` itself.
+
+It needs the ``data`` extra (datasets, scikit-learn, scipy) that training alone does not.
+
+    arguments   the recipes' command line: dataclasses, parsing, one-line usage errors (exit 2)
+    data        train/validation splits from files, a data folder or the Hub, checked before the model loads
+    glue        GLUE task table, tokenization, metrics
+    methods     the ``--method`` table, the learning-rate defaults, building the trainer
+    processes   process-group set-up under launchers
+    prompts     prompt tasks for causal LMs (label-word classification)
+    results     results file, untuned vs tuned metrics, adapter, summary
+"""
+
+from .arguments import (
+    USAGE_ERROR_STATUS,
+    DataArguments,
+    RecipeArgumentParser,
+    RecipeTrainingArguments,
+    check_probe_fits,
+    exit_on_usage_error,
+    parse_recipe_args,
+)
+from .data import SplitSpec, check_split, load_splits, sample_examples, task_files
+from .glue import GLUE_TASKS, GlueTask, get_task, glue_compute_metrics, load_glue, sklearn_glue_metric, tokenize_glue
+from .methods import (
+    DEFAULT_LEARNING_RATES,
+    METHODS,
+    Method,
+    MethodArguments,
+    build_trainer,
+    configure_method,
+    parse_method,
+    wrap_with_peft,
+)
+from .processes import start_processes
+from .prompts import (
+    IGNORE_INDEX,
+    PROMPT_TASKS,
+    PromptTask,
+    answer_log_likelihood,
+    encode_candidates,
+    encode_for_training,
+    get_prompt_task,
+    label_word_accuracy,
+    load_prompt_task,
+)
+from .results import RESULTS_NAME, finish_run, selection_report, trainable_parameter_counts
+
+__all__ = [
+    "DEFAULT_LEARNING_RATES",
+    "GLUE_TASKS",
+    "IGNORE_INDEX",
+    "METHODS",
+    "PROMPT_TASKS",
+    "RESULTS_NAME",
+    "USAGE_ERROR_STATUS",
+    "DataArguments",
+    "GlueTask",
+    "Method",
+    "MethodArguments",
+    "PromptTask",
+    "RecipeArgumentParser",
+    "RecipeTrainingArguments",
+    "SplitSpec",
+    "answer_log_likelihood",
+    "build_trainer",
+    "check_probe_fits",
+    "check_split",
+    "configure_method",
+    "encode_candidates",
+    "encode_for_training",
+    "exit_on_usage_error",
+    "finish_run",
+    "get_prompt_task",
+    "get_task",
+    "glue_compute_metrics",
+    "label_word_accuracy",
+    "load_glue",
+    "load_prompt_task",
+    "load_splits",
+    "parse_method",
+    "parse_recipe_args",
+    "sample_examples",
+    "selection_report",
+    "sklearn_glue_metric",
+    "start_processes",
+    "task_files",
+    "tokenize_glue",
+    "trainable_parameter_counts",
+    "wrap_with_peft",
+]

@@ -1,0 +1,158 @@
+"""The recipes' command line: their dataclasses, parsing (flags or a .json/.yaml file), and one-line usage errors.
+
+Every option is declared once: ``SelectionConfig`` and ``BeftConfig`` (the library's) are parsed
+as they are, next to the recipe's own dataclasses. A wrong option or wrong data ends the recipe
+with one line on stderr and exit status 2, before the model loads and before anything is written.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from ..config import BeftConfig, SelectionConfig
+from ..errors import BeftConfigError, DataInputError
+from .methods import MethodArguments, configure_method
+
+#: Exit status of a usage error (bad option or bad data), as argparse uses.
+USAGE_ERROR_STATUS = 2
+
+_CONFIG_EXTENSIONS = (".json", ".yaml", ".yml")
+
+Result = TypeVar("Result")
+
+
+@dataclass
+class RecipeTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` whose learning rate defaults per method and that measure the untuned model."""
+
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate. Default: per method (bias types 1e-2, BitFit 3e-3, LoRA 1e-3, full 5e-5)."
+        },
+    )
+    eval_on_start: bool = field(
+        default=True,
+        metadata={"help": "Evaluate before the first step: the untuned baseline (pretrained backbone, initial head)."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which task and data, and how much of it (a recipe subclasses it to change defaults and help)."""
+
+    task_name: str = field(default="sst2", metadata={"help": "Task name."})
+    train_file: str | None = field(default=None, metadata={"help": "Local training file (.jsonl/.json/.csv/.tsv)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation file (same columns)."})
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder with <task>/{train,validation}.jsonl (e.g. ../shared/data/glue). Default: the Hub."},
+    )
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Low-data regime: train on this many examples sampled with --data_seed/--seed."},
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many examples."})
+    max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
+
+    def __post_init__(self) -> None:
+        for name in ("max_train_samples", "max_eval_samples", "max_seq_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                unset = " (or leave it unset for every example)" if name != "max_seq_length" else ""
+                raise DataInputError(f"--{name} must be >= 1{unset}, got {value}.")
+        if bool(self.train_file) != bool(self.validation_file):
+            raise DataInputError(
+                "Pass both --train_file and --validation_file (or neither, to use --data_dir or the Hub)."
+            )
+
+
+class RecipeArgumentParser(HfArgumentParser):
+    """``HfArgumentParser`` whose errors are ``BeftConfigError`` (one line, exit 2) instead of usage + message."""
+
+    def error(self, message: str) -> NoReturn:
+        raise BeftConfigError(message)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The options in a .json or .yaml file."""
+    try:
+        with open(path) as f:
+            if path.endswith(".json"):
+                return json.load(f)
+            import yaml
+
+            return yaml.safe_load(f) or {}
+    except (OSError, ValueError) as error:  # missing file, bad JSON/YAML (yaml's errors are not ValueErrors)
+        raise BeftConfigError(f"{path}: cannot read the options file ({type(error).__name__}: {error}).") from error
+
+
+def parse_recipe_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
+    """Parse the recipe's dataclasses from the command line, or from a .json/.yaml file given first.
+
+    Arguments after the file override it (launchers append ``--local_rank``, users may add others).
+    With ``MethodArguments``, ``SelectionConfig`` and ``BeftConfig`` among them, ``--method`` sets
+    what trains (``configure_method``) and the learning rate defaults per method.
+    """
+    parser = RecipeArgumentParser(tuple(dataclass_types))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith(_CONFIG_EXTENSIONS) and not argv[0].startswith("-"):
+        values = read_config_file(argv.pop(0))
+        unknown = sorted(set(values) - {action.dest for action in parser._actions})
+        if unknown:
+            raise BeftConfigError(f"Unknown keys in the config file: {unknown}.")
+        parser.set_defaults(**values)
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    except BeftConfigError:
+        raise
+    except ValueError as error:  # unused arguments, TrainingArguments' own checks: all about the options given
+        raise BeftConfigError(str(error)) from error
+    _apply_method(parsed)
+    return parsed
+
+
+def _apply_method(parsed: Sequence[Any]) -> None:
+    by_type = {type(item): item for item in parsed}
+    method_args = next((item for item in parsed if isinstance(item, MethodArguments)), None)
+    if method_args is None:
+        return
+    if SelectionConfig in by_type and BeftConfig in by_type:
+        configure_method(method_args, by_type[SelectionConfig], by_type[BeftConfig])
+    for item in parsed:
+        if isinstance(item, RecipeTrainingArguments) and item.learning_rate is None:
+            item.learning_rate = method_args.parsed.default_learning_rate
+
+
+def check_probe_fits(selection: SelectionConfig, method_args: MethodArguments, args: TrainingArguments) -> None:
+    """With a fixed ``--max_steps``, refuse a probe that leaves no training, before the model loads."""
+    if method_args.parsed.kind == "beft" and 0 < args.max_steps <= selection.probe_steps:
+        raise BeftConfigError(
+            f"--probe_steps {selection.probe_steps} leaves no training after the switch with --max_steps "
+            f"{args.max_steps}: lower --probe_steps or raise --max_steps."
+        )
+
+
+def exit_on_usage_error(main: Callable[..., Result]) -> Callable[..., Result]:
+    """Decorate a recipe's ``main``: a ``BeftConfigError`` (bad option, bad data) becomes one line and exit 2."""
+    program = Path(inspect.getfile(main)).name
+
+    @functools.wraps(main)
+    def run(*args: Any, **kwargs: Any) -> Result:
+        try:
+            return main(*args, **kwargs)
+        except BeftConfigError as error:
+            message = " ".join(str(error).split())  # one line, whatever the message holds
+            print(f"{program}: error: {message}", file=sys.stderr)
+            raise SystemExit(USAGE_ERROR_STATUS) from None
+
+    return run
