@@ -166,3 +166,15 @@ def reset_optimizer_state(optimizer: Any, indices: list[int]) -> None:
 def world_size() -> int:
     """Number of processes (1 without a process group)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def start_deepspeed_comm() -> None:
+    """Give DeepSpeed the torch process group the Trainer started (no-op if it has one).
+
+    On CPU the Trainer starts a plain ``torch.distributed`` group, but ZeRO-3's partitioned
+    loading asks ``deepspeed.comm`` for the world size, which would say 1 without this.
+    """
+    import deepspeed.comm
+
+    if not deepspeed.comm.is_initialized() and dist.is_initialized():
+        deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)

@@ -6,6 +6,8 @@ import logging
 
 from transformers import TrainingArguments
 
+from ..distributed import start_deepspeed_comm
+
 logger = logging.getLogger(__name__)
 
 
@@ -17,9 +19,4 @@ def start_processes(args: TrainingArguments) -> None:
     """
     logger.info("Process %d of %d on %s", args.process_index, args.world_size, args.device)
     if args.deepspeed and args.world_size > 1:
-        import deepspeed.comm
-        import torch.distributed
-
-        if not deepspeed.comm.is_initialized() and torch.distributed.is_initialized():
-            # On CPU the Trainer starts a plain torch.distributed group; ZeRO-3's loading asks deepspeed.comm.
-            deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+        start_deepspeed_comm()

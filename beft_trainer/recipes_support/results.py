@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import Trainer
 
-from ..callback import BiasSelectionCallback
+from ..distributed import full_numel
 from ..report import SelectionReport
 from ..trainer import BeftTrainer
 from .methods import MethodArguments
@@ -27,17 +27,15 @@ def untuned_metrics(trainer: Trainer) -> dict[str, float]:
 
 def selection_report(trainer: Trainer) -> SelectionReport | None:
     """The report of the run's ``BiasSelectionCallback`` (the content of ``beft_selection.json``), if any."""
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, BiasSelectionCallback):
-            return callback.report
-    return None
+    selection = trainer.selection_callback if isinstance(trainer, BeftTrainer) else None
+    return selection.report if selection is not None else None
 
 
 def count_trainable(model) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts of a model (ZeRO-3 partitions counted in full)."""
     trainable = total = 0
     for param in model.parameters():
-        numel = int(getattr(param, "ds_numel", param.numel()))
+        numel = full_numel(param)
         total += numel
         trainable += numel if param.requires_grad else 0
     return trainable, total
