@@ -18,6 +18,12 @@ from .errors import BiasTypeError
 
 #: Every bias type name the library knows, in a stable order.
 BIAS_TYPES: tuple[str, ...] = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out", "ln")
+#: Projection types that can carry scaling vectors (see ``beft_trainer.vectors``).
+PROJECTION_TYPES: tuple[str, ...] = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
+#: Every scaling-vector type: ``<projection>_scale_in`` (SSL) and ``<projection>_scale_out``.
+SCALING_TYPES: tuple[str, ...] = tuple(f"{p}_scale_{side}" for p in PROJECTION_TYPES for side in ("in", "out"))
+#: Every trainable vector type: the bias types, then the scaling types.
+VECTOR_TYPES: tuple[str, ...] = BIAS_TYPES + SCALING_TYPES
 
 #: Names accepted as a shorthand for "every bias of the model" (BitFit).
 ALL_BIASES = "all"
@@ -47,6 +53,10 @@ _LLAMA_LIKE = {
     "self_attn.k_proj.bias": "k",
     "self_attn.v_proj.bias": "v",
     "self_attn.o_proj.bias": "attn_out",
+    # Bias-free in these models; named so that scaling vectors find the MLP's projections.
+    "mlp.gate_proj.bias": "mlp_in",
+    "mlp.up_proj.bias": "mlp_in",
+    "mlp.down_proj.bias": "mlp_out",
 }
 
 #: Per ``config.model_type``: the regex of a layer's name prefix, and the exact names of the
@@ -125,7 +135,12 @@ class BiasLayout:
 
     @property
     def types(self) -> tuple[str, ...]:
-        """The bias types present in the model, in ``BIAS_TYPES`` order."""
+        """The vector types present in the model, in ``VECTOR_TYPES`` order."""
+        return tuple(t for t in VECTOR_TYPES if self.vectors.get(t))
+
+    @property
+    def bias_types(self) -> tuple[str, ...]:
+        """The bias types present in the model (what BitFit trains), in ``BIAS_TYPES`` order."""
         return tuple(t for t in BIAS_TYPES if self.vectors.get(t))
 
     def names(self, bias_types: Iterable[str]) -> list[str]:
@@ -135,8 +150,8 @@ class BiasLayout:
     def require(self, bias_types: Iterable[str]) -> None:
         """Raise ``BiasTypeError`` unless every type is a known name present in the model."""
         for bias_type in bias_types:
-            if bias_type not in BIAS_TYPES:
-                raise BiasTypeError(f"Unknown bias type {bias_type!r}. Known types: {', '.join(BIAS_TYPES)}.")
+            if bias_type not in VECTOR_TYPES:
+                raise BiasTypeError(f"Unknown vector type {bias_type!r}. Known types: {', '.join(VECTOR_TYPES)}.")
             if not self.vectors.get(bias_type):
                 raise BiasTypeError(
                     f"The {self.model_type!r} model has no {bias_type!r} biases; it has: "

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .biases import ALL_BIASES, BIAS_TYPES
+from .biases import ALL_BIASES, VECTOR_TYPES
 from .errors import BeftConfigError
 from .scores import SCORE_NAMES
 
@@ -30,11 +30,11 @@ def parse_type_list(value: str | Sequence[str] | None, option: str) -> tuple[str
     if not all(isinstance(item, str) for item in items):
         raise BeftConfigError(f"{option}={value!r}: give bias type names as strings, e.g. ('q', 'v') or 'q,v'.")
     names = tuple(name.strip() for item in items for name in item.split(",") if name.strip())
-    unknown = [name for name in names if name not in BIAS_TYPES]
+    unknown = [name for name in names if name not in VECTOR_TYPES]
     if unknown or not names or len(set(names)) != len(names):
         problem = f"unknown bias types {unknown}" if unknown else "empty" if not names else "a repeated name"
         raise BeftConfigError(
-            f"{option}={value!r} has {problem}: use distinct bias types among {', '.join(BIAS_TYPES)}, "
+            f"{option}={value!r} has {problem}: use distinct vector types among {', '.join(VECTOR_TYPES)}, "
             "as a tuple ('q', 'v') or a comma list 'q,v'."
         )
     return names
@@ -68,7 +68,11 @@ class SelectionConfig:
     )
     candidates: list[str] = field(
         default_factory=lambda: ["q", "k", "v"],
-        metadata={"help": f"Bias types to probe, among {', '.join(BIAS_TYPES)} (a list, or a comma list 'q,v')."},
+        metadata={
+            "help": "Vector types to probe (a list, or a comma list 'q,v'): bias types "
+            f"{', '.join(VECTOR_TYPES[:7])}, or scaling vectors <projection>_scale_in / _scale_out "
+            "(e.g. v_scale_in: SSL on the value projection)."
+        },
     )
     score: str = field(
         default="projection",
@@ -140,9 +144,9 @@ class BeftConfig:
     bias_types: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Bias types to train when no selection callback is used: names among "
-            f"{', '.join(BIAS_TYPES)} (a tuple or a comma list 'q,v'), or 'all' for BitFit. "
-            "Default: v without a callback."
+            "help": "Vector types to train when no selection callback is used: bias types "
+            f"{', '.join(VECTOR_TYPES[:7])} or scaling types such as v_scale_in (a tuple or a comma "
+            "list 'q,v'), or 'all' for BitFit. Default: v without a callback."
         },
     )
     head_modules: list[str] | None = field(

@@ -124,11 +124,13 @@ def _draw_type_scores(ax, report: SelectionReport, types: list[str], scores: lis
 
 
 def _type_label(report: SelectionReport, bias_type: str) -> str:
+    size = report.scores[bias_type].get("parameters")
+    label = bias_type + (f"\n{size:,}" if size else "")
     if bias_type in report.selected:
-        return f"{bias_type}\nSELECTED"
+        return f"{label}\nSELECTED"
     if bias_type in report.inert:
-        return f"{bias_type}\ninert"
-    return bias_type
+        return f"{label}\ninert"
+    return label
 
 
 def _draw_per_layer(ax, report: SelectionReport, types: list[str], score: str, log: bool) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .biases import BiasLayout
+from .biases import SCALING_TYPES, BiasLayout
 from .scores import fisher_score, magnitude_score, projection_score, random_score
 
 #: File name of the report in ``args.output_dir``.
@@ -23,7 +23,11 @@ REPORTED_SCORES = ("projection", "magnitude", "fisher", "random")
 
 @dataclass
 class SelectionReport:
-    """What the selection saw and decided; ``to_dict()`` is the ``beft_selection.json`` schema."""
+    """What the selection saw and decided; ``to_dict()`` is the ``beft_selection.json`` schema.
+
+    ``scores[type]`` holds every score (overall and ``per_layer``), the type's ``kind`` (``bias``
+    or ``scale``) and its size in ``parameters``.
+    """
 
     model_type: str
     candidates: list[str]
@@ -61,6 +65,8 @@ class SelectionReport:
                 "random": random_score(bias_type, len(names), seed),
             }
             entry: dict[str, Any] = {name: value for name, (value, _) in results.items()}
+            entry["kind"] = "scale" if bias_type in SCALING_TYPES else "bias"
+            entry["parameters"] = sum(trained[n].numel() for n in names)
             entry["per_layer"] = {
                 name: {str(layer): v for layer, v in zip(layers, per_layer, strict=True)}
                 for name, (_, per_layer) in results.items()

@@ -19,7 +19,7 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from .adapters import AdapterMetadata, BeftAdapter, base_model_fingerprint, build_adapter
-from .biases import BiasLayout, add_missing_biases, find_biases, split_fused_qkv_bias
+from .biases import SCALING_TYPES, BiasLayout, add_missing_biases, split_fused_qkv_bias
 from .callback import BiasSelectionCallback
 from .checks import check_model, check_no_optimizer_given, check_optimizer, check_output_dir
 from .config import BeftConfig
@@ -37,6 +37,7 @@ from .groups import HEAD_DECAY_GROUP, HEAD_GROUPS, bias_parameter_names, head_pa
 from .heads import find_head_parameters
 from .precision import cast_frozen_parameters, resolve_frozen_dtype
 from .resume import check_resume, run_settings, write_run_settings
+from .vectors import attach_scaling_vectors, find_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ class BeftTrainer(Trainer):
             raise BeftConfigError(f"beft_config must be a BeftConfig, not {type(self.beft_config).__name__}.")
         selection = self._selection_callback(callbacks)
         self.selection_callback = selection
-        self.bias_layout = _prepare_model(model, self.beft_config)
-        self.parameter_groups = self._trainable_groups(model, selection)
+        self.trained_types = self._requested_types(selection)
+        self.bias_layout = _prepare_model(model, self.beft_config, self.trained_types)
+        self.parameter_groups = self._trainable_groups(model)
         self.frozen_groups: list[str] = []
         trainable = [n for names in self.parameter_groups.values() for n in names]
         _freeze_all_but(model, trainable)
@@ -105,17 +107,20 @@ class BeftTrainer(Trainer):
             )
         return found[0] if found else None
 
-    def _trainable_groups(self, model: nn.Module, selection) -> dict[str, list[str]]:
-        layout, config = self.bias_layout, self.beft_config
+    def _requested_types(self, selection: BiasSelectionCallback | None) -> tuple[str, ...] | None:
+        """The vector types that train (the candidates while probing); None for BitFit (every bias)."""
         if selection is not None:
-            bias_types: Sequence[str] = selection.config.candidates
-        elif config.is_bitfit:
-            bias_types = layout.types
-        else:
-            bias_types = config.bias_types or ("v",)
-        layout.require(bias_types)
+            return tuple(selection.config.candidates)
+        if self.beft_config.is_bitfit:
+            return None
+        return tuple(self.beft_config.bias_types or ("v",))
+
+    def _trainable_groups(self, model: nn.Module) -> dict[str, list[str]]:
+        layout, config = self.bias_layout, self.beft_config
+        vector_types = self.trained_types if self.trained_types is not None else layout.bias_types
+        layout.require(vector_types)
         return trainable_groups(
-            {t: layout.names([t]) for t in bias_types},
+            {t: layout.names([t]) for t in vector_types},
             head=find_head_parameters(model, config.head_modules),
             decay=set(self.get_decay_parameter_names(model)),
             other_biases=layout.other_biases if config.is_bitfit else None,
@@ -184,6 +189,7 @@ class BeftTrainer(Trainer):
             selected=[g for g in self.active_groups if g not in HEAD_GROUPS],
             score=selection.config.score if selection is not None else None,
             added_biases=self.beft_config.add_missing_biases,
+            scaling_types=[t for t in self.bias_layout.types if t in SCALING_TYPES],
             base_fingerprint=self.base_fingerprint,
         )
 
@@ -280,12 +286,15 @@ class BeftTrainer(Trainer):
         return os.path.join(self.args.output_dir, f"checkpoint-{step}")
 
 
-def _prepare_model(model: nn.Module, config: BeftConfig) -> BiasLayout:
+def _prepare_model(model: nn.Module, config: BeftConfig, vector_types: Sequence[str] | None) -> BiasLayout:
     split_fused_qkv_bias(model)
     if config.add_missing_biases:
         added = add_missing_biases(model)
         logger.info("Added %d zero-initialised q/k/v biases.", added)
-    return find_biases(model)
+    scaling = [t for t in vector_types or () if t in SCALING_TYPES]
+    if scaling:
+        attach_scaling_vectors(model, scaling)
+    return find_vectors(model)
 
 
 def _freeze_all_but(model: nn.Module, trainable: list[str]) -> None:

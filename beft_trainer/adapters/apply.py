@@ -10,6 +10,7 @@ from torch import nn
 
 from ..biases import add_missing_biases, model_type_of, split_fused_qkv_bias
 from ..errors import AdapterError
+from ..vectors import attach_scaling_vectors
 from .arithmetic import apply_delta
 from .fingerprint import base_model_fingerprint, combine_digests, parameter_digests
 from .format import BeftAdapter, read_adapter
@@ -89,9 +90,9 @@ class AdapterSet:
 def prepare_base_model(model: nn.Module, metadata: AdapterMetadata) -> None:
     """Give a freshly loaded base model the parameter layout the trainer gave it.
 
-    ``BeftTrainer`` splits GPT-2's fused q/k/v bias into three parameters and may add zero
-    q/k/v biases to a bias-free model; the same steps make the adapter's names (and the base
-    fingerprint) match. Both are no-ops on a model already prepared, and on a model of another
+    ``BeftTrainer`` splits GPT-2's fused q/k/v bias into three parameters, may add zero
+    q/k/v biases to a bias-free model and attaches scaling vectors (ones); the same steps make
+    the adapter's names (and the base fingerprint) match. Both are no-ops on a model already prepared, and on a model of another
     architecture.
     """
     if model_type_of(model) != metadata.model_type:
@@ -99,6 +100,8 @@ def prepare_base_model(model: nn.Module, metadata: AdapterMetadata) -> None:
     split_fused_qkv_bias(model)
     if metadata.added_biases:
         add_missing_biases(model)
+    if metadata.scaling_types:
+        attach_scaling_vectors(model, metadata.scaling_types)
 
 
 def check_adapter(model: nn.Module, adapter: BeftAdapter, base_fingerprint: str | None = None) -> None:

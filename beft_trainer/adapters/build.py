@@ -28,6 +28,7 @@ def build_adapter(
     selected: Iterable[str] | None = None,
     score: str | None = None,
     added_biases: bool = False,
+    scaling_types: Iterable[str] = (),
     base_fingerprint: str | None = None,
 ) -> BeftAdapter:
     """The adapter of ``model``: deltas of the named biases against ``pretrained``, plus the head.
@@ -41,6 +42,8 @@ def build_adapter(
         score: the score that chose them.
         added_biases: whether the q/k/v biases were added to a bias-free model
             (``BeftConfig(add_missing_biases=True)``); loading adds them again.
+        scaling_types: the scaling-vector types attached to the model (``v_scale_in``, ...);
+            loading attaches them again (as ones) before applying the deltas.
         base_fingerprint: ``base_model_fingerprint`` of the base model, taken before training
             (``BeftTrainer`` takes it before casting frozen weights). Default: computed from
             ``model`` with the ``pretrained`` values, which assumes nothing else has changed
@@ -73,6 +76,7 @@ def build_adapter(
         backbone_prefix=getattr(model, "base_model_prefix", None) or None,
         num_labels=getattr(config, "num_labels", None),
         added_biases=added_biases,
+        scaling_types=list(scaling_types),
         dtypes={n: dtype_name(t.dtype) for part in (deltas, head_values) for n, t in part.items()},
         library_version=__version__,
     )

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..distributed import gathered, is_zero_partitioned
+from ..vectors import is_scaling_parameter
 from .digest import update_with_tensor
 
 __all__ = ["base_model_fingerprint", "combine_digests", "parameter_digests"]
@@ -54,7 +55,12 @@ def parameter_digests(
 ) -> dict[str, bytes]:
     """Name -> SHA-256 digest of each parameter not in ``exclude``; ``known`` digests are reused, not recomputed."""
     exclude, base_values, known = set(exclude), base_values or {}, known or {}
-    params = [(name, param) for name, param in model.named_parameters() if name not in exclude]
+    # Scaling vectors are not part of any base model: they are attached (as ones) for training.
+    params = [
+        (name, param)
+        for name, param in model.named_parameters()
+        if name not in exclude and not is_scaling_parameter(name)
+    ]
     todo = [(name, param) for name, param in params if name not in known]
     values = [(name, _base_value(param, base_values.get(name))) for name, param in todo]
     if any(is_zero_partitioned(param) for _, param in todo):

@@ -39,6 +39,7 @@ class AdapterMetadata:
     backbone_prefix: str | None = None
     num_labels: int | None = None
     added_biases: bool = False
+    scaling_types: list[str] = field(default_factory=list)
     dtypes: dict[str, str] = field(default_factory=dict)
     checksum: str = ""
     parameter_count: int = 0
@@ -160,6 +161,7 @@ _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "backbone_prefix": (_optional(_is_str), "a string or null"),
     "num_labels": (_optional(_is_int), "a whole number or null"),
     "added_biases": (lambda value: isinstance(value, bool), "true or false"),
+    "scaling_types": (_is_str_list, "a list of scaling-vector types"),
     "dtypes": (_is_str_map(_is_str), "an object of dtype names"),
     "checksum": (_is_sha256, "a SHA-256 hex digest"),
     "parameter_count": (_is_int, "a whole number"),

@@ -1,0 +1,108 @@
+"""Scaling vectors (SSL/SSB): same guarantees as biases: output unchanged at init, exact freeze, rewind, adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TokenDataset, snapshot, tiny_bert, tiny_model, training_args
+
+from beft_trainer import BeftConfig, BeftTrainer, BiasSelectionCallback, BiasTypeError, load_adapter
+from beft_trainer.vectors import attach_scaling_vectors, find_vectors
+
+FAMILY = ("v", "v_scale_in", "v_scale_out", "mlp_out_scale_in", "attn_out")
+
+
+def _logits(model, dataset=None):
+    batch = TokenDataset(size=8, seed=3) if dataset is None else dataset
+    ids = torch.stack([batch[i]["input_ids"] for i in range(len(batch))])
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("model_type", ["bert", "opt", "qwen2", "llama", "distilbert", "mpnet"])
+def test_attached_vectors_leave_the_output_bit_identical(model_type):
+    model = tiny_model(model_type)
+    before = _logits(model)
+    added = attach_scaling_vectors(model, ["q_scale_in", "v_scale_out", "mlp_in_scale_out", "mlp_out_scale_in"])
+    assert added > 0 and torch.equal(_logits(model), before)
+    layout = find_vectors(model)
+    assert {"q_scale_in", "v_scale_out", "mlp_in_scale_out", "mlp_out_scale_in"} <= set(layout.types)
+    name = layout.vectors["v_scale_out"][0].name
+    assert name.endswith(".beft_scale_out") and torch.equal(dict(model.named_parameters())[name], torch.ones(16))
+
+
+def test_scaling_changes_the_output_like_a_scaled_weight():
+    model = tiny_bert()
+    attach_scaling_vectors(model, ["v_scale_in", "v_scale_out"])
+    value = model.bert.encoder.layer[0].attention.self.value
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        value.beft_scale_in.uniform_(0.5, 1.5)
+        value.beft_scale_out.uniform_(0.5, 1.5)
+        expected = (x @ (value.weight * value.beft_scale_in).t()) * value.beft_scale_out + value.bias
+        torch.testing.assert_close(value(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_gpt2_fused_qkv_cannot_be_scaled_and_says_what_can():
+    with pytest.raises(BiasTypeError, match="choose among attn_out_scale_in"):
+        attach_scaling_vectors(tiny_model("gpt2"), ["v_scale_in"])
+
+
+def test_selection_over_the_family_freezes_exactly_and_rewinds_to_one(tmp_path):
+    model = tiny_bert()
+    selection = BiasSelectionCallback(probe_steps=3, candidates=FAMILY, top_k=2, exclude_inert=False)
+    trainer = BeftTrainer(
+        model, training_args(tmp_path, max_steps=6), train_dataset=TokenDataset(), callbacks=[selection]
+    )
+    pretrained = snapshot(model)
+    at_switch = {}
+
+    original = trainer.freeze_groups
+
+    def freeze_and_snapshot(groups, rewind=False):
+        original(groups, rewind)
+        at_switch.update(snapshot(model))
+
+    trainer.freeze_groups = freeze_and_snapshot
+    trainer.train()
+    final = snapshot(model)
+    active = {n for g in trainer.active_groups for n in trainer.parameter_groups[g]}
+    for name, value in final.items():
+        if name not in active:
+            assert torch.equal(value, at_switch[name]), f"{name} moved after the switch"
+            assert torch.equal(value, pretrained[name]), f"{name} is not its pretrained value"
+    for name in trainer.bias_layout.names(selection.selected):
+        assert not torch.equal(final[name], at_switch[name]), f"selected {name} did not train"
+    for vector_type in set(FAMILY) - set(selection.selected):
+        for name in trainer.bias_layout.names([vector_type]):
+            if name.endswith(("beft_scale_in", "beft_scale_out")):
+                assert torch.equal(final[name], torch.ones_like(final[name]))
+    entry = selection.report.scores["v_scale_in"]
+    assert entry["kind"] == "scale" and entry["parameters"] == 2 * 16
+    assert selection.report.scores["v"]["kind"] == "bias"
+
+
+@pytest.mark.parametrize("vector_types", [("v_scale_in",), ("v_scale_out", "mlp_out_scale_in", "q")])
+def test_adapter_with_scaling_vectors_reproduces_the_model_exactly(vector_types, tmp_path):
+    model = tiny_bert()
+    trainer = BeftTrainer(
+        model,
+        training_args(tmp_path / "run", max_steps=4),
+        beft_config=BeftConfig(bias_types=vector_types),
+        train_dataset=TokenDataset(),
+    )
+    trainer.train()
+    trainer.save_adapter(tmp_path / "adapter")
+    trained = _logits(model)
+    base = tiny_bert()
+    load_adapter(base, tmp_path / "adapter")
+    assert torch.equal(_logits(base), trained)
+    assert base.bert.encoder.layer[0].attention.self.value.beft_scale_in is not None or "v_scale_in" not in vector_types
+
+
+def test_gpt2_conv1d_layers_take_scaling_vectors():
+    model = tiny_model("gpt2")
+    before = _logits(model)
+    assert attach_scaling_vectors(model, ["attn_out_scale_in", "mlp_in_scale_out", "mlp_out_scale_out"]) == 6
+    assert torch.allclose(_logits(model), before, rtol=0, atol=1e-6)  # Conv1D's addmm vs linear + add: rounding
