@@ -21,7 +21,7 @@ from .errors import BeftConfigError
 from .plot import plot_report
 from .probe import ProbeStatistics
 from .report import PLOT_NAME, REPORT_NAME, SelectionReport, write_report
-from .scores import find_inert, rank_types
+from .scores import find_inert, rank_types, select_within_budget
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class BiasSelectionCallback(TrainerCallback):
                 f"probe_steps={self.probe_steps} leaves no training after the selection "
                 f"(max_steps={state.max_steps}): lower probe_steps or train longer."
             )
+        self._check_budget()
         self._load_state(self.trainer.resume_checkpoint_dir)
         if self.selected is not None:
             self.trainer.freeze_groups([t for t in self.candidates if t not in self.selected])
@@ -155,7 +156,7 @@ class BiasSelectionCallback(TrainerCallback):
             seed=args.seed,
         )
         inert = find_inert(report.type_scores("fisher"), self.inert_threshold) if self.exclude_inert else {}
-        chosen = rank_types(report.type_scores(self.score), list(inert), self.top_k)
+        chosen = self._choose(report, list(inert), trainer.total_parameters())
         self.selected = broadcast_from_main(chosen)
         if self.selected != chosen:
             logger.warning("Rank %d computed %s but follows rank 0's %s.", rank(), chosen, self.selected)
@@ -169,6 +170,7 @@ class BiasSelectionCallback(TrainerCallback):
             step=state.global_step,
             inert=inert,
             rewind=self.rewind,
+            budget=self.config.budget_parameters(trainer.total_parameters()),
             trainable_parameters={
                 "before": before,
                 "after": trainer.count_parameters(),
@@ -176,6 +178,25 @@ class BiasSelectionCallback(TrainerCallback):
             },
         )
         self.report = report
+
+    def _choose(self, report: SelectionReport, excluded: list[str], total_parameters: int) -> list[str]:
+        scores = report.type_scores(self.score)
+        budget = self.config.budget_parameters(total_parameters)
+        if budget is None:
+            return rank_types(scores, excluded, self.config.max_types)
+        sizes = {t: report.scores[t]["parameters"] for t in report.candidates}
+        return select_within_budget(scores, sizes, excluded, budget, self.config.max_types)
+
+    def _check_budget(self) -> None:
+        budget = self.config.budget_parameters(self.trainer.total_parameters())
+        if budget is None:
+            return
+        sizes = {t: self.trainer.count_parameters([t]) for t in self.candidates}
+        if min(sizes.values()) > budget:
+            raise BeftConfigError(
+                f"budget={self.config.budget} allows {budget:,} parameters, but the smallest candidate has "
+                f"{min(sizes.values()):,} ({', '.join(f'{t}={n:,}' for t, n in sizes.items())}): raise the budget."
+            )
 
     def _publish(self, args, state, control) -> None:
         report = self.report

@@ -81,7 +81,21 @@ class SelectionConfig:
             "fisher (mean squared gradient while probing) or random (a baseline)."
         },
     )
-    top_k: int = field(default=1, metadata={"help": "How many bias types keep training after the switch."})
+    top_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "How many types keep training after the switch. Default: 1 without a budget; "
+            "with a budget, as many as fit."
+        },
+    )
+    budget: float | None = field(
+        default=None,
+        metadata={
+            "help": "Trainable-parameter budget of the selected vector types (the head is not counted): "
+            "a count (>= 1, e.g. 5000) or a share of the model's parameters (< 1, e.g. 0.0002 for 0.02%%). "
+            "The selection keeps the set of types with the highest total score that fits."
+        },
+    )
     rewind: bool = field(
         default=True,
         metadata={"help": "Reset the bias types not selected to their pretrained values at the switch."},
@@ -98,19 +112,32 @@ class SelectionConfig:
     )
 
     #: The fields a resumed run must share with its checkpoint.
-    SHAPING_FIELDS = ("probe_steps", "candidates", "score", "top_k", "rewind", "inert_threshold", "exclude_inert")
+    SHAPING_FIELDS = (
+        "probe_steps", "candidates", "score", "top_k", "budget", "rewind", "inert_threshold", "exclude_inert",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         owner = "BiasSelectionCallback"
         self.probe_steps = _require_int(owner, "probe_steps", self.probe_steps, 1)
         self.candidates = parse_type_list(self.candidates, "candidates")
+        if len(self.candidates) < 2:
+            raise BeftConfigError(
+                f"{owner} needs at least two candidates to choose from, got {self.candidates}; to train "
+                f"one type without probing, use BeftConfig(bias_types={self.candidates})."
+            )
         if self.score not in SCORE_NAMES:
             raise BeftConfigError(f"{owner}: Unknown score {self.score!r}; choose one of {', '.join(SCORE_NAMES)}.")
-        self.top_k = _require_int(owner, "top_k", self.top_k, 1)
-        if self.top_k >= len(self.candidates):
+        if self.top_k is not None:
+            self.top_k = _require_int(owner, "top_k", self.top_k, 1)
+            if self.top_k >= len(self.candidates):
+                raise BeftConfigError(
+                    f"{owner}: top_k={self.top_k} must be below the number of candidates "
+                    f"({len(self.candidates)}), or nothing is left out."
+                )
+        budget = self.budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real) or budget <= 0):
             raise BeftConfigError(
-                f"{owner}: top_k={self.top_k} must be below the number of candidates ({len(self.candidates)}), "
-                "or nothing is selected."
+                f"{owner}: budget must be a positive count (>= 1) or a share of the model (< 1), got {budget!r}."
             )
         self.rewind = _require_bool(owner, "rewind", self.rewind)
         self.exclude_inert = _require_bool(owner, "exclude_inert", self.exclude_inert)
@@ -118,6 +145,17 @@ class SelectionConfig:
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold < 1:
             raise BeftConfigError(f"{owner}: inert_threshold must be a number in [0, 1), got {threshold!r}.")
         self.inert_threshold = float(threshold)
+
+    @property
+    def max_types(self) -> int | None:
+        """The most types the selection keeps (None: as many as the budget allows)."""
+        return self.top_k if self.top_k is not None else (None if self.budget is not None else 1)
+
+    def budget_parameters(self, total_parameters: int) -> int | None:
+        """The budget as a parameter count for a model of ``total_parameters`` (None without a budget)."""
+        if self.budget is None:
+            return None
+        return int(self.budget) if self.budget >= 1 else int(self.budget * total_parameters)
 
     def shaping_settings(self) -> dict[str, Any]:
         """The settings stored with a checkpoint (JSON-ready)."""
@@ -189,3 +227,4 @@ class BeftConfig:
     def is_bitfit(self) -> bool:
         """Whether every bias of the model trains (``bias_types="all"``)."""
         return self.bias_types == ALL_BIASES
+

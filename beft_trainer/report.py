@@ -39,6 +39,7 @@ class SelectionReport:
     inert: dict[str, str] = field(default_factory=dict)
     rewind: bool = True
     trainable_parameters: dict[str, int] = field(default_factory=dict)
+    budget: int | None = None
 
     @classmethod
     def build(
@@ -84,6 +85,7 @@ class SelectionReport:
         inert: dict[str, str],
         rewind: bool,
         trainable_parameters: dict[str, int],
+        budget: int | None = None,
     ) -> None:
         """Record what was decided, at which step, and the trainable parameter counts around the switch."""
         self.selected = list(selected)
@@ -93,6 +95,7 @@ class SelectionReport:
         self.inert = dict(inert)
         self.rewind = rewind
         self.trainable_parameters = dict(trainable_parameters)
+        self.budget = budget
 
     def type_scores(self, score: str) -> dict[str, float]:
         """``{bias_type: value}`` of one score."""

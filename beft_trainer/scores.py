@@ -84,3 +84,43 @@ def rank_types(scores: dict[str, float], excluded: Sequence[str], top_k: int) ->
     if not eligible:
         raise BeftConfigError("Every candidate bias type is inert; nothing can be selected.")
     return sorted(eligible, key=lambda t: -scores[t])[:top_k]
+
+
+def select_within_budget(
+    scores: dict[str, float],
+    sizes: dict[str, int],
+    excluded: Sequence[str],
+    budget: int,
+    max_types: int | None = None,
+) -> list[str]:
+    """The set of types with the highest total score whose sizes add up to at most ``budget``.
+
+    An exact search (types are few): best total score first, then fewer parameters, then type
+    order. ``max_types`` caps the set's size. Returned in type order.
+    """
+    eligible = [t for t in scores if t not in excluded and sizes[t] <= budget]
+    if not eligible:
+        raise BeftConfigError(
+            f"No eligible type fits the budget of {budget:,} parameters (sizes: "
+            + ", ".join(f"{t}={sizes[t]:,}" for t in scores if t not in excluded)
+            + "); raise the budget."
+        )
+    order = sorted(eligible, key=lambda t: -scores[t])
+    best: tuple[float, int, list[str]] = (float("-inf"), 0, [])
+
+    def search(start: int, chosen: list[str], total: float, used: int) -> None:
+        nonlocal best
+        if chosen and (total, -used) > (best[0], -best[1]):
+            best = (total, used, list(chosen))
+        if max_types is not None and len(chosen) >= max_types:
+            return
+        remaining = sum(max(scores[t], 0.0) for t in order[start:])
+        if total + remaining < best[0]:
+            return
+        for i in range(start, len(order)):
+            candidate = order[i]
+            if used + sizes[candidate] <= budget:
+                search(i + 1, [*chosen, candidate], total + scores[candidate], used + sizes[candidate])
+
+    search(0, [], 0.0, 0)
+    return [t for t in scores if t in best[2]]

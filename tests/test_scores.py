@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from beft_trainer import BeftConfigError, find_inert, fisher_score, magnitude_score, projection_score, random_score
-from beft_trainer.scores import rank_types
+from beft_trainer.scores import rank_types, select_within_budget
 
 
 def test_projection_is_zero_without_movement_and_matches_the_formula():
@@ -50,3 +50,40 @@ def test_rank_types_skips_excluded_and_breaks_ties_by_order():
     assert rank_types({"q": 0.5, "k": 0.9, "v": 0.7}, [], 2) == ["k", "v"]
     with pytest.raises(BeftConfigError, match="inert"):
         rank_types({"k": 1.0}, ["k"], 1)
+
+
+def _brute_force(scores, sizes, excluded, budget, max_types):
+    import itertools
+
+    eligible = [t for t in scores if t not in excluded]
+    best = None
+    for k in range(1, len(eligible) + 1):
+        if max_types is not None and k > max_types:
+            break
+        for subset in itertools.combinations(eligible, k):
+            used = sum(sizes[t] for t in subset)
+            if used <= budget:
+                key = (sum(scores[t] for t in subset), -used)
+                if best is None or key > best[0]:
+                    best = (key, set(subset))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_budgeted_choice_is_the_best_set_that_fits(seed):
+    generator = torch.Generator().manual_seed(seed)
+    types = [f"t{i}" for i in range(8)]
+    scores = dict(zip(types, torch.rand(8, generator=generator).tolist(), strict=True))
+    sizes = dict(zip(types, torch.randint(100, 1000, (8,), generator=generator).tolist(), strict=True))
+    budget = int(torch.randint(1000, 3000, (1,), generator=generator))
+    max_types = [None, 2][seed % 2]
+    chosen = select_within_budget(scores, sizes, ["t0"], budget, max_types)
+    expected_key, _ = _brute_force(scores, sizes, ["t0"], budget, max_types)
+    assert sum(sizes[t] for t in chosen) <= budget and "t0" not in chosen
+    assert (sum(scores[t] for t in chosen), -sum(sizes[t] for t in chosen)) == pytest.approx(expected_key)
+    assert max_types is None or len(chosen) <= max_types
+
+
+def test_a_budget_nothing_fits_says_the_sizes():
+    with pytest.raises(BeftConfigError, match="No eligible type fits the budget of 50 parameters"):
+        select_within_budget({"q": 1.0, "v": 2.0}, {"q": 64, "v": 64}, [], 50)

@@ -67,7 +67,9 @@ def test_missing_bias_type_fails_before_training(tmp_path):
     [
         ({"score": "gradnorm"}, "Unknown score 'gradnorm'"),
         ({"candidates": ("q", "query")}, r"unknown bias types \['query'\]"),
-        ({"candidates": ("v",)}, "top_k=1 must be"),
+        ({"candidates": ("v",)}, "at least two candidates"),
+        ({"candidates": ("q", "v"), "top_k": 2}, "top_k=2 must be below"),
+        ({"budget": 0}, "budget must be a positive count"),
         ({"probe_steps": 0}, "probe_steps must be >= 1"),
         ({"inert_threshold": 2.0}, "inert_threshold"),
     ],

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from helpers import TokenDataset, snapshot, tiny_bert, tiny_model, training_args
 
-from beft_trainer import BeftConfig, BeftTrainer, BiasSelectionCallback, BiasTypeError, load_adapter
+from beft_trainer import BeftConfig, BeftConfigError, BeftTrainer, BiasSelectionCallback, BiasTypeError, load_adapter
 from beft_trainer.vectors import attach_scaling_vectors, find_vectors
 
 FAMILY = ("v", "v_scale_in", "v_scale_out", "mlp_out_scale_in", "attn_out")
@@ -106,3 +108,32 @@ def test_gpt2_conv1d_layers_take_scaling_vectors():
     before = _logits(model)
     assert attach_scaling_vectors(model, ["attn_out_scale_in", "mlp_in_scale_out", "mlp_out_scale_out"]) == 6
     assert torch.allclose(_logits(model), before, rtol=0, atol=1e-6)  # Conv1D's addmm vs linear + add: rounding
+
+
+def test_a_budget_keeps_the_best_set_of_types_that_fits(tmp_path):
+    selection = BiasSelectionCallback(probe_steps=3, candidates=FAMILY, budget=70, exclude_inert=False)
+    trainer = BeftTrainer(
+        tiny_bert(), training_args(tmp_path, max_steps=5), train_dataset=TokenDataset(), callbacks=[selection]
+    )
+    trainer.train()
+    sizes = {t: selection.report.scores[t]["parameters"] for t in FAMILY}
+    assert sizes == {"v": 32, "v_scale_in": 32, "v_scale_out": 32, "mlp_out_scale_in": 64, "attn_out": 32}
+    assert selection.report.budget == 70 and len(selection.selected) == 2  # two of the 32-vector types fit
+    scores = selection.report.type_scores("projection")
+    fitting = [
+        set(subset)
+        for k in (1, 2, 3)
+        for subset in itertools.combinations(FAMILY, k)
+        if sum(sizes[t] for t in subset) <= 70
+    ]
+    assert set(selection.selected) == max(fitting, key=lambda subset: sum(scores[t] for t in subset))
+
+
+def test_a_budget_below_every_candidate_is_refused_before_any_step(tmp_path):
+    selection = BiasSelectionCallback(probe_steps=2, candidates=("v", "v_scale_in"), budget=10)
+    trainer = BeftTrainer(
+        tiny_bert(), training_args(tmp_path, max_steps=4), train_dataset=TokenDataset(), callbacks=[selection]
+    )
+    with pytest.raises(BeftConfigError, match="allows 10 parameters, but the smallest candidate has 32"):
+        trainer.train()
+    assert trainer.state.global_step == 0
