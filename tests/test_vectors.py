@@ -8,7 +8,16 @@ import pytest
 import torch
 from helpers import TokenDataset, snapshot, tiny_bert, tiny_model, training_args
 
-from beft_trainer import BeftConfig, BeftConfigError, BeftTrainer, BiasSelectionCallback, BiasTypeError, load_adapter
+from beft_trainer import (
+    BeftConfig,
+    BeftConfigError,
+    BeftTrainer,
+    BiasSelectionCallback,
+    BiasTypeError,
+    PeftExportError,
+    export_peft,
+    load_adapter,
+)
 from beft_trainer.vectors import attach_scaling_vectors, find_vectors
 
 FAMILY = ("v", "v_scale_in", "v_scale_out", "mlp_out_scale_in", "attn_out")
@@ -137,3 +146,50 @@ def test_a_budget_below_every_candidate_is_refused_before_any_step(tmp_path):
     with pytest.raises(BeftConfigError, match="allows 10 parameters, but the smallest candidate has 32"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def _trained_adapter(tmp_path, vector_types, model_type="bert"):
+    model = tiny_model(model_type) if model_type != "bert" else tiny_bert()
+    trainer = BeftTrainer(
+        model,
+        training_args(tmp_path / "run", max_steps=3),
+        beft_config=BeftConfig(bias_types=vector_types),
+        train_dataset=TokenDataset(),
+    )
+    trainer.train()
+    return model, trainer.build_adapter()
+
+
+def test_input_scalings_export_to_peft_ia3_with_the_same_outputs(tmp_path):
+    peft = pytest.importorskip("peft")
+    model, adapter = _trained_adapter(tmp_path, ("v_scale_in", "mlp_out_scale_in"))
+    with pytest.raises(PeftExportError, match="pass base_model="):
+        export_peft(adapter, tmp_path / "no-base")
+    export_peft(adapter, tmp_path / "ia3", base_model=tiny_bert())
+    loaded = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "ia3")
+    assert isinstance(loaded.peft_config["default"], peft.IA3Config)
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-5, atol=1e-6)
+
+
+def test_an_output_scaling_exports_to_ia3_only_on_a_bias_free_layer(tmp_path):
+    peft = pytest.importorskip("peft")
+    _, with_bias = _trained_adapter(tmp_path / "bert", ("v_scale_out",))
+    with pytest.raises(PeftExportError, match="this one has a bias"):
+        export_peft(with_bias, tmp_path / "a", base_model=tiny_bert())
+    model, bias_free = _trained_adapter(tmp_path / "llama", ("v_scale_out",), model_type="llama")
+    with pytest.raises(PeftExportError, match="pass base_model="):
+        export_peft(bias_free, tmp_path / "b")
+    export_peft(bias_free, tmp_path / "c", base_model=tiny_model("llama"))
+    loaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "c")
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("vector_types", "message"),
+    [(("v_scale_in", "v_scale_out"), "both an input and an output scaling"), (("v", "v_scale_in"), "one tuner type")],
+)
+def test_what_ia3_cannot_hold_is_refused(vector_types, message, tmp_path):
+    _, adapter = _trained_adapter(tmp_path, vector_types)
+    with pytest.raises(PeftExportError, match=message):
+        export_peft(adapter, tmp_path / "out", base_model=tiny_bert())
+    assert not (tmp_path / "out").exists()

@@ -1,4 +1,6 @@
-"""Export a BEFT adapter as a peft BEFT adapter folder (``PeftModel.from_pretrained`` loads it).
+"""Export a BEFT adapter as a peft adapter folder (``PeftModel.from_pretrained`` loads it).
+
+Bias deltas go to peft's BEFT tuner (below); scaling vectors to peft's IA3 (``peft_ia3``).
 
 peft's BEFT tuner (``peft.tuners.beft``, peft >= 0.20) wraps ``nn.Linear`` layers and adds a
 learned vector ``beft_bias`` to their output: exactly a bias delta. What it can represent:
@@ -26,6 +28,7 @@ from ..errors import PeftExportError
 from .apply import check_adapter, prepare_base_model
 from .arithmetic import exact_delta
 from .format import BeftAdapter, read_adapter
+from .peft_ia3 import ia3_targets, write_ia3
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_LINEAR_TYPES", "PEFT_WEIGHTS_NAME", "check_out_dir", "export_peft", "peft_unsupported"]
 
@@ -94,6 +97,8 @@ def export_peft(
     """
     peft = _import_peft()
     adapter = _as_adapter(source)
+    if adapter.metadata.scaling_types:
+        return _export_ia3(peft, adapter, os.fspath(out_dir), base_model, overwrite)
     reasons = peft_unsupported(adapter)
     if reasons:
         raise PeftExportError(
@@ -127,6 +132,48 @@ def export_peft(
     tensors |= {f"{_PEFT_PREFIX}{name}": value.contiguous() for name, value in head.items()}
     save_file(tensors, os.path.join(out_dir, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
     return out_dir
+
+
+def _export_ia3(peft, adapter: BeftAdapter, out_dir: str, base_model: nn.Module | None, overwrite: bool) -> str:
+    targets = ia3_targets(adapter, base_model)
+    head, saved_modules = dict(adapter.head), {name.split(".", 1)[0] for name in adapter.head}
+    backbone_head = [n for n in head if _in_backbone(n, adapter.metadata.backbone_prefix)]
+    if backbone_head:
+        # IA3 holds no bias delta: a trained head bias inside the backbone (BERT's pooler) goes
+        # out with its whole module, the other parameters taken from the base model.
+        head, saved_modules = _with_whole_backbone_modules(adapter, head, backbone_head, base_model)
+    check_out_dir(out_dir, overwrite)
+    metadata = adapter.metadata
+    write_ia3(
+        peft,
+        head,
+        targets,
+        out_dir,
+        modules_to_save=sorted(saved_modules) or None,
+        base_model_name_or_path=metadata.base_model,
+        task_type=_task_type(metadata.model_class),
+    )
+    return out_dir
+
+
+def _with_whole_backbone_modules(
+    adapter: BeftAdapter, head: dict[str, torch.Tensor], backbone_head: list[str], base_model: nn.Module | None
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    if base_model is None:
+        raise PeftExportError(
+            f"The head includes {', '.join(backbone_head[:3])}, inside the backbone: peft saves its whole "
+            "module, whose other weights come from the base model, so pass base_model= (--base-model PATH)."
+        )
+    prepare_base_model(base_model, adapter.metadata)
+    check_adapter(base_model, adapter)
+    parents = {name.rsplit(".", 2)[0] for name in backbone_head}  # bert.pooler.dense.bias -> bert.pooler
+    params = dict(base_model.named_parameters())
+    for parent in parents:
+        for name, value in params.items():
+            if name.startswith(parent + ".") and name not in head:
+                head[name] = value.detach().float().clone()
+    modules = {name.split(".", 1)[0] for name in head if not any(name.startswith(p + ".") for p in parents)}
+    return head, modules | {parent.rsplit(".", 1)[-1] for parent in parents}
 
 
 def _import_peft():
