@@ -159,13 +159,7 @@ def _export_ia3(peft, adapter: BeftAdapter, out_dir: str, base_model: nn.Module 
 def _with_whole_backbone_modules(
     adapter: BeftAdapter, head: dict[str, torch.Tensor], backbone_head: list[str], base_model: nn.Module | None
 ) -> tuple[dict[str, torch.Tensor], set[str]]:
-    if base_model is None:
-        raise PeftExportError(
-            f"The head includes {', '.join(backbone_head[:3])}, inside the backbone: peft saves its whole "
-            "module, whose other weights come from the base model, so pass base_model= (--base-model PATH)."
-        )
-    prepare_base_model(base_model, adapter.metadata)
-    check_adapter(base_model, adapter)
+    base_model = _checked_base_model(adapter, backbone_head, base_model, "peft saves its whole module")
     parents = {name.rsplit(".", 2)[0] for name in backbone_head}  # bert.pooler.dense.bias -> bert.pooler
     params = dict(base_model.named_parameters())
     for parent in parents:
@@ -174,6 +168,18 @@ def _with_whole_backbone_modules(
                 head[name] = value.detach().float().clone()
     modules = {name.split(".", 1)[0] for name in head if not any(name.startswith(p + ".") for p in parents)}
     return head, modules | {parent.rsplit(".", 1)[-1] for parent in parents}
+
+
+def _checked_base_model(adapter: BeftAdapter, names: list[str], base_model: nn.Module | None, why: str) -> nn.Module:
+    """The base model, prepared and checked against the adapter; refused when missing, saying ``why`` it is needed."""
+    if base_model is None:
+        raise PeftExportError(
+            f"The head includes {', '.join(names[:3])}, inside the backbone: {why}, so pass base_model= "
+            "(on the command line: --base-model PATH)."
+        )
+    prepare_base_model(base_model, adapter.metadata)
+    check_adapter(base_model, adapter)
+    return base_model
 
 
 def _import_peft():
@@ -195,13 +201,7 @@ def _deltas_against_base(
     weight), so a lone trained bias of a backbone ``nn.Linear`` is exported as a BEFT delta.
     """
     names = list(trained)
-    if base_model is None:
-        raise PeftExportError(
-            f"The head includes {', '.join(names[:3])}, inside the backbone: peft gets it as a delta "
-            "against the base model, so pass base_model= (on the command line: --base-model PATH)."
-        )
-    prepare_base_model(base_model, adapter.metadata)
-    check_adapter(base_model, adapter)
+    base_model = _checked_base_model(adapter, names, base_model, "peft gets it as a delta against the base model")
     params = dict(base_model.named_parameters())
     modules = dict(base_model.named_modules())
     deltas = {}
