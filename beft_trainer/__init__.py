@@ -15,7 +15,7 @@ Module map (data flows one way: model -> biases -> groups -> probe -> scores -> 
 - ``distributed``: everything that knows about DDP and DeepSpeed ZeRO (full values, ranks, optimizer groups).
 - ``precision``: frozen weights in half precision, every trained vector in fp32.
 - ``report``, ``plot``: the selection report (``beft_selection.json``) and its figure.
-- ``adapters/``: the adapter file format, checksum, base-model fingerprint, exact arithmetic, apply, peft export.
+- ``adapters/``: the adapter file format, checksum, base-model fingerprint, exact arithmetic, apply, peft export, mixed batches, merge.
 - ``errors``: every error class.
 - ``cli``: the ``beft`` command (report, inspect, export-peft).
 - ``recipes_support/``: tasks, data checks, methods and argument parsing for ``recipes/`` (not imported here).
@@ -26,12 +26,16 @@ from .adapters import (
     ADAPTER_WEIGHTS_NAME,
     AdapterSet,
     BeftAdapter,
+    MixedAdapters,
     base_model_fingerprint,
     build_adapter,
     check_adapter,
     export_peft,
     load_adapter,
+    load_mixed_adapters,
+    merge_adapter,
     read_adapter,
+    save_merged,
 )
 from .biases import ALL_BIASES, BIAS_TYPES, BiasLayout, add_missing_biases, find_biases, split_fused_qkv_bias
 from .callback import BiasSelectionCallback
@@ -61,6 +65,7 @@ __all__ = [
     "BiasLayout",
     "BiasSelectionCallback",
     "BiasTypeError",
+    "MixedAdapters",
     "PeftExportError",
     "ResumeError",
     "SelectionConfig",
@@ -76,13 +81,16 @@ __all__ = [
     "find_inert",
     "fisher_score",
     "load_adapter",
+    "load_mixed_adapters",
     "magnitude_score",
+    "merge_adapter",
     "plot_report",
     "projection_score",
     "random_score",
     "read_adapter",
     "read_report",
     "report_figure",
+    "save_merged",
     "split_fused_qkv_bias",
     "write_report",
 ]
