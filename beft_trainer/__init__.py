@@ -15,7 +15,7 @@ Module map (data flows one way: model -> biases -> groups -> probe -> scores -> 
 - ``distributed``: everything that knows about DDP and DeepSpeed ZeRO (full values, ranks, optimizer groups).
 - ``precision``: frozen weights in half precision, every trained vector in fp32.
 - ``report``, ``plot``: the selection report (``beft_selection.json``) and its figure.
-- ``adapters/``: the adapter file format, checksum, base-model fingerprint, exact arithmetic, apply, peft export, mixed batches, merge.
+- ``adapters/``: the adapter file format, checksum, base-model fingerprint, exact arithmetic, apply, peft export.
 - ``errors``: every error class.
 - ``cli``: the ``beft`` command (report, inspect, export-peft).
 - ``recipes_support/``: tasks, data checks, methods and argument parsing for ``recipes/`` (not imported here).
