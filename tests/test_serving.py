@@ -181,6 +181,13 @@ def test_mixed_batches_refuse_what_they_cannot_do():
         mixed.add(classifier_adapters("bert")["t0"], "t0")
     with pytest.raises(AdapterError, match="not the base model"):
         mixed.add(make_adapter(tiny_model("bert", seed=1), 0), "other")
+    with mixed.use(["t0"] * 6), torch.no_grad():  # a refused forward leaves the rows of the block intact
+        expected = model(**inputs).logits
+        with pytest.raises(AdapterError, match="has 2 names"):
+            model(**inputs, adapter_names=["t0", "t1"])
+        assert torch.equal(model(**inputs).logits, expected)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, model(**inputs, adapter_names=[None] * 6).logits)
     model.train()
     with pytest.raises(AdapterError, match="for inference: call model.eval"):
         model(**inputs, adapter_names=NAMES)

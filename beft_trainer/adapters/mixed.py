@@ -47,6 +47,7 @@ class MixedAdapters:
         self.model = model
         self.adapters: dict[str, BeftAdapter] = {}
         self._active: list[torch.Tensor | None] = []
+        self._marks: list[int] = []  # stack depth at each forward's entry, restored when it leaves
         self.layers = TaskLayers(model, lambda: self._active[-1] if self._active else None)
         self._hasher = AdapterSet(model)  # per-parameter digests: the base is hashed once
         self._handles = [
@@ -138,11 +139,14 @@ class MixedAdapters:
             rows = self._rows(names)
             self._check_batch(rows, args, kwargs)
             self._check_labels(names, kwargs)
+        # Pushed only once every check passed: torch calls _leave_forward even when this hook raises.
+        self._marks.append(len(self._active))
         self._active.append(rows)
         return args, kwargs
 
     def _leave_forward(self, module, args, output):
-        self._active.pop()
+        if self._marks:
+            del self._active[self._marks.pop() :]
 
     def _generate(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
         if adapter_names is None:
