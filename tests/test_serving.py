@@ -267,3 +267,20 @@ def test_beft_merge_command(tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.startswith("beft merge: error:") and "not empty" in error and error.count("\n") == 1
     assert main([*argv, "--overwrite"]) == 0
+
+
+def test_a_parameter_of_a_module_with_submodules_is_refused_in_one_line():
+    def with_attention_bias(model):
+        attention = model.bert.encoder.layer[0].attention  # has submodules (self, output)
+        attention.register_parameter("bias", torch.nn.Parameter(torch.zeros(16)))
+        return model
+
+    trained = with_attention_bias(tiny_model("bert"))
+    name = "bert.encoder.layer.0.attention.bias"
+    pretrained = {name: trained.get_parameter(name).detach().clone()}
+    with torch.no_grad():
+        trained.get_parameter(name).add_(1.0)
+    adapter = build_adapter(trained, {"other": [name]}, pretrained)
+    model = with_attention_bias(tiny_model("bert")).eval()
+    with pytest.raises(AdapterError, match=r"attention \(BertAttention\), which has submodules.*leaf modules only"):
+        load_mixed_adapters(model, {"odd": adapter})
