@@ -3,6 +3,7 @@
     beft report OUTPUT_DIR                   summary of beft_selection.json + its plot (PNG)
     beft inspect MODEL                       bias types of a model, their sizes, what is selectable
     beft export-peft ADAPTER_DIR OUT_DIR     a BEFT adapter as a peft BEFT adapter folder (OUT_DIR new or empty)
+    beft merge ADAPTER_DIR OUT_DIR --base-model BASE   the adapter folded into a plain checkpoint
 
 MODEL is a local model folder or an alias (``minilm``: the packaged all-MiniLM-L6-v2). Weights
 are read from safetensors only; nothing is unpickled. Every wrong input ends in one line,
@@ -70,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace the adapter files of a non-empty OUT_DIR (default: refuse)"
     )
     export.set_defaults(func=_export_peft)
+
+    from .cli_merge import add_merge_parser
+
+    add_merge_parser(commands)
     return parser
 
 

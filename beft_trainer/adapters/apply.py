@@ -104,12 +104,16 @@ def prepare_base_model(model: nn.Module, metadata: AdapterMetadata) -> None:
         attach_scaling_vectors(model, metadata.scaling_types)
 
 
-def check_adapter(model: nn.Module, adapter: BeftAdapter, base_fingerprint: str | None = None) -> None:
+def check_adapter(
+    model: nn.Module, adapter: BeftAdapter, base_fingerprint: str | None = None, *, any_num_labels: bool = False
+) -> None:
     """Raise ``AdapterError`` unless ``adapter`` was trained from ``model``.
 
     Checks the architecture, the parameter names and shapes, then the fingerprint of every
     parameter but the head (``base_fingerprint`` if given, else computed from ``model``): any
-    weight that differs from the adapter's base model is refused.
+    weight that differs from the adapter's base model is refused. With ``any_num_labels`` a head
+    parameter may differ from the model's in its label dimension (dim 0 of size
+    ``config.num_labels``): mixed batches run each task's head with its own label count.
     """
     params = dict(model.named_parameters())
     metadata = adapter.metadata
@@ -128,7 +132,9 @@ def check_adapter(model: nn.Module, adapter: BeftAdapter, base_fingerprint: str 
         )
     for kind, tensors in (("bias", adapter.deltas), ("head", adapter.head)):
         for name, tensor in tensors.items():
-            if tuple(params[name].shape) != tuple(tensor.shape):
+            if tuple(params[name].shape) != tuple(tensor.shape) and not (
+                any_num_labels and kind == "head" and _differs_in_labels(model, params[name], tensor)
+            ):
                 hint = f" (load the base model with num_labels={metadata.num_labels})" if kind == "head" else ""
                 raise AdapterError(
                     f"Shape mismatch for {kind} parameter {name}: {where} has {tuple(tensor.shape)}, "
@@ -143,6 +149,16 @@ def check_adapter(model: nn.Module, adapter: BeftAdapter, base_fingerprint: str 
             f"base checkpoint, in the dtype it was trained from (float32 unless you loaded it otherwise; "
             f"this model holds {', '.join(dtypes)})."
         )
+
+
+def _differs_in_labels(model: nn.Module, param: torch.Tensor, stored: torch.Tensor) -> bool:
+    """Whether two head shapes differ only in the label dimension (dim 0 of size ``config.num_labels``)."""
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    return (
+        param.dim() == stored.dim() >= 1
+        and param.shape[0] == num_labels
+        and tuple(param.shape[1:]) == tuple(stored.shape[1:])
+    )
 
 
 def load_adapter(
