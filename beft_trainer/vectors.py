@@ -130,3 +130,28 @@ def find_vectors(model: nn.Module) -> BiasLayout:
 def is_scaling_parameter(name: str) -> bool:
     """Whether a parameter name is a scaling vector's (``...beft_scale_in``/``...beft_scale_out``)."""
     return name.rsplit(".", 1)[-1] in SCALE_PARAMETERS.values()
+
+
+def fold_scaling_vectors(model: nn.Module) -> int:
+    """Multiply every attached scaling vector into its layer's weight and remove it (for merged checkpoints).
+
+    ``W diag(s_in)`` and ``diag(s_out) W`` become the weight; the bias stays as it is (a ``scale_out``
+    vector never scaled it). The layer's own forward comes back. Outputs equal the scaled model's up
+    to float rounding (``(W * s) x`` is not rounded like ``W (s * x)``). Returns the layers folded.
+    """
+    folded = 0
+    for module in model.modules():
+        if not getattr(module, "_beft_scaled", False):
+            continue
+        in_dim = 1 if isinstance(module, nn.Linear) else 0
+        with torch.no_grad():
+            for side, name in SCALE_PARAMETERS.items():
+                scale = module._parameters.pop(name, None)
+                if scale is not None:
+                    shape = [1, 1]
+                    shape[in_dim if side == "in" else 1 - in_dim] = -1
+                    module.weight.mul_(scale.to(module.weight.dtype).view(shape))
+        del module.forward  # the instance attribute set by _attach: the class's forward again
+        del module._beft_scaled
+        folded += 1
+    return folded

@@ -15,8 +15,12 @@ from beft_trainer import (
     BiasSelectionCallback,
     BiasTypeError,
     PeftExportError,
+    build_adapter,
     export_peft,
+    find_head_parameters,
     load_adapter,
+    load_mixed_adapters,
+    save_merged,
 )
 from beft_trainer.vectors import attach_scaling_vectors, find_vectors
 
@@ -193,3 +197,53 @@ def test_what_ia3_cannot_hold_is_refused(vector_types, message, tmp_path):
     with pytest.raises(PeftExportError, match=message):
         export_peft(adapter, tmp_path / "out", base_model=tiny_bert())
     assert not (tmp_path / "out").exists()
+
+
+def _random_adapter(seed: int, vector_types: tuple[str, ...]):
+    model = tiny_bert()
+    scaling = [t for t in vector_types if "_scale_" in t]
+    attach_scaling_vectors(model, scaling)
+    pretrained = snapshot(model)
+    layout = find_vectors(model)
+    groups = {t: layout.names([t]) for t in vector_types}
+    head = find_head_parameters(model)
+    moved = {n for names in groups.values() for n in names} | set(head)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in moved:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    return build_adapter(model, groups, pretrained, head=head, scaling_types=scaling)
+
+
+def test_mixed_batches_apply_scaling_vectors_per_row_exactly():
+    adapters = {
+        "ssl": _random_adapter(1, ("v_scale_in",)),
+        "mixed": _random_adapter(2, ("v", "mlp_out_scale_in")),
+        "ssb": _random_adapter(3, ("v_scale_in", "v_scale_out")),
+    }
+    names = ["ssl", None, "mixed", "ssb", "ssl", "ssb"]
+    model = tiny_bert().eval()
+    load_mixed_adapters(model, adapters)
+    inputs = TokenDataset(size=6, seed=5)
+    ids = torch.stack([inputs[i]["input_ids"] for i in range(6)])
+    with torch.no_grad():
+        logits = model(input_ids=ids, adapter_names=names).logits
+    for row, name in enumerate(names):
+        reference = tiny_bert().eval()
+        if name is not None:
+            load_adapter(reference, adapters[name])
+        with torch.no_grad():
+            assert torch.equal(logits[row], reference(input_ids=ids).logits[row]), name
+
+
+def test_a_merged_checkpoint_folds_scaling_vectors_into_the_weights(tmp_path):
+    import transformers as tf
+
+    adapter = _random_adapter(4, ("v_scale_in", "v_scale_out", "v"))
+    applied = tiny_bert().eval()
+    load_adapter(applied, adapter)
+    save_merged(adapter, tiny_bert(), tmp_path / "merged")
+    merged = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert not any("beft_scale" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(_logits(merged), _logits(applied), rtol=1e-5, atol=1e-6)

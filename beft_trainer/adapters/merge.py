@@ -2,6 +2,8 @@
 
 The biases are added exactly as ``load_adapter`` adds them and the head is copied, so the merged
 checkpoint, loaded with ``from_pretrained``, gives the adapter-applied model's outputs bit for bit.
+Scaling vectors are multiplied into their layers' weights (``fold_scaling_vectors``): equal up to
+float rounding, since ``(W * s) x`` rounds differently from ``W (s * x)``.
 GPT-2's split q/k/v bias is fused back into ``c_attn.bias`` by the state-dict hook
 ``split_fused_qkv_bias`` installs, so the checkpoint has the layout every GPT-2 loader expects.
 """
@@ -13,6 +15,7 @@ import os
 from torch import nn
 
 from ..errors import AdapterError
+from ..vectors import fold_scaling_vectors
 from .apply import load_adapter
 from .format import BeftAdapter, read_adapter
 from .peft import check_out_dir
@@ -35,6 +38,7 @@ def merge_adapter(model: nn.Module, adapter: BeftAdapter | str | os.PathLike) ->
         )
     load_adapter(model, adapter)
     object.__delattr__(model, "beft_adapters")  # merged: nothing left to switch
+    fold_scaling_vectors(model)
     return model
 
 
