@@ -8,7 +8,6 @@ that still trains).
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +18,7 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from .adapters import AdapterMetadata, BeftAdapter, base_model_fingerprint, build_adapter
-from .biases import SCALING_TYPES, BiasLayout, add_missing_biases, split_fused_qkv_bias
+from .biases import SCALING_TYPES
 from .callback import BiasSelectionCallback
 from .checks import check_model, check_no_optimizer_given, check_optimizer, check_output_dir
 from .config import BeftConfig
@@ -37,9 +36,8 @@ from .groups import HEAD_DECAY_GROUP, HEAD_GROUPS, bias_parameter_names, head_pa
 from .heads import find_head_parameters
 from .precision import cast_frozen_parameters, resolve_frozen_dtype
 from .resume import check_resume, run_settings, write_run_settings
-from .vectors import attach_scaling_vectors, find_vectors
+from .vectors import prepare_model
 
-logger = logging.getLogger(__name__)
 
 class BeftTrainer(Trainer):
     """A Trainer that trains only bias vectors (BitFit/BEFT) and the task head.
@@ -69,7 +67,7 @@ class BeftTrainer(Trainer):
         selection = self._selection_callback(callbacks)
         self.selection_callback = selection
         self.trained_types = self._requested_types(selection)
-        self.bias_layout = _prepare_model(model, self.beft_config, self.trained_types)
+        self.bias_layout = prepare_model(model, self.beft_config.add_missing_biases, self.trained_types or ())
         self.parameter_groups = self._trainable_groups(model)
         self.frozen_groups: list[str] = []
         trainable = [n for names in self.parameter_groups.values() for n in names]
@@ -284,17 +282,6 @@ class BeftTrainer(Trainer):
     def checkpoint_dir(self, step: int) -> str:
         """The folder the Trainer writes the checkpoint of ``step`` to."""
         return os.path.join(self.args.output_dir, f"checkpoint-{step}")
-
-
-def _prepare_model(model: nn.Module, config: BeftConfig, vector_types: Sequence[str] | None) -> BiasLayout:
-    split_fused_qkv_bias(model)
-    if config.add_missing_biases:
-        added = add_missing_biases(model)
-        logger.info("Added %d zero-initialised q/k/v biases.", added)
-    scaling = [t for t in vector_types or () if t in SCALING_TYPES]
-    if scaling:
-        attach_scaling_vectors(model, scaling)
-    return find_vectors(model)
 
 
 def _freeze_all_but(model: nn.Module, trainable: list[str]) -> None:

@@ -19,7 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .biases import ARCHITECTURES, PROJECTION_TYPES, SCALING_TYPES, BiasLayout, BiasVector, find_biases, model_type_of
+from .biases import (
+    ARCHITECTURES,
+    PROJECTION_TYPES,
+    SCALING_TYPES,
+    BiasLayout,
+    BiasVector,
+    add_missing_biases,
+    find_biases,
+    model_type_of,
+    split_fused_qkv_bias,
+)
 from .errors import BiasTypeError
 
 #: Parameter names of the vectors on their module.
@@ -118,6 +128,22 @@ def find_scaling_vectors(model: nn.Module) -> dict[str, list[BiasVector]]:
                 name = f"{module_name}.{SCALE_PARAMETERS[side]}"
                 found.setdefault(vector_type, []).append(BiasVector(name, layer, vector_type))
     return found
+
+
+def prepare_model(model: nn.Module, add_biases: bool = False, scaling_types: Iterable[str] = ()) -> BiasLayout:
+    """Give ``model`` the parameter layout training uses, and return its vector catalog.
+
+    GPT-2's fused q/k/v bias is split into three parameters, zero q/k/v biases are added to a
+    bias-free model when ``add_biases``, and scaling vectors (ones) are attached. The trainer
+    and the adapter loader both call it, so an adapter's names meet the same layout. Idempotent.
+    """
+    split_fused_qkv_bias(model)
+    if add_biases:
+        add_missing_biases(model)
+    scaling = [t for t in scaling_types if t in SCALING_TYPES]
+    if scaling:
+        attach_scaling_vectors(model, scaling)
+    return find_vectors(model)
 
 
 def find_vectors(model: nn.Module) -> BiasLayout:

@@ -8,9 +8,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..biases import add_missing_biases, model_type_of, split_fused_qkv_bias
+from ..biases import model_type_of
 from ..errors import AdapterError
-from ..vectors import attach_scaling_vectors
+from ..vectors import prepare_model
 from .arithmetic import apply_delta
 from .fingerprint import base_model_fingerprint, combine_digests, parameter_digests
 from .format import BeftAdapter, read_adapter
@@ -92,16 +92,12 @@ def prepare_base_model(model: nn.Module, metadata: AdapterMetadata) -> None:
 
     ``BeftTrainer`` splits GPT-2's fused q/k/v bias into three parameters, may add zero
     q/k/v biases to a bias-free model and attaches scaling vectors (ones); the same steps make
-    the adapter's names (and the base fingerprint) match. Both are no-ops on a model already prepared, and on a model of another
-    architecture.
+    the adapter's names (and the base fingerprint) match (``beft_trainer.vectors.prepare_model``).
+    A no-op on a model already prepared, and on a model of another architecture.
     """
     if model_type_of(model) != metadata.model_type:
         return  # check_adapter says why
-    split_fused_qkv_bias(model)
-    if metadata.added_biases:
-        add_missing_biases(model)
-    if metadata.scaling_types:
-        attach_scaling_vectors(model, metadata.scaling_types)
+    prepare_model(model, metadata.added_biases, metadata.scaling_types)
 
 
 def check_adapter(

@@ -55,12 +55,7 @@ def build_adapter(
     groups = {group: list(names) for group, names in bias_groups.items()}
     head = list(head)
     bias_names = [n for names in groups.values() for n in names]
-    missing = [n for n in [*bias_names, *head] if n not in params]
-    if missing:
-        raise AdapterError(f"{type(model).__name__} has no parameters {missing[:5]}.")
-    no_pretrained = [n for n in bias_names if n not in pretrained]
-    if no_pretrained:
-        raise AdapterError(f"No pretrained value given for {no_pretrained[:5]}.")
+    _check_names(model, params, bias_names, head, pretrained)
     deltas, fixes = _exact_deltas(params, bias_names, pretrained)
     head_values = {name: _trained_value(params[name]) for name in head}
     config = getattr(model, "config", None)
@@ -83,6 +78,17 @@ def build_adapter(
     adapter = BeftAdapter(deltas=deltas, head=head_values, metadata=metadata, fixes=fixes)
     metadata.parameter_count = adapter.parameter_count
     return adapter
+
+
+def _check_names(
+    model: nn.Module, params: Mapping[str, torch.Tensor], bias_names: list[str], head: list[str], pretrained: Mapping
+) -> None:
+    missing = [n for n in [*bias_names, *head] if n not in params]
+    if missing:
+        raise AdapterError(f"{type(model).__name__} has no parameters {missing[:5]}.")
+    no_pretrained = [n for n in bias_names if n not in pretrained]
+    if no_pretrained:
+        raise AdapterError(f"No pretrained value given for {no_pretrained[:5]}.")
 
 
 def _exact_deltas(
