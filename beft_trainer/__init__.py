@@ -4,6 +4,7 @@ Module map (data flows one way: model -> biases -> groups -> probe -> scores -> 
 
 - ``config``: every option, declared once: ``SelectionConfig`` (the callback) and ``BeftConfig`` (the trainer).
 - ``biases``: which parameters are a model's q/k/v/... biases, by exact per-architecture names.
+- ``vectors``: scaling vectors (SSL/SSB) on linear layers; ``prepare_model`` gives a model the training layout.
 - ``heads``: which parameters are the task head.
 - ``groups``: the optimizer parameter groups (one per bias type, the head's two) and their names.
 - ``checks``: checks of what the trainer is given, before any step.
@@ -15,9 +16,10 @@ Module map (data flows one way: model -> biases -> groups -> probe -> scores -> 
 - ``distributed``: everything that knows about DDP and DeepSpeed ZeRO (full values, ranks, optimizer groups).
 - ``precision``: frozen weights in half precision, every trained vector in fp32.
 - ``report``, ``plot``: the selection report (``beft_selection.json``) and its figure.
-- ``adapters/``: the adapter file format, checksum, base-model fingerprint, exact arithmetic, apply, peft export.
+- ``adapters/``: the adapter file format, checksum, base-model fingerprint, exact arithmetic, apply, peft export
+  (BEFT tuner and IA3), mixed batches (one adapter per row), merged checkpoints.
 - ``errors``: every error class.
-- ``cli``: the ``beft`` command (report, inspect, export-peft).
+- ``cli``, ``cli_merge``: the ``beft`` command (report, inspect, export-peft, merge).
 - ``recipes_support/``: tasks, data checks, methods and argument parsing for ``recipes/`` (not imported here).
 """
 
