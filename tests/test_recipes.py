@@ -508,3 +508,14 @@ def test_beft_on_real_sst2_beats_the_untuned_minilm(tmp_path):
     assert results["selected"] in (["q"], ["v"]) and "k" in read_json(tmp_path / "beft_selection.json")["inert"]
     assert tuned >= untuned + 0.08
     assert results["trainable_parameters"]["share"] < 2e-4
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "ia3", "peft_beft", "v_scale_in,v"])
+def test_run_glue_every_seed_method(method, tiny_bert_dir, toy_data_dir, tmp_path):
+    model = tf.AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    total = sum(p.numel() for p in model.parameters())
+    args = ["--model_name_or_path", tiny_bert_dir, "--data_dir", toy_data_dir, "--method", method]
+    results = run_glue.main(args + common_args(tmp_path / "out", max_steps=2))
+    counts = results["trainable_parameters"]
+    assert 0 < counts["trainable"] < total, counts
+    assert results["method"] == method and "eval_accuracy" in results["final"]

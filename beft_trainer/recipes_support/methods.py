@@ -1,8 +1,9 @@
-"""Fine-tuning methods shared by the recipes: BEFT, fixed bias types, BitFit, full, LoRA, prefix tuning.
+"""Fine-tuning methods shared by the recipes: BEFT, fixed vector types, BitFit, full, and peft's methods.
 
-``--method`` takes one of ``beft``, ``bitfit``, ``full``, ``lora``, ``prefix``, or a comma list of
-bias types (``v``, ``q,v``). Bias methods run on ``BeftTrainer``; ``full``, ``lora`` and ``prefix``
-are baselines on a plain ``transformers.Trainer`` (peft wraps the model for the last two).
+``--method`` takes one of ``METHODS`` or a comma list of vector types (``v``, ``q,v``,
+``v_scale_in``). Bias and scaling-vector methods run on ``BeftTrainer``; ``full`` and the peft
+methods (``lora``, ``prefix``, ``prompt_tuning``, ``p_tuning``, ``ia3``, and ``peft_beft``, peft's own
+fixed BEFT tuner) are baselines on a plain ``transformers.Trainer``.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ from typing import Any
 
 from transformers import Trainer
 
-from ..biases import ALL_BIASES, BIAS_TYPES
+from ..biases import ALL_BIASES, VECTOR_TYPES
 from ..callback import BiasSelectionCallback
 from ..config import BeftConfig, SelectionConfig
 from ..errors import BeftConfigError
 from ..trainer import BeftTrainer
 
-#: Named methods; any comma list of ``BIAS_TYPES`` names is a method too (a fixed bias set).
-METHODS = ("beft", "bitfit", "full", "lora", "prefix")
+#: Named methods; any comma list of ``VECTOR_TYPES`` names is a method too (a fixed set).
+METHODS = ("beft", "bitfit", "full", "lora", "prefix", "prompt_tuning", "p_tuning", "ia3", "peft_beft")
+#: The methods peft builds.
+PEFT_METHODS = ("lora", "prefix", "prompt_tuning", "p_tuning", "ia3", "peft_beft")
 
 #: The learning rates of the whole repository (recipes and benchmarks), per method. Bias-only
 #: training wants 1e-3..1e-2 (DESIGN.md: 1e-4 leaves single-type runs near the head-only
@@ -31,6 +34,10 @@ DEFAULT_LEARNING_RATES = {
     "full": 5e-5,
     "lora": 1e-3,
     "prefix": 1e-2,
+    "prompt_tuning": 3e-2,
+    "p_tuning": 1e-2,
+    "ia3": 1e-2,
+    "peft_beft": 1e-2,
 }
 
 
@@ -61,11 +68,11 @@ def parse_method(method: str) -> Method:
     if name in METHODS:
         return Method(name)
     bias_types = tuple(t.strip() for t in name.split(",") if t.strip())
-    unknown = [t for t in bias_types if t not in BIAS_TYPES]
+    unknown = [t for t in bias_types if t not in VECTOR_TYPES]
     if not bias_types or unknown or len(set(bias_types)) != len(bias_types):
         raise BeftConfigError(
-            f"--method {method!r}: use one of {', '.join(METHODS)}, or distinct bias types among "
-            f"{', '.join(BIAS_TYPES)} separated by commas (e.g. 'v' or 'q,v')."
+            f"--method {method!r}: use one of {', '.join(METHODS)}, or distinct vector types among "
+            f"{', '.join(VECTOR_TYPES)} separated by commas (e.g. 'v', 'q,v' or 'v_scale_in')."
         )
     return Method("bias_types", bias_types)
 
@@ -88,7 +95,9 @@ class MethodArguments:
     lora_r: int = field(default=8, metadata={"help": "lora: rank of the update matrices."})
     lora_alpha: int = field(default=16, metadata={"help": "lora: scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "lora: dropout on the LoRA input."})
-    num_virtual_tokens: int = field(default=20, metadata={"help": "prefix: number of prefix tokens per layer."})
+    num_virtual_tokens: int = field(
+        default=20, metadata={"help": "prefix, prompt_tuning, p_tuning: number of virtual tokens."}
+    )
 
     def __post_init__(self) -> None:
         self.parsed = parse_method(self.method)
@@ -98,6 +107,8 @@ class MethodArguments:
 _OPTIONS_OF = {
     "lora": ("lora_r", "lora_alpha", "lora_dropout"),
     "prefix": ("num_virtual_tokens",),
+    "prompt_tuning": ("num_virtual_tokens",),
+    "p_tuning": ("num_virtual_tokens",),
 }
 
 
@@ -135,24 +146,30 @@ def _type_names(bias_types: str | tuple[str, ...]) -> str:
 
 
 def wrap_with_peft(model, method_args: MethodArguments, task_type: str):
-    """Wrap ``model`` with a LoRA or prefix-tuning adapter (peft); ``task_type`` is peft's, e.g. ``SEQ_CLS``."""
+    """Wrap ``model`` with the peft method of ``--method``; ``task_type`` is peft's, e.g. ``SEQ_CLS``.
+
+    Target modules are peft's per-architecture defaults (LoRA, IA3 and peft's BEFT tuner pick the
+    attention projections, IA3 also the feed-forward output).
+    """
     try:
         import peft
     except ImportError as error:
         raise BeftConfigError(
             f"--method {method_args.method} needs peft: pip install 'beft-trainer[peft]'."
         ) from error
-    if method_args.parsed.kind == "lora":
-        # target_modules=None lets peft pick each architecture's attention projections.
-        config = peft.LoraConfig(
-            task_type=task_type,
-            r=method_args.lora_r,
-            lora_alpha=method_args.lora_alpha,
+    kind, tokens = method_args.parsed.kind, method_args.num_virtual_tokens
+    configs = {
+        "lora": lambda: peft.LoraConfig(
+            task_type=task_type, r=method_args.lora_r, lora_alpha=method_args.lora_alpha,
             lora_dropout=method_args.lora_dropout,
-        )
-    else:
-        config = peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=method_args.num_virtual_tokens)
-    return peft.get_peft_model(model, config)
+        ),
+        "prefix": lambda: peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=tokens),
+        "prompt_tuning": lambda: peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=tokens),
+        "p_tuning": lambda: peft.PromptEncoderConfig(task_type=task_type, num_virtual_tokens=tokens),
+        "ia3": lambda: peft.IA3Config(task_type=task_type),
+        "peft_beft": lambda: peft.BeftConfig(task_type=task_type),
+    }  # fmt: skip
+    return peft.get_peft_model(model, configs[kind]())
 
 
 def build_trainer(
@@ -174,6 +191,6 @@ def build_trainer(
         if method.kind == "beft":
             callbacks.append(BiasSelectionCallback(selection_config))
         return BeftTrainer(model, args, beft_config=beft_config, callbacks=callbacks, **trainer_kwargs)
-    if method.kind in ("lora", "prefix"):
+    if method.kind in PEFT_METHODS:
         model = wrap_with_peft(model, method_args, peft_task_type)
     return Trainer(model, args, **trainer_kwargs)
