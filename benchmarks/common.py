@@ -47,7 +47,7 @@ TRAIN_SIZES = {"sst2": 1000, "rte": 300, "cola": 1710}
 TASKS = tuple(TRAIN_SIZES)
 
 #: What trains: any ``--method`` of the recipes ("full" and "lora" on a plain Trainer, the rest BeftTrainer).
-METHODS = ("full", "lora", "bitfit", "q", "k", "v", "beft")
+METHODS = ("full", "lora", "bitfit", "q", "k", "v", "beft", "ia3", "prompt_tuning", "p_tuning", "peft_beft", "v_scale_in")
 
 
 def model_path() -> Path:

@@ -55,6 +55,10 @@ SWEEP_GRID = {
     "lora": (1e-3, 3e-3),
     "bitfit": (3e-3, 1e-2),
     "v": (1e-2, 3e-2),
+    "ia3": (3e-3, 1e-2, 3e-2),
+    "prompt_tuning": (1e-2, 3e-2, 1e-1),
+    "p_tuning": (3e-3, 1e-2, 3e-2),
+    "peft_beft": (1e-2, 3e-2),
 }
 RUNS = RESULTS / "quality_cpu_runs.jsonl"
 SWEEP_RUNS = RESULTS / "quality_sweep_cpu.jsonl"
@@ -321,6 +325,7 @@ def plot(summary: dict, path: Path, baselines: dict[str, float]) -> None:
 
     tasks = [t for t in TASKS if t in summary]
     colors = ["#888888", "#4c72b0", "#55a868", "#c4ad66", "#c4ad66", "#c4ad66", "#c44e52"]
+    colors += ["#8172b2", "#937860", "#da8bc3", "#8c8c8c", "#ccb974"]  # ia3, prompt/p-tuning, peft_beft, v_scale_in
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=False):
         methods = [m for m in METHODS if m in summary[task]]
