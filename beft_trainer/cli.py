@@ -3,6 +3,7 @@
     beft report OUTPUT_DIR                   summary of beft_selection.json + its plot (PNG)
     beft inspect MODEL                       bias types of a model, their sizes, what is selectable
     beft export-peft ADAPTER_DIR OUT_DIR     a BEFT adapter as a peft BEFT adapter folder (OUT_DIR new or empty)
+    beft plan MODEL --gpus N --gpu-memory GIB  GPU memory of bias-only training per backend, and what to launch
 
 MODEL is a local model folder or an alias (``minilm``: the packaged all-MiniLM-L6-v2). Weights
 are read from safetensors only; nothing is unpickled. Every wrong input ends in one line,
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from .errors import BeftConfigError, CommandError
+from .plan import add_plan_command
 
 #: Model aliases: name -> function returning a local folder.
 MODEL_ALIASES = ("minilm", "all-minilm-l6-v2")
@@ -70,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace the adapter files of a non-empty OUT_DIR (default: refuse)"
     )
     export.set_defaults(func=_export_peft)
+    add_plan_command(commands)
     return parser
 
 
