@@ -258,12 +258,12 @@ def run_plan(args: argparse.Namespace) -> int:
         f"{args.model}: {shape.total_params:,} parameters, {shape.trained_params:,} in biases; "
         f"{args.gpus} x {args.gpu_memory:g} GiB GPUs, batch {args.batch_size} x {args.seq_len} tokens per GPU"
     )
-    print(f"{'option':<52}{'GiB/GPU':>9}{'weights':>9}{'activ.':>8}{'logits':>8}{'slower':>8}")
+    print(f"{'option':<58}{'GiB/GPU':>9}{'weights':>9}{'activ.':>8}{'logits':>8}{'slower':>8}")
     for option in sorted(options, key=lambda o: o.slowdown):
         mem = {k: v / GIB for k, v in option.gpu_bytes.items()}
         mark = " <- chosen" if option is chosen else ""
         print(
-            f"{option.describe():<52}{option.peak / GIB:>9.1f}{mem['weights']:>9.1f}{mem['activations']:>8.1f}"
+            f"{option.describe():<58}{option.peak / GIB:>9.1f}{mem['weights']:>9.1f}{mem['activations']:>8.1f}"
             f"{mem['logits']:>8.1f}{option.slowdown:>7.1f}x{mark}"
         )
     print(
@@ -277,4 +277,6 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"CPU memory for the offloaded weights: about {chosen.cpu_bytes / GIB:.1f} GiB")
     model = os.path.dirname(os.path.abspath(args.model)) if os.path.isfile(args.model) else args.model
     print(command(chosen, model, args.batch_size, args.seq_len))
+    if chosen.gpus > 8:
+        print("more GPUs than one machine holds? the same line runs on several: docs/recipes.md, 'Several machines'")
     return 0
