@@ -153,14 +153,19 @@ def last_learning_rates(scheduler: Any) -> list[float] | None:
     return list(rates) if rates else None
 
 
-def _zero3_optimizer(optimizer: Any) -> Any:
-    """DeepSpeed's stage-3 optimizer in the wrapper chain, or None (ZeRO-1/2, DDP, one process)."""
+def _wrapper_with(optimizer: Any, *attributes: str) -> Any:
+    """The first optimizer in the wrapper chain that has every one of ``attributes``, or None."""
     while optimizer is not None:
-        if hasattr(optimizer, "fp32_partitioned_groups_flat") and hasattr(optimizer, "sub_group_to_group_id"):
+        if all(hasattr(optimizer, a) for a in attributes):
             return optimizer
         inner = getattr(optimizer, "optimizer", None)
         optimizer = inner if inner is not optimizer else None
     return None
+
+
+def _zero3_optimizer(optimizer: Any) -> Any:
+    """DeepSpeed's stage-3 optimizer in the wrapper chain, or None (ZeRO-1/2, DDP, one process)."""
+    return _wrapper_with(optimizer, "fp32_partitioned_groups_flat", "sub_group_to_group_id")
 
 
 def _zero_state(state: dict) -> None:
@@ -204,6 +209,12 @@ def read_optimizer_state(optimizer: Any, param: torch.Tensor, key: str) -> torch
     if _has_fp32_master(param):
         from deepspeed.utils import safe_get_full_optimizer_state
 
+        zero12 = _wrapper_with(optimizer, "_hp_optimizer_states_linked", "_lazy_init_hp_params_optimizer_state")
+        if zero12 is not None:
+            # DeepSpeed 0.19's ZeRO-1/2 links each parameter to its state after the first group's first
+            # step, before the other groups have any: their lookups fail until linked again.
+            zero12._hp_optimizer_states_linked = False
+            zero12._lazy_init_hp_params_optimizer_state()
         value = safe_get_full_optimizer_state(param, key)
     else:
         value = innermost_optimizer(optimizer).state.get(param, {}).get(key)
