@@ -75,7 +75,9 @@ def main() -> None:
     whole = training_steps()
     alone = optimizer_steps()
     print(f"torch {torch.__version__}, 1 thread")
-    print("| optimizer | OPT h512 L6 bias-only step | steps/s | optimizer step, OPT-6.7B bias groups (1.18M scalars) |")
+    print(
+        "| optimizer | OPT h512 L6 bias-only step | steps/s | optimizer step, OPT-6.7B bias groups (1.18M scalars) |"
+    )
     print("|---|---|---|---|")
     for label in whole:
         print(f"| {label} | {whole[label] * 1e3:.1f} ms | {1 / whole[label]:.2f} | {alone[label] * 1e3:.2f} ms |")
