@@ -2,7 +2,8 @@
 
 Each case launches tests/scripts/exactness_run.py in fresh processes and checks, on every rank:
 frozen parameters bit-identical after the switch and equal to their pretrained values (rewind),
-the selected type trained, the same selection and the same final model on all ranks.
+their Adam moments zeroed at the switch, the selected type trained, the same selection and the
+same final model on all ranks. Two processes on one machine stand in for several machines.
 """
 
 from __future__ import annotations
@@ -82,6 +83,15 @@ def test_deepspeed_zero(stage, nproc, grad_accum, tmp_path):
     _launch(_deepspeed(nproc, "--out", str(tmp_path), "--zero_stage", str(stage), "--grad_accum", str(grad_accum)))
     assert_exact_selection_run(str(tmp_path), world_size=nproc)
     assert load_runs(str(tmp_path))[0][0]["report"]["step"] == 4
+
+
+@pytest.mark.distributed
+@pytest.mark.deepspeed
+def test_deepspeed_zero3_with_cpu_offload(tmp_path):
+    """ds_configs/zero3_offload.json's setting: the Trainer's AdamW steps fp32 partitions held in CPU memory."""
+    pytest.importorskip("deepspeed", reason="install the [deepspeed] extra")
+    _launch(_deepspeed(1, "--out", str(tmp_path), "--zero_stage", "3", "--offload"))
+    assert_exact_selection_run(str(tmp_path), world_size=1)
 
 
 @pytest.mark.distributed

@@ -27,10 +27,14 @@ from beft_trainer.distributed import rank, read_full_fp32, read_optimizer_state 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def zero_config(stage: int) -> dict:
-    """A ZeRO config for CPU: every value the Trainer sets is "auto"."""
+def zero_config(stage: int, offload: bool = False) -> dict:
+    """A ZeRO config for CPU: every value the Trainer sets is "auto" (``offload``: as ds_configs/zero3_offload.json)."""
+    zero: dict = {"stage": stage}
+    if offload:
+        zero |= {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
     return {
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,
         "train_batch_size": "auto",
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
@@ -71,14 +75,20 @@ def naive_freeze(trainer: BeftTrainer, group_names, rewind: bool = False) -> Non
 
 
 def run(
-    out: str, zero_stage: int = 0, probe_steps: int = 4, max_steps: int = 10, grad_accum: int = 1, naive: bool = False
+    out: str,
+    zero_stage: int = 0,
+    probe_steps: int = 4,
+    max_steps: int = 10,
+    grad_accum: int = 1,
+    naive: bool = False,
+    offload: bool = False,
 ) -> None:
     """Train, then write this rank's record and tensors to ``out``."""
     if naive:
         BeftTrainer.freeze_groups = naive_freeze
     model = tiny_bert()
     init = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-    extra = {"deepspeed": zero_config(zero_stage)} if zero_stage else {}
+    extra = {"deepspeed": zero_config(zero_stage, offload)} if zero_stage else {}
     args = training_args(
         out, max_steps=max_steps, per_device_train_batch_size=4, gradient_accumulation_steps=grad_accum, **extra
     )
@@ -116,9 +126,10 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=10)
     parser.add_argument("--grad_accum", type=int, default=1)
     parser.add_argument("--naive_freeze", action="store_true", help="negative control: flip requires_grad only")
+    parser.add_argument("--offload", action="store_true", help="parameters and optimizer state in CPU memory")
     parser.add_argument("--local_rank", type=int, default=-1)
     cli = parser.parse_args()
-    run(cli.out, cli.zero_stage, cli.probe_steps, cli.max_steps, cli.grad_accum, cli.naive_freeze)
+    run(cli.out, cli.zero_stage, cli.probe_steps, cli.max_steps, cli.grad_accum, cli.naive_freeze, cli.offload)
 
 
 if __name__ == "__main__":
