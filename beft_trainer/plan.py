@@ -16,7 +16,8 @@ T trained scalars = every bias, the most any bias method trains; N GPUs):
   its weight's gradient. Torch's saved tensors of random OPT configs on CPU: 6-7% below this.
   With gradient checkpointing: ``2th`` per layer (its bf16 input: the embeddings are frozen bf16
   matrices, so the residual stream is bf16) plus one layer's activations, recomputed in backward.
-- logits: ``14tv`` (bf16 logits, their fp32 copy, the log-softmax output, the fp32 gradient).
+- logits: ``14tv`` (bf16 logits, their fp32 copy, the log-softmax output, the fp32 gradient); checked
+  only inside the OPT-6.7B totals.
 
 An option fits when its estimate is at most ``FIT_SHARE`` of ``--gpu-memory`` (the rest: CUDA
 context, allocator fragmentation). ``EXPECTED_ERROR`` is the estimate's largest error against the
