@@ -4,6 +4,7 @@
     beft inspect MODEL                       bias types of a model, their sizes, what is selectable
     beft export-peft ADAPTER_DIR OUT_DIR     a BEFT adapter as a peft BEFT adapter folder (OUT_DIR new or empty)
     beft merge ADAPTER_DIR OUT_DIR --base-model BASE   the adapter folded into a plain checkpoint
+    beft plan MODEL --gpus N --gpu-memory GIB  GPU memory of bias-only training per backend, and what to launch
 
 MODEL is a local model folder or an alias (``minilm``: the packaged all-MiniLM-L6-v2). Weights
 are read from safetensors only; nothing is unpickled. Every wrong input ends in one line,
@@ -17,7 +18,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .cli_merge import add_merge_parser
 from .errors import BeftConfigError, CommandError
+from .plan import add_plan_command
 
 #: Model aliases: name -> function returning a local folder.
 MODEL_ALIASES = ("minilm", "all-minilm-l6-v2")
@@ -71,10 +74,8 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace the adapter files of a non-empty OUT_DIR (default: refuse)"
     )
     export.set_defaults(func=_export_peft)
-
-    from .cli_merge import add_merge_parser
-
     add_merge_parser(commands)
+    add_plan_command(commands)
     return parser
 
 

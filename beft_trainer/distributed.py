@@ -153,14 +153,72 @@ def last_learning_rates(scheduler: Any) -> list[float] | None:
     return list(rates) if rates else None
 
 
+def _wrapper_with(optimizer: Any, *attributes: str) -> Any:
+    """The first optimizer in the wrapper chain that has every one of ``attributes``, or None."""
+    while optimizer is not None:
+        if all(hasattr(optimizer, a) for a in attributes):
+            return optimizer
+        inner = getattr(optimizer, "optimizer", None)
+        optimizer = inner if inner is not optimizer else None
+    return None
+
+
+def _zero3_optimizer(optimizer: Any) -> Any:
+    """DeepSpeed's stage-3 optimizer in the wrapper chain, or None (ZeRO-1/2, DDP, one process)."""
+    return _wrapper_with(optimizer, "fp32_partitioned_groups_flat", "sub_group_to_group_id")
+
+
+def _zero_state(state: dict) -> None:
+    for key, value in state.items():
+        if torch.is_tensor(value) and key != "step":
+            value.zero_()
+
+
 def reset_optimizer_state(optimizer: Any, indices: list[int]) -> None:
-    """Zero the optimizer state (momenta) of the parameters of groups ``indices``; steps are kept."""
+    """Zero the optimizer state (momenta) of the parameters of groups ``indices``; steps are kept.
+
+    ZeRO-1/2 keep each group's flat fp32 partition in ``param_groups[i]["params"]``, so the torch
+    optimizer's state is found there. ZeRO-3 empties every group's ``params`` between steps and
+    keys the state by its fp32 sub-group partitions instead (a sub-group never spans two groups):
+    those are zeroed through its sub-group -> group mapping, swapped in and out when on NVMe.
+    """
     inner = innermost_optimizer(optimizer)
     for i in indices:
         for param in inner.param_groups[i]["params"]:
-            for key, value in inner.state.get(param, {}).items():
-                if torch.is_tensor(value) and key != "step":
-                    value.zero_()
+            _zero_state(inner.state.get(param, {}))
+    zero3 = _zero3_optimizer(optimizer)
+    if zero3 is None:
+        return
+    wanted = set(indices)
+    for sub_group, flat in enumerate(zero3.fp32_partitioned_groups_flat):
+        if zero3.sub_group_to_group_id[sub_group] not in wanted:
+            continue
+        swapped = zero3._swappable_optimizer_subgroup(sub_group)
+        if swapped:
+            zero3._optimizer_states_and_gradient_swap_in(sub_group)
+        _zero_state(inner.state.get(flat, {}))
+        if swapped:
+            zero3._optimizer_states_and_gradient_swap_out(sub_group)
+
+
+def read_optimizer_state(optimizer: Any, param: torch.Tensor, key: str) -> torch.Tensor | None:
+    """The full fp32 optimizer state ``key`` (e.g. Adam's ``exp_avg``) of ``param`` on CPU, or None.
+
+    Under ZeRO it is assembled from every rank's partition: a collective, every rank must call it.
+    """
+    if _has_fp32_master(param):
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        zero12 = _wrapper_with(optimizer, "_hp_optimizer_states_linked", "_lazy_init_hp_params_optimizer_state")
+        if zero12 is not None:
+            # DeepSpeed 0.19's ZeRO-1/2 links each parameter to its state after the first group's first
+            # step, before the other groups have any: their lookups fail until linked again.
+            zero12._hp_optimizer_states_linked = False
+            zero12._lazy_init_hp_params_optimizer_state()
+        value = safe_get_full_optimizer_state(param, key)
+    else:
+        value = innermost_optimizer(optimizer).state.get(param, {}).get(key)
+    return None if value is None else value.detach().float().cpu().clone().view(-1)
 
 
 def world_size() -> int:

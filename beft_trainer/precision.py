@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .distributed import is_zero_partitioned
 from .errors import BeftConfigError
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -40,11 +41,18 @@ def cast_frozen_parameters(model: nn.Module, dtype: torch.dtype, trainable: Iter
     bias needs an fp32 weight beside it, and vectors are a negligible share of the memory. No
     fp32 copy of a frozen matrix is kept. Returns the number of bytes saved (negative if the
     model grew, as when a half-precision model's vectors are upcast).
+
+    Under DeepSpeed this cast is redundant and ZeRO-3 partitions are left alone: with bf16/fp16
+    enabled (``"auto"`` follows ``--bf16``) DeepSpeed stores every working copy in half precision
+    (``zero.Init`` partitions at load, the engine casts the other parameters) and keeps fp32 master
+    copies of the trained parameters only, in its optimizer, which is what this cast does without
+    it. A ZeRO-3 parameter's ``data`` is an empty placeholder; recasting it would only change the
+    dtype it is gathered into, mismatching its stored partition.
     """
     keep = set(trainable)
     saved = 0
     for name, param in model.named_parameters():
-        if not param.is_floating_point():
+        if not param.is_floating_point() or is_zero_partitioned(param):
             continue
         target = dtype if name not in keep and param.dim() >= 2 else torch.float32
         if param.dtype == target:

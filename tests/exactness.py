@@ -53,8 +53,23 @@ def _assert_rank(record: dict, tensors: dict[str, torch.Tensor]) -> None:
         assert torch.equal(final, tensors[f"init/{name}"]), f"{name} differs from its pretrained value"
     for name in record["bias_names"][selected[0]]:
         assert not torch.equal(tensors[f"switch/{name}"], tensors[f"final/{name}"]), f"selected {name} did not train"
+    _assert_frozen_state_zeroed(record, tensors)
     for name in record["head"]:
         assert not torch.equal(tensors[f"init/{name}"], tensors[f"final/{name}"]), f"head {name} did not train"
+
+
+def _assert_frozen_state_zeroed(record: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Right after the switch, the Adam moments of every frozen bias type are zero (the selected type's are not)."""
+    selected = record["selected"][0]
+    for bias_type in record["report"]["candidates"]:
+        for name in record["bias_names"][bias_type]:
+            for key in ("exp_avg", "exp_avg_sq"):
+                state = tensors.get(f"state/{key}/{name}")
+                assert state is not None, f"no {key} recorded for {name}"
+                if bias_type == selected:
+                    assert state.abs().sum() > 0, f"selected {name}: {key} is zero, so the check below proves nothing"
+                else:
+                    assert not state.any(), f"frozen {name}: {key} was not zeroed at the switch"
 
 
 def _assert_adapter_reproduces(out_dir: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -2,7 +2,8 @@
 
 Each case launches tests/scripts/exactness_run.py in fresh processes and checks, on every rank:
 frozen parameters bit-identical after the switch and equal to their pretrained values (rewind),
-the selected type trained, the same selection and the same final model on all ranks.
+their Adam moments zeroed at the switch, the selected type trained, the same selection and the
+same final model on all ranks. Two processes on one machine stand in for several machines.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from exactness import assert_exact_selection_run, load_runs
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "exactness_run.py")
@@ -85,6 +87,15 @@ def test_deepspeed_zero(stage, nproc, grad_accum, tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.deepspeed
+def test_deepspeed_zero3_with_cpu_offload(tmp_path):
+    """ds_configs/zero3_offload.json's setting: the Trainer's AdamW steps fp32 partitions held in CPU memory."""
+    pytest.importorskip("deepspeed", reason="install the [deepspeed] extra")
+    _launch(_deepspeed(1, "--out", str(tmp_path), "--zero_stage", "3", "--offload"))
+    assert_exact_selection_run(str(tmp_path), world_size=1)
+
+
+@pytest.mark.distributed
+@pytest.mark.deepspeed
 def test_deepspeed_optimizer_section_is_refused(tmp_path):
     pytest.importorskip("deepspeed", reason="install the [deepspeed] extra")
     code = f"""
@@ -120,3 +131,25 @@ def test_flipping_requires_grad_is_not_enough_under_zero2(tmp_path):
     _launch(_deepspeed(1, "--out", str(tmp_path), "--zero_stage", "2", "--naive_freeze"))
     with pytest.raises(AssertionError, match="moved after the switch"):
         assert_exact_selection_run(str(tmp_path), world_size=1)
+
+
+@pytest.mark.deepspeed
+def test_deepspeed_cpu_adam_moves_nothing_at_lr_0():
+    """DeepSpeed's CPU Adam applies lr, weight decay and bias correction per group: a frozen group stays exact."""
+    adam = pytest.importorskip("deepspeed.ops.adam", reason="install the [deepspeed] extra")
+    from beft_trainer.distributed import reset_optimizer_state, zero_group_learning_rates
+
+    torch.manual_seed(0)
+    trained, frozen = torch.nn.Parameter(torch.randn(1000)), torch.nn.Parameter(torch.randn(1000))
+    groups = [{"params": [trained], "weight_decay": 0.1}, {"params": [frozen], "weight_decay": 0.1}]
+    optimizer = adam.DeepSpeedCPUAdam(groups, lr=1e-2, adamw_mode=True)
+    for step in range(6):
+        if step == 3:  # the switch
+            zero_group_learning_rates(optimizer, None, [1])
+            reset_optimizer_state(optimizer, [1])
+            assert not optimizer.state[frozen]["exp_avg"].any() and not optimizer.state[frozen]["exp_avg_sq"].any()
+            at_switch = (trained.detach().clone(), frozen.detach().clone())
+        trained.grad, frozen.grad = torch.randn(1000), torch.randn(1000)
+        optimizer.step()
+    assert torch.equal(frozen, at_switch[1]), "a group at lr 0 moved under DeepSpeedCPUAdam"
+    assert not torch.equal(trained, at_switch[0])

@@ -158,3 +158,46 @@ def test_trainable_vectors_are_fp32_when_the_model_was_loaded_in_bf16(tmp_path):
     trainer = _trainer(model, tmp_path, BeftConfig(bias_types=("v",), frozen_dtype="auto"), max_steps=3)
     params = dict(model.named_parameters())
     assert {params[n].dtype for n in _trainable(trainer)} == {torch.float32}
+
+
+ZERO3_CAST = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import deepspeed, torch
+from helpers import tiny_bert
+from beft_trainer.precision import cast_frozen_parameters
+deepspeed.init_distributed("gloo", auto_mpi_discovery=False)
+config = {{"zero_optimization": {{"stage": 3}}, "bf16": {{"enabled": True}}, "train_batch_size": 1}}
+model = tiny_bert().to(torch.bfloat16)  # as from_pretrained(..., dtype=bfloat16) under zero.Init
+deepspeed.zero.Init(module=model, config_dict_or_path=config, dtype=torch.bfloat16)
+trainable = [n for n, _ in model.named_parameters() if n.endswith("value.bias")]
+cast_frozen_parameters(model, torch.bfloat16, trainable)
+for name, param in model.named_parameters():
+    assert param.ds_tensor.dtype == torch.bfloat16, name
+    assert param.dtype == param.ds_tensor.dtype, (name, param.dtype)  # a recast placeholder would differ
+with deepspeed.zero.GatheredParameters([p for n, p in model.named_parameters() if n in trainable]):
+    assert all(p.numel() > 0 and p.dtype == torch.bfloat16 for n, p in model.named_parameters() if n in trainable)
+print("PARTITIONS UNTOUCHED")
+"""
+
+
+@pytest.mark.deepspeed
+def test_zero3_partitions_are_left_to_deepspeed():
+    """Under ZeRO-3 (zero.Init) the cast must not recast the empty placeholders of trained parameters."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed", reason="install the [deepspeed] extra")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env |= {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env |= {"PYTHONPATH": os.path.dirname(tests), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", ZERO3_CAST.format(tests=tests)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert "PARTITIONS UNTOUCHED" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]

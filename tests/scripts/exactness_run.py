@@ -21,13 +21,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from helpers import TokenDataset, tiny_bert, training_args  # noqa: E402
 
 from beft_trainer import BeftTrainer, BiasSelectionCallback  # noqa: E402
-from beft_trainer.distributed import rank, read_full_fp32  # noqa: E402
+from beft_trainer.distributed import rank, read_full_fp32, read_optimizer_state  # noqa: E402
+
+#: Adam's moments, recorded for every bias right after the switch.
+ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def zero_config(stage: int) -> dict:
-    """A ZeRO config for CPU: every value the Trainer sets is "auto"."""
+def zero_config(stage: int, offload: bool = False) -> dict:
+    """A ZeRO config for CPU: every value the Trainer sets is "auto" (``offload``: as ds_configs/zero3_offload.json)."""
+    zero: dict = {"stage": stage}
+    if offload:
+        zero |= {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
     return {
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,
         "train_batch_size": "auto",
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
@@ -38,15 +45,25 @@ def zero_config(stage: int) -> dict:
 
 
 class SnapshotAfterSwitch(TrainerCallback):
-    """Reads every parameter's full value once the selection has happened (it runs after it)."""
+    """Reads every parameter's full value, and every bias's Adam state, once the selection has
+    happened (it runs after it, before the next optimizer step refills the frozen moments)."""
 
-    def __init__(self, probe_steps: int):
+    def __init__(self, probe_steps: int, bias_names: list[str]):
         self.probe_steps = probe_steps
+        self.bias_names = bias_names
         self.values: dict[str, torch.Tensor] = {}
+        self.adam_state: dict[str, torch.Tensor] = {}
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == self.probe_steps:
-            self.values = {n: read_full_fp32(p) for n, p in model.named_parameters()}
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step != self.probe_steps:
+            return
+        params = dict(model.named_parameters())
+        self.values = {n: read_full_fp32(p) for n, p in params.items()}
+        for name in self.bias_names:  # the same order on every rank: a collective under ZeRO
+            for key in ADAM_STATE_KEYS:
+                value = read_optimizer_state(optimizer, params[name], key)
+                if value is not None:
+                    self.adam_state[f"{key}/{name}"] = value
 
 
 def naive_freeze(trainer: BeftTrainer, group_names, rewind: bool = False) -> None:
@@ -58,20 +75,27 @@ def naive_freeze(trainer: BeftTrainer, group_names, rewind: bool = False) -> Non
 
 
 def run(
-    out: str, zero_stage: int = 0, probe_steps: int = 4, max_steps: int = 10, grad_accum: int = 1, naive: bool = False
+    out: str,
+    zero_stage: int = 0,
+    probe_steps: int = 4,
+    max_steps: int = 10,
+    grad_accum: int = 1,
+    naive: bool = False,
+    offload: bool = False,
 ) -> None:
     """Train, then write this rank's record and tensors to ``out``."""
     if naive:
         BeftTrainer.freeze_groups = naive_freeze
     model = tiny_bert()
     init = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-    extra = {"deepspeed": zero_config(zero_stage)} if zero_stage else {}
+    extra = {"deepspeed": zero_config(zero_stage, offload)} if zero_stage else {}
     args = training_args(
         out, max_steps=max_steps, per_device_train_batch_size=4, gradient_accumulation_steps=grad_accum, **extra
     )
-    snap = SnapshotAfterSwitch(probe_steps)
     selection = BiasSelectionCallback(probe_steps=probe_steps)
+    snap = SnapshotAfterSwitch(probe_steps, [])
     trainer = BeftTrainer(model, args, train_dataset=TokenDataset(size=64), callbacks=[selection, snap])
+    snap.bias_names = trainer.bias_layout.names(selection.candidates)
     trainer.train()
     final = {n: read_full_fp32(p) for n, p in trainer.model.named_parameters()}
     trainer.save_model(os.path.join(out, "model"))  # collective under ZeRO-3: every rank calls it
@@ -80,6 +104,7 @@ def run(
     tensors = {f"init/{n}": t for n, t in init.items()}
     tensors |= {f"switch/{n}": t for n, t in snap.values.items()}
     tensors |= {f"final/{n}": t for n, t in final.items()}
+    tensors |= {f"state/{k}": t for k, t in snap.adam_state.items()}
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, f"rank{r}.safetensors"))
     record = {
         "selected": selection.selected,
@@ -101,9 +126,10 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=10)
     parser.add_argument("--grad_accum", type=int, default=1)
     parser.add_argument("--naive_freeze", action="store_true", help="negative control: flip requires_grad only")
+    parser.add_argument("--offload", action="store_true", help="parameters and optimizer state in CPU memory")
     parser.add_argument("--local_rank", type=int, default=-1)
     cli = parser.parse_args()
-    run(cli.out, cli.zero_stage, cli.probe_steps, cli.max_steps, cli.grad_accum, cli.naive_freeze)
+    run(cli.out, cli.zero_stage, cli.probe_steps, cli.max_steps, cli.grad_accum, cli.naive_freeze, cli.offload)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,283 @@
+"""``beft plan``: the peak GPU memory of bias-only training per way of running it, the fastest that fits.
+
+Reads a model's config only (never its weights), builds the model on the meta device to count
+its parameters, and estimates bytes per GPU with this model (t = batch x seq tokens per GPU,
+h hidden, f MLP width, a heads, L layers, v vocabulary, P = M matrix + V vector scalars,
+T trained scalars = every bias, the most any bias method trains; N GPUs):
+
+- frozen weights: plain and DDP ``2M + 4V`` (``BeftConfig(frozen_dtype="auto")``: matrices bf16,
+  vectors fp32); ZeRO-3 ``2P/N`` + its gathered working set ``2 min(P, 1e9)``
+  (``stage3_max_live_parameters`` in ds_configs/); ZeRO-3 offload: the working set only.
+- trained vectors: ``12T`` (fp32 gradient and Adam's two moments); DeepSpeed ``(2 + 16) T / N``.
+- activations per layer, bf16 autocast, SDPA: ``18th + 2tf + 4tas``: what autograd keeps for the
+  backward pass (both LayerNorms' inputs and statistics, q, k, v and the attention output, the
+  dropout masks, the MLP activation 2tf (6tf when gated: gate, up, act(gate)), the attention's
+  fp32 log-sum-exp 4tas). Frozen weights save no inputs: a linear layer keeps its input only for
+  its weight's gradient. Torch's saved tensors of random OPT configs on CPU: 6-7% below this.
+  With gradient checkpointing: ``2th`` per layer (its bf16 input: the embeddings are frozen bf16
+  matrices, so the residual stream is bf16) plus one layer's activations, recomputed in backward.
+- logits: ``14tv`` (bf16 logits, their fp32 copy, the log-softmax output, the fp32 gradient); checked
+  only inside the OPT-6.7B totals.
+
+An option fits when its estimate is at most ``FIT_SHARE`` of ``--gpu-memory`` (the rest: CUDA
+context, allocator fragmentation). ``EXPECTED_ERROR`` is the estimate's largest error against the
+measured peaks (docs/recipes.md lists them). Step times relative to one plain GPU, measured on
+an H100 (OPT, batch 8x512, bf16): a step costs 2.2 forwards, so checkpointing's extra forward
+makes it ~1.45x; ZeRO-3 2.5x (6.7B; 5.3x at 1.3B); ZeRO-3 parameter offload 3.8x (853 vs 223 ms).
+ZeRO-1/2 partition optimizer state and gradients, which bias-only training hardly has: never chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from .errors import CommandError
+
+GIB = 2**30
+FIT_SHARE = 0.9
+EXPECTED_ERROR = 0.10
+ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000
+SLOWDOWN = {"plain": 1.0, "ddp": 1.0, "zero3": 2.5, "zero3_offload": 3.8}
+CHECKPOINTING_SLOWDOWN = 1 + 1 / 2.2
+DS_CONFIGS = {"zero3": "ds_configs/zero3.json", "zero3_offload": "ds_configs/zero3_offload.json"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs to know about a model, read from its config and meta parameters."""
+
+    name: str
+    matrix_params: int
+    vector_params: int
+    trained_params: int
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int
+    gated_mlp: bool = False
+
+    @property
+    def total_params(self) -> int:
+        """Every parameter scalar (tied weights once)."""
+        return self.matrix_params + self.vector_params
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to run: its memory per GPU and CPU, and its step time relative to one plain GPU."""
+
+    backend: str
+    gpus: int
+    checkpointing: bool
+    gpu_bytes: dict[str, int]
+    cpu_bytes: int = 0
+
+    @property
+    def peak(self) -> int:
+        """Estimated peak bytes per GPU."""
+        return sum(self.gpu_bytes.values())
+
+    @property
+    def slowdown(self) -> float:
+        """Step time relative to a plain single-GPU step without checkpointing."""
+        return SLOWDOWN[self.backend] * (CHECKPOINTING_SLOWDOWN if self.checkpointing else 1.0)
+
+    def describe(self) -> str:
+        """A short name: backend, GPUs, checkpointing."""
+        label = {
+            "plain": "plain bf16-frozen",
+            "ddp": "DDP",
+            "zero3": "ZeRO-3",
+            "zero3_offload": "ZeRO-3 + CPU offload",
+        }
+        extra = ", gradient checkpointing" if self.checkpointing else ""
+        return f"{label[self.backend]} on {self.gpus} GPU{'s' if self.gpus > 1 else ''}{extra}"
+
+
+def activation_bytes(shape: ModelShape, tokens: int, seq_len: int, checkpointing: bool = False) -> int:
+    """Bytes autograd keeps for the backward pass of one GPU's micro-batch (bf16 autocast, SDPA)."""
+    h, f = shape.hidden, shape.intermediate
+    batch = tokens // seq_len
+    per_layer = 18 * tokens * h + (6 if shape.gated_mlp else 2) * tokens * f + 4 * batch * shape.heads * seq_len
+    if checkpointing:
+        return shape.layers * 2 * tokens * h + per_layer
+    return shape.layers * per_layer
+
+
+def logits_bytes(shape: ModelShape, tokens: int) -> int:
+    """Peak bytes of the vocabulary logits around the loss (bf16, fp32 copy, log-softmax, gradient)."""
+    return 14 * tokens * shape.vocab
+
+
+def estimate(shape: ModelShape, gpus: int, batch_size: int, seq_len: int) -> list[Option]:
+    """Every option, each with and without gradient checkpointing (``batch_size`` is per GPU)."""
+    tokens = batch_size * seq_len
+    P, T = shape.total_params, shape.trained_params
+    working_set = 2 * min(P, ZERO3_MAX_LIVE_PARAMETERS)
+    base = {
+        "plain": {"weights": 2 * shape.matrix_params + 4 * shape.vector_params, "trained": 12 * T},
+        "zero3": {"weights": -(-2 * P // gpus) + working_set, "trained": -(-18 * T // gpus)},
+        "zero3_offload": {"weights": working_set, "trained": 0},
+    }
+    options = []
+    for backend, memory in base.items():
+        backend = "ddp" if backend == "plain" and gpus > 1 else backend
+        cpu = 2 * P + 18 * T if backend == "zero3_offload" else 0
+        for checkpointing in (False, True):
+            gpu = memory | {
+                "activations": activation_bytes(shape, tokens, seq_len, checkpointing),
+                "logits": logits_bytes(shape, tokens),
+            }
+            options.append(Option(backend, gpus, checkpointing, gpu, cpu))
+    return options
+
+
+def choose(options: list[Option], gpu_memory_gib: float, cpu_memory_gib: float | None = None) -> Option | None:
+    """The fastest option whose estimate fits ``FIT_SHARE`` of each GPU (and the CPU memory, if given)."""
+    budget = FIT_SHARE * gpu_memory_gib * GIB
+    fitting = [
+        o
+        for o in options
+        if o.peak <= budget and (cpu_memory_gib is None or o.cpu_bytes <= FIT_SHARE * cpu_memory_gib * GIB)
+    ]
+    return min(fitting, key=lambda o: o.slowdown, default=None)
+
+
+def command(option: Option, model: str, batch_size: int, seq_len: int) -> str:
+    """The launch line of recipes/run_opt.py for ``option`` (task and output folder to fill in)."""
+    if option.backend == "plain":
+        launch = "python recipes/run_opt.py"
+    elif option.backend == "ddp":
+        launch = f"accelerate launch --multi_gpu --num_processes {option.gpus} recipes/run_opt.py"
+    else:
+        launch = f"deepspeed --num_gpus {option.gpus} recipes/run_opt.py --deepspeed {DS_CONFIGS[option.backend]}"
+    # Under DeepSpeed bf16 every working copy is bf16 and only trained vectors keep fp32 masters:
+    # what frozen_dtype="auto" does without it.
+    precision = "--bf16" if option.backend.startswith("zero3") else "--bf16 --frozen_dtype auto"
+    parts = [
+        launch,
+        f"--model_name_or_path {model}",
+        f"--per_device_train_batch_size {batch_size} --max_seq_length {seq_len}",
+        precision + (" --gradient_checkpointing" if option.checkpointing else ""),
+        "--task_name sst2 --method beft --output_dir outputs/plan",
+    ]
+    return " \\\n    ".join(parts)
+
+
+# -- the model's shape, from its config only -----------------------------------------------------
+
+
+def load_config(model: str):
+    """The transformers config of ``model``: a config.json, a folder with one, or a cached Hub id."""
+    import transformers
+
+    is_file = os.path.isfile(model)
+    if is_file and not model.endswith(".json"):
+        raise CommandError(f"{model} is a file but not a config.json: pass the config, its folder or a Hub id.")
+    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+        raise CommandError(f"{model} has no config.json: not a transformers model folder.")
+    try:
+        if is_file:
+            config_dict = transformers.PretrainedConfig.get_config_dict(model)[0]
+            return transformers.AutoConfig.for_model(**config_dict)
+        return transformers.AutoConfig.from_pretrained(model)
+    # A user's file or the Hub fail in many ways (bad JSON, unknown model_type, not cached offline):
+    # each ends in one line here.
+    except Exception as error:
+        if not is_file and not os.path.isdir(model) and isinstance(error, OSError):
+            raise CommandError(
+                f"{model} is neither a config.json, a model folder, nor a Hub id in the local Hugging Face cache "
+                "(nothing is downloaded offline): pass the model's config.json."
+            ) from error
+        detail = " ".join(str(error).split())[:300]
+        raise CommandError(f"cannot read the config of {model}: {type(error).__name__}: {detail}") from error
+
+
+def read_shape(model: str) -> ModelShape:
+    """The ``ModelShape`` of a causal LM, its parameters counted on the meta device (nothing allocated)."""
+    import torch
+    import transformers
+
+    config = load_config(model)
+    try:
+        with torch.device("meta"):
+            built = transformers.AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as error:
+        raise CommandError(
+            f"{model}: {type(config).__name__} is not a causal LM (beft plan sizes run_opt.py)."
+        ) from error
+    params = dict(built.named_parameters())  # tied weights once
+    matrix = sum(p.numel() for p in params.values() if p.dim() >= 2)
+    vector = sum(p.numel() for p in params.values() if p.dim() < 2)
+    trained = sum(p.numel() for n, p in params.items() if n.endswith(".bias"))
+    hidden = config.hidden_size
+    intermediate = next(
+        (v for k in ("intermediate_size", "ffn_dim", "n_inner") if (v := getattr(config, k, None))), 4 * hidden
+    )
+    return ModelShape(
+        name=model,
+        matrix_params=matrix,
+        vector_params=vector,
+        trained_params=trained,
+        hidden=hidden,
+        layers=config.num_hidden_layers,
+        heads=config.num_attention_heads,
+        intermediate=intermediate,
+        vocab=config.vocab_size,
+        gated_mlp=any(".gate_proj." in n for n in params),
+    )
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+def add_plan_command(commands) -> None:
+    """Add ``beft plan`` to the ``beft`` command's subparsers."""
+    plan = commands.add_parser("plan", help="estimate GPU memory of bias-only training, pick how to launch it")
+    plan.add_argument("model", help="a config.json, a model folder, or a Hub id in the local cache (weights unread)")
+    plan.add_argument("--gpus", type=int, required=True, help="GPUs available (one node or several)")
+    plan.add_argument("--gpu-memory", type=float, required=True, help="memory of each GPU, GiB (e.g. 80)")
+    plan.add_argument("--cpu-memory", type=float, help="CPU memory for offloaded weights, GiB (default: unchecked)")
+    plan.add_argument("--seq-len", type=int, default=512, help="tokens per example (default 512)")
+    plan.add_argument("--batch-size", type=int, default=8, help="examples per GPU and step (default 8)")
+    plan.set_defaults(func=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print every option's estimate, the chosen one and its launch line; 1 if none fits."""
+    for flag in ("gpus", "gpu_memory", "seq_len", "batch_size", "cpu_memory"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise CommandError(f"--{flag.replace('_', '-')} must be positive, not {value}.")
+    shape = read_shape(args.model)
+    options = estimate(shape, args.gpus, args.batch_size, args.seq_len)
+    chosen = choose(options, args.gpu_memory, args.cpu_memory)
+    print(
+        f"{args.model}: {shape.total_params:,} parameters, {shape.trained_params:,} in biases; "
+        f"{args.gpus} x {args.gpu_memory:g} GiB GPUs, batch {args.batch_size} x {args.seq_len} tokens per GPU"
+    )
+    print(f"{'option':<58}{'GiB/GPU':>9}{'weights':>9}{'activ.':>8}{'logits':>8}{'slower':>8}")
+    for option in sorted(options, key=lambda o: o.slowdown):
+        mem = {k: v / GIB for k, v in option.gpu_bytes.items()}
+        mark = " <- chosen" if option is chosen else ""
+        print(
+            f"{option.describe():<58}{option.peak / GIB:>9.1f}{mem['weights']:>9.1f}{mem['activations']:>8.1f}"
+            f"{mem['logits']:>8.1f}{option.slowdown:>7.1f}x{mark}"
+        )
+    print(
+        f"estimates are within about {EXPECTED_ERROR:.0%} of the measured peaks; fit = at most {FIT_SHARE:.0%} of a GPU"
+    )
+    if chosen is None:
+        print("nothing fits: add GPUs, lower --batch-size or --seq-len (or give more --cpu-memory)")
+        return 1
+    print(f"\nchosen: {chosen.describe()}, about {chosen.peak / GIB:.1f} GiB per GPU")
+    if chosen.cpu_bytes:
+        print(f"CPU memory for the offloaded weights: about {chosen.cpu_bytes / GIB:.1f} GiB")
+    model = os.path.dirname(os.path.abspath(args.model)) if os.path.isfile(args.model) else args.model
+    print(command(chosen, model, args.batch_size, args.seq_len))
+    if chosen.gpus > 8:
+        print("more GPUs than one machine holds? the same line runs on several: docs/recipes.md, 'Several machines'")
+    return 0
