@@ -39,7 +39,7 @@ def assert_exact_selection_run(out_dir: str, world_size: int) -> None:
 
 def _assert_rank(record: dict, tensors: dict[str, torch.Tensor]) -> None:
     selected = record["selected"]
-    assert len(selected) == 1 and selected[0] in ("q", "k", "v"), selected
+    assert len(selected) == 1 and selected[0] in record["report"]["candidates"], selected
     names = sorted(k[len("final/") :] for k in tensors if k.startswith("final/"))
     assert names, "no parameters recorded"
     trained = set(record["bias_names"][selected[0]]) | set(record["head"])

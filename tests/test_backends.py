@@ -153,3 +153,20 @@ def test_deepspeed_cpu_adam_moves_nothing_at_lr_0():
         optimizer.step()
     assert torch.equal(frozen, at_switch[1]), "a group at lr 0 moved under DeepSpeedCPUAdam"
     assert not torch.equal(trained, at_switch[0])
+
+
+#: Scaling vectors only, so that the selected type is one too (SSL and SSB halves on v, the MLP's output scaling).
+FAMILY = "v_scale_in,v_scale_out,mlp_in_scale_out"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [0, 2, 3], ids=["ddp", "zero2", "zero3"])
+def test_scaling_vectors_freeze_exactly_on_two_processes(stage, tmp_path):
+    if stage:
+        pytest.importorskip("deepspeed", reason="install the [deepspeed] extra")
+        _launch(_deepspeed(2, "--out", str(tmp_path), "--zero_stage", str(stage), "--candidates", FAMILY))
+    else:
+        _launch(_torchrun(2, "--out", str(tmp_path), "--candidates", FAMILY))
+    assert_exact_selection_run(str(tmp_path), world_size=2)
+    report = load_runs(str(tmp_path))[0][0]["report"]
+    assert report["candidates"] == FAMILY.split(",") and report["scores"]["v_scale_in"]["kind"] == "scale"

@@ -22,6 +22,7 @@ from helpers import TokenDataset, tiny_bert, training_args  # noqa: E402
 
 from beft_trainer import BeftTrainer, BiasSelectionCallback  # noqa: E402
 from beft_trainer.distributed import rank, read_full_fp32, read_optimizer_state  # noqa: E402
+from beft_trainer.vectors import prepare_model  # noqa: E402
 
 #: Adam's moments, recorded for every bias right after the switch.
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -82,17 +83,19 @@ def run(
     grad_accum: int = 1,
     naive: bool = False,
     offload: bool = False,
+    candidates: tuple[str, ...] = ("q", "k", "v"),
 ) -> None:
     """Train, then write this rank's record and tensors to ``out``."""
     if naive:
         BeftTrainer.freeze_groups = naive_freeze
     model = tiny_bert()
+    prepare_model(model, scaling_types=candidates)  # scaling vectors exist (as ones) in the initial snapshot
     init = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     extra = {"deepspeed": zero_config(zero_stage, offload)} if zero_stage else {}
     args = training_args(
         out, max_steps=max_steps, per_device_train_batch_size=4, gradient_accumulation_steps=grad_accum, **extra
     )
-    selection = BiasSelectionCallback(probe_steps=probe_steps)
+    selection = BiasSelectionCallback(probe_steps=probe_steps, candidates=candidates)
     snap = SnapshotAfterSwitch(probe_steps, [])
     trainer = BeftTrainer(model, args, train_dataset=TokenDataset(size=64), callbacks=[selection, snap])
     snap.bias_names = trainer.bias_layout.names(selection.candidates)
@@ -127,9 +130,11 @@ def main() -> None:
     parser.add_argument("--grad_accum", type=int, default=1)
     parser.add_argument("--naive_freeze", action="store_true", help="negative control: flip requires_grad only")
     parser.add_argument("--offload", action="store_true", help="parameters and optimizer state in CPU memory")
+    parser.add_argument("--candidates", default="q,k,v", help="comma list of candidate vector types")
     parser.add_argument("--local_rank", type=int, default=-1)
     cli = parser.parse_args()
-    run(cli.out, cli.zero_stage, cli.probe_steps, cli.max_steps, cli.grad_accum, cli.naive_freeze, cli.offload)
+    candidates = tuple(cli.candidates.split(","))
+    run(cli.out, cli.zero_stage, cli.probe_steps, cli.max_steps, cli.grad_accum, cli.naive_freeze, cli.offload, candidates)
 
 
 if __name__ == "__main__":
