@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .cli_inspect import inspect_command
 from .cli_merge import add_merge_parser
 from .errors import BeftConfigError, CommandError
 from .plan import add_plan_command
@@ -60,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         "--head", choices=sorted(_HEADS), default="sequence-classification", help="task head to inspect with"
     )
     inspect.add_argument("--num-labels", type=int, default=2, help="labels of a classification head")
-    inspect.set_defaults(func=_inspect)
+    inspect.set_defaults(func=inspect_command)
 
     export = commands.add_parser("export-peft", help="export a BEFT adapter as a peft BEFT adapter folder")
     export.add_argument("adapter_dir", help="folder with beft_adapter.json and adapter.safetensors")
@@ -201,51 +202,6 @@ def load_model(name: str, auto_class: str = "AutoModelForSequenceClassification"
     # safetensors, unknown architecture), each its own exception class: all end in one line here.
     except Exception as error:
         raise CommandError(f"Cannot load {path} with safetensors weights: {type(error).__name__}: {error}") from error
-
-
-def _inspect(args: argparse.Namespace) -> int:
-    import transformers
-
-    from .biases import find_biases, split_fused_qkv_bias
-    from .heads import find_head_parameters
-
-    transformers.logging.set_verbosity_error()  # "newly initialized head" warnings are expected here
-    kwargs = {"num_labels": args.num_labels} if "classification" in args.head else {}
-    model = load_model(args.model, _HEADS[args.head], **kwargs)
-    split_fused_qkv_bias(model)
-    layout = find_biases(model)
-    params = dict(model.named_parameters())
-    total = sum(p.numel() for p in params.values())
-    print(f"{args.model}: {layout.model_type} ({type(model).__name__}), {total:,} parameters")
-    print()
-    print(f"{'type':<10}{'vectors':>8}{'scalars':>10}{'share':>10}  layers  selectable")
-    for bias_type in layout.types:
-        vectors = layout.vectors[bias_type]
-        scalars = sum(params[v.name].numel() for v in vectors)
-        layers = sorted({v.layer for v in vectors})
-        zero = all(not params[v.name].detach().any() for v in vectors)
-        note = "yes (all zero: projection score degenerate)" if zero else "yes"
-        print(
-            f"{bias_type:<10}{len(vectors):>8}{scalars:>10,}{100 * scalars / total:>9.4f}%  "
-            f"{layers[0]}-{layers[-1]:<4}  {note}"
-        )
-    if layout.other_biases:
-        scalars = sum(params[n].numel() for n in layout.other_biases)
-        print(f"{'other':<10}{len(layout.other_biases):>8}{scalars:>10,}  trained by BitFit only (not selectable)")
-    if not layout.types:
-        print("no typed biases: pass BeftConfig(add_missing_biases=True) to add zero-initialised q/k/v biases")
-    print()
-    head = find_head_parameters(model)
-    head_scalars = sum(params[n].numel() for n in head)
-    print(f"head ({head_scalars:,} parameters, trained in full):")
-    for name in head:
-        print(f"  {name} {list(params[name].shape)}")
-    if not head:
-        print("  none detected (name it with BeftConfig(head_modules=...))")
-    print()
-    print(f"candidates for BiasSelectionCallback: {', '.join(layout.types) or 'none'}")
-    print("inert types (gradient ~0, e.g. k with absolute positions) are found while probing and excluded.")
-    return 0
 
 
 # -- export-peft ------------------------------------------------------------------------------

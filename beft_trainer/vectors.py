@@ -73,7 +73,7 @@ def attach_scaling_vectors(model: nn.Module, vector_types: Iterable[str]) -> int
             raise BiasTypeError(
                 f"The {model_type_of(model)!r} model has no separate {projection!r} projection to scale "
                 f"({vector_type!r}; GPT-2's q/k/v are one fused layer): choose among "
-                f"{', '.join(t for t in SCALING_TYPES if _projection_modules(model, split_scaling_type(t)[0]))}."
+                f"{', '.join(supported_scaling_types(model))}."
             )
         for _, _, module in modules:
             added += _attach(module, side)
@@ -181,3 +181,8 @@ def fold_scaling_vectors(model: nn.Module) -> int:
         del module._beft_scaled
         folded += 1
     return folded
+
+
+def supported_scaling_types(model: nn.Module) -> list[str]:
+    """The scaling-vector types ``model`` has layers for (all but GPT-2's fused q/k/v, and MLPs some tables lack)."""
+    return [t for t in SCALING_TYPES if _projection_modules(model, split_scaling_type(t)[0])]

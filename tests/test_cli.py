@@ -60,10 +60,13 @@ def test_inspect_local_model(trained, capsys):
     assert main(["inspect", str(root / "base")]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:1] in "qkvaml" and "%" in line}
-    assert set(rows) == {"q", "k", "v", "attn_out", "mlp_in", "mlp_out", "ln"}
-    assert rows["v"][1:3] == ["2", "32"] and rows["ln"][1:3] == ["4", "64"]  # 2 layers x 16; 2 LayerNorms a layer
+    biases = {"q", "k", "v", "attn_out", "mlp_in", "mlp_out", "ln"}
+    scalings = {f"{p}_scale_{side}" for p in ("q", "k", "v", "attn_out", "mlp_in", "mlp_out") for side in ("in", "out")}
+    assert set(rows) == biases | scalings
+    assert rows["v"][1:4] == ["bias", "2", "32"] and rows["ln"][1:4] == ["bias", "4", "64"]  # 2 LayerNorms a layer
+    assert rows["mlp_in_scale_in"][1:4] == ["scale", "2", "32"] and rows["mlp_in_scale_out"][1:4] == ["scale", "2", "64"]
     assert "classifier.weight [2, 16]" in out and "bert.pooler.dense.bias [16]" in out
-    assert "candidates for BiasSelectionCallback: q, k, v, attn_out, mlp_in, mlp_out, ln" in out
+    assert "candidates for BiasSelectionCallback: q, k, v, attn_out, mlp_in, mlp_out, ln, q_scale_in," in out
 
 
 def test_inspect_errors(tmp_path, capsys):
@@ -114,7 +117,7 @@ def test_inspect_minilm_alias(capsys):
     assert main(["inspect", "minilm"]) == 0
     out = capsys.readouterr().out
     assert "bert (BertForSequenceClassification)" in out
-    assert any(line.split()[:3] == ["v", "6", "2,304"] for line in out.splitlines())
+    assert any(line.split()[:4] == ["v", "bias", "6", "2,304"] for line in out.splitlines())
 
 
 def _copy_adapter(source, destination):
