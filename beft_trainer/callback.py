@@ -21,7 +21,7 @@ from .errors import BeftConfigError
 from .plot import plot_report
 from .probe import ProbeStatistics
 from .report import PLOT_NAME, REPORT_NAME, SelectionReport, write_report
-from .scores import find_inert, rank_types
+from .scores import find_inert, gradient_coherence, rank_types, rounding_floor
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class BiasSelectionCallback(TrainerCallback):
         elif not self.probe.tracking:
             params = self._candidate_params()
             self.probe.track(params, {n: self.trainer.pretrained_biases[n].shape for n in params})
+            self.probe.track_tokens(self.trainer.model, list(params))
         self._forget_probing_best(state)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -154,7 +155,7 @@ class BiasSelectionCallback(TrainerCallback):
             grad_counts=counts,
             seed=args.seed,
         )
-        inert = find_inert(report.type_scores("fisher"), self.inert_threshold) if self.exclude_inert else {}
+        inert = self._find_inert(args, fisher_sums) if self.exclude_inert else {}
         chosen = rank_types(report.type_scores(self.score), list(inert), self.top_k)
         self.selected = broadcast_from_main(chosen)
         if self.selected != chosen:
@@ -176,6 +177,18 @@ class BiasSelectionCallback(TrainerCallback):
             },
         )
         self.report = report
+
+    def _find_inert(self, args, squared_grads: dict[str, torch.Tensor]) -> dict[str, str]:
+        # Collective (every rank calls it): the per-token sums are summed over processes first,
+        # so every rank computes the same coherences and the same floor.
+        tokens = self.probe.reduced_token_squares(args.device)
+        vectors = self.trainer.bias_layout.vectors
+        coherence = {
+            t: gradient_coherence([squared_grads[v.name] for v in vectors[t]], [tokens[v.name] for v in vectors[t]])
+            for t in self.candidates
+        }
+        floor = self.inert_threshold or rounding_floor(_gradient_dtypes(args, self.trainer.model))
+        return find_inert(coherence, floor)
 
     def _publish(self, args, state, control) -> None:
         report = self.report
@@ -203,3 +216,13 @@ class BiasSelectionCallback(TrainerCallback):
         if self.selected is None:
             params = self._candidate_params()
             self.probe.load(checkpoint, rank(), world_size(), {n: p.device for n, p in params.items()})
+
+
+def _gradient_dtypes(args, model) -> set[torch.dtype]:
+    """The dtypes gradients are computed in: the autocast dtype, and half-precision weights (frozen_dtype, ZeRO)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if getattr(args, "bf16", False):
+        dtypes.add(torch.bfloat16)
+    if getattr(args, "fp16", False):
+        dtypes.add(torch.float16)
+    return dtypes

