@@ -68,11 +68,15 @@ def run_one(task: str, method: str, lr: float | None, opts) -> dict:
     start = time.perf_counter()
     log = out.parent / f"{out.name}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        # This checkout's library, not whichever copy the interpreter has installed.
-        env = os.environ | {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-        subprocess.run(argv, check=True, stdout=f, stderr=subprocess.STDOUT, env=env)
+    finished = (out / "eval_results.json").is_file()  # a run whose line was not appended (interrupted)
+    if not finished:
+        with open(log, "w") as f:
+            # This checkout's library, not whichever copy the interpreter has installed.
+            env = os.environ | {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+            subprocess.run(argv, check=True, stdout=f, stderr=subprocess.STDOUT, env=env)
     results = json.loads((out / "eval_results.json").read_text())
+    report_file = out / "beft_selection.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
     return {
         "task": task,
         "method": method,
@@ -85,8 +89,10 @@ def run_one(task: str, method: str, lr: float | None, opts) -> dict:
         "eval_loss": results["final"]["eval_loss"],
         "eval_examples_per_s": results["final"].get("eval_samples_per_second"),
         "selected": results.get("selected"),
+        "inert": sorted(report.get("inert", {})),
+        "type_scores": {t: {k: v for k, v in s.items() if k != "per_layer"} for t, s in report.get("scores", {}).items()},
         "trainable": results["trainable_parameters"]["trainable"],
-        "wall_s": round(time.perf_counter() - start, 1),
+        "wall_s": None if finished else round(time.perf_counter() - start, 1),
         "command": " ".join(argv[1:]),
     }
 
@@ -103,10 +109,53 @@ def run_all(jobs: list[tuple], opts) -> None:
         print(json.dumps({k: v for k, v in record.items() if k != "command"}), flush=True)
 
 
+def eval_speed(opts, examples: int = 16, repeats: int = 2) -> dict:
+    """Held-out scoring, one row per label word vs one forward per example, alternated in one process."""
+    import torch
+    import transformers as tf
+
+    from beft_trainer.recipes_support import (
+        answer_log_likelihood,
+        encode_candidates,
+        get_prompt_task,
+        label_word_evaluation,
+        load_prompt_task,
+        sample_examples,
+    )
+
+    task = get_prompt_task("sst2")
+    tokenizer = tf.AutoTokenizer.from_pretrained(opts.model)
+    model = tf.AutoModelForCausalLM.from_pretrained(opts.model, dtype=torch.float32)
+    held_out = sample_examples(load_prompt_task(task, data_dir=DATA)["validation"], examples, 0)
+    fast_rows, fast_scores = label_word_evaluation(held_out, tokenizer, task, 128)
+    paths = {"per_word": (encode_candidates(held_out, tokenizer, task, 128), answer_log_likelihood)}
+    paths["per_example"] = (fast_rows, fast_scores)
+    args = tf.TrainingArguments(opts.work, per_device_eval_batch_size=8, use_cpu=True, report_to=[])
+    collator = tf.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    scores = {}
+    for _ in range(repeats):
+        for name, (rows, preprocess) in paths.items():
+            trainer = tf.Trainer(model, args, data_collator=collator, preprocess_logits_for_metrics=preprocess)
+            start = time.perf_counter()
+            scores[name] = torch.as_tensor(trainer.predict(rows).predictions).reshape(examples, -1)
+            seconds[name].append(time.perf_counter() - start)
+    agree = bool(torch.equal(scores["per_word"].argmax(-1), scores["per_example"].argmax(-1)))
+    gap = float((scores["per_word"] - scores["per_example"]).abs().max())
+    return {
+        "examples": examples,
+        "examples_per_s": {name: examples / min(s) for name, s in seconds.items()},
+        "seconds": seconds,
+        "same_predictions": agree,
+        "max_log_likelihood_gap": gap,
+        "hardware": hardware(),
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: ``sweep``, ``study`` or ``report``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("sweep", "study", "report"))
+    parser.add_argument("command", choices=("sweep", "study", "report", "eval-speed"))
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="The converted model folder.")
     parser.add_argument("--runs", default=str(RUNS))
     parser.add_argument("--work", default=str(ROOT / ".cache" / "real_decoder_runs"))
@@ -114,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--probe_steps", type=int, default=6)
     parser.add_argument("--tasks", nargs="+", default=["sst2", "rte"])
     parser.add_argument("--methods", nargs="+", default=["beft", "v", "lora"])
-    parser.add_argument("--learning_rates", nargs="+", type=float, default=[1e-2, 1e-3, 3e-3, 3e-4])
+    parser.add_argument("--learning_rates", nargs="+", type=float, default=[1e-2, 1e-3, 3e-3])
     return parser
 
 
@@ -125,6 +174,10 @@ def main(argv: list[str] | None = None) -> None:
         run_all([("sst2", "beft", lr) for lr in opts.learning_rates], opts)
     elif opts.command == "study":
         run_all([(task, method, None) for task in opts.tasks for method in opts.methods], opts)
+    elif opts.command == "eval-speed":
+        result = eval_speed(opts)
+        (RESULTS / f"real_decoder_{MODEL_NAME}_eval_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
     else:
         from real_decoder_report import report
 

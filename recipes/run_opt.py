@@ -16,6 +16,7 @@ Writes ``eval_results.json`` (zero-shot and final accuracy, trainable parameters
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
@@ -23,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 from beft_trainer import BeftConfig, SelectionConfig
 from beft_trainer.errors import BeftConfigError
 from beft_trainer.recipes_support import (
+    DECODER_LEARNING_RATES,
     IGNORE_INDEX,
     DataArguments,
     MethodArguments,
@@ -92,11 +94,22 @@ class PromptDataArguments(DataArguments):
     )
 
 
+@dataclass
+class PromptTrainingArguments(RecipeTrainingArguments):
+    """``RecipeTrainingArguments`` with the decoders' default learning rates (``DECODER_LEARNING_RATES``)."""
+
+    model_kind: ClassVar[str] = "decoder"
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": f"Peak learning rate. Default: per method, for decoders: {DECODER_LEARNING_RATES}."},
+    )
+
+
 @exit_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; returns the results written to ``eval_results.json``."""
     model_args, data_args, method_args, selection_config, beft_config, training_args = parse_recipe_args(
-        (ModelArguments, PromptDataArguments, MethodArguments, SelectionConfig, BeftConfig, RecipeTrainingArguments),
+        (ModelArguments, PromptDataArguments, MethodArguments, SelectionConfig, BeftConfig, PromptTrainingArguments),
         argv,
     )
     check_probe_fits(selection_config, method_args, training_args)

@@ -24,6 +24,7 @@ from .arguments import (
 from .data import SplitSpec, check_split, load_splits, sample_examples, task_files
 from .glue import GLUE_TASKS, GlueTask, get_task, glue_compute_metrics, load_glue, sklearn_glue_metric, tokenize_glue
 from .methods import (
+    DECODER_LEARNING_RATES,
     DEFAULT_LEARNING_RATES,
     METHODS,
     Method,
@@ -51,6 +52,7 @@ from .prompts import (
 from .results import RESULTS_NAME, finish_run, selection_report, trainable_parameter_counts
 
 __all__ = [
+    "DECODER_LEARNING_RATES",
     "DEFAULT_LEARNING_RATES",
     "GLUE_TASKS",
     "IGNORE_INDEX",
@@ -87,8 +89,8 @@ __all__ = [
     "parse_method",
     "parse_recipe_args",
     "sample_examples",
-    "single_token_label_words",
     "selection_report",
+    "single_token_label_words",
     "sklearn_glue_metric",
     "start_processes",
     "task_files",

@@ -34,6 +34,13 @@ DEFAULT_LEARNING_RATES = {
 }
 
 
+#: Causal LMs (``run_opt.py``) differ for bias methods only: DECODER_BIAS_LEARNING_RATE_NOTE.
+DECODER_LEARNING_RATES = DEFAULT_LEARNING_RATES | {"beft": 1e-2, "bias_types": 1e-2}
+
+#: The table each kind of model reads its defaults from (the recipes' ``model_kind``).
+LEARNING_RATES_BY_MODEL_KIND = {"encoder": DEFAULT_LEARNING_RATES, "decoder": DECODER_LEARNING_RATES}
+
+
 @dataclass(frozen=True)
 class Method:
     """A parsed ``--method``: its kind (a ``METHODS`` name or ``bias_types``) and fixed bias types."""
@@ -48,8 +55,12 @@ class Method:
 
     @property
     def default_learning_rate(self) -> float:
-        """The learning rate used when ``--learning_rate`` is not given."""
+        """The learning rate used when ``--learning_rate`` is not given (encoders)."""
         return DEFAULT_LEARNING_RATES[self.kind]
+
+    def learning_rate_for(self, model_kind: str) -> float:
+        """The default learning rate for a kind of model: ``encoder`` or ``decoder``."""
+        return LEARNING_RATES_BY_MODEL_KIND[model_kind][self.kind]
 
     def __str__(self) -> str:
         return ",".join(self.bias_types) if self.kind == "bias_types" else self.kind
