@@ -42,6 +42,7 @@ from beft_trainer.recipes_support import (
     sample_examples,
     start_processes,
 )
+from beft_trainer.recipes_support.decoders import plain_copy
 
 
 @dataclass
@@ -75,9 +76,6 @@ class ModelArguments:
                 "weights in half precision with --frozen_dtype bfloat16 --bf16 (bias methods)."
             )
 
-    def load_kwargs(self) -> dict:
-        """What ``from_pretrained`` gets besides the name: always fp32, the GGUF file if any."""
-        return {"dtype": torch.float32} | ({"gguf_file": self.gguf_file} if self.gguf_file else {})
 
 
 @dataclass
@@ -132,7 +130,10 @@ def main(argv: list[str] | None = None) -> dict:
         train = encode_for_training(train, tokenizer, task, data_args.max_seq_length)
         held_out, score_label_words = label_word_evaluation(held_out, tokenizer, task, data_args.max_seq_length)
     # TrainingArguments exist already, so under ZeRO-3 the weights load partitioned.
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_args.load_kwargs())
+    gguf = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=torch.float32, **gguf)
+    if gguf:
+        model = plain_copy(model)  # the Trainer refuses a GGUF-loaded model as quantized
     trainer = build_trainer(
         model,
         training_args,

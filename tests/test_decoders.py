@@ -142,3 +142,29 @@ def test_no_bias_type_of_a_real_rotary_decoder_is_inert(folder):
     for dtype in (torch.float32, torch.bfloat16):
         coherence = real_coherence(model, tokenizer, dtype)
         assert find_inert(coherence, rounding_floor({dtype})) == {}, coherence
+
+
+@pytest.mark.realdata
+def test_run_opt_trains_added_biases_of_a_real_llama_loaded_from_gguf(tmp_path):
+    gguf = SMOLLM2.parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file() or not (REPO.parent / "shared" / "data" / "glue" / "sst2").is_dir():
+        pytest.skip("needs the SmolLM2 GGUF (prepare-smollm2) and ../shared/data/glue")
+    argv = ["--model_name_or_path", str(gguf.parent), "--gguf_file", gguf.name, "--task_name", "sst2"]
+    argv += ["--data_dir", str(REPO.parent / "shared" / "data" / "glue"), "--add_missing_biases", "true"]
+    argv += ["--score", "magnitude", "--probe_steps", "2", "--max_train_samples", "16", "--max_eval_samples", "8"]
+    results = run_opt.main([*argv, *common_args(tmp_path / "out", max_steps=3, per_device_train_batch_size=4)])
+    # Llama-with-added-biases: rotary positions, so no added bias type is inert.
+    report = json_file(tmp_path / "out" / "beft_selection.json")
+    assert report["inert"] == {} and results["selected"] and len(results["selected"]) == 1
+    assert results["trainable_parameters"]["trainable"] == 30 * model_width(results["selected"][0])
+
+
+def json_file(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def model_width(bias_type: str) -> int:
+    """SmolLM2-135M: hidden 576, 9 heads of 64, 3 key/value heads (k and v biases are 192 wide)."""
+    return 576 if bias_type == "q" else 192

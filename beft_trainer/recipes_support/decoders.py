@@ -97,11 +97,11 @@ def load_gguf_model(gguf_path: Path):
     return model, tokenizer
 
 
-def save_plain_copy(model, tokenizer, folder: Path) -> Path:
-    """Save a GGUF-loaded model as ordinary fp32 safetensors.
+def plain_copy(model):
+    """A GGUF-loaded model as an ordinary fp32 model of the same config (same weights and logits).
 
-    ``save_pretrained`` refuses a GGUF-loaded model as "quantized"; its weights are already
-    dequantised, so a fresh model of the same config without ``quantization_config`` takes them.
+    transformers marks a GGUF-loaded model as quantized: ``save_pretrained`` and the Trainer refuse
+    it. Its weights are already dequantised, so a fresh model without ``quantization_config`` takes them.
     """
     from transformers import AutoModelForCausalLM
 
@@ -112,8 +112,13 @@ def save_plain_copy(model, tokenizer, folder: Path) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype="float32")
     plain.load_state_dict(model.state_dict())
     plain.generation_config = model.generation_config
+    return plain
+
+
+def save_plain_copy(model, tokenizer, folder: Path) -> Path:
+    """Save a GGUF-loaded model and its tokenizer as ordinary fp32 safetensors in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    plain.save_pretrained(folder)
+    plain_copy(model).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
