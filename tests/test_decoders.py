@@ -139,7 +139,9 @@ def test_no_bias_type_of_a_real_rotary_decoder_is_inert(folder):
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     if not find_biases(model).vectors.get("k"):
         add_missing_biases(model)  # SmolLM2 is Llama: no biases of its own
-    for dtype in (torch.float32, torch.bfloat16):
+    # Qwen2 under CPU bf16 autocast takes minutes on 2 cores: its bf16 figures are in
+    # benchmarks/results/real_decoder_inert_coherence.md; the tiny models test bf16 everywhere.
+    for dtype in (torch.float32,) if folder == QWEN else (torch.float32, torch.bfloat16):
         coherence = real_coherence(model, tokenizer, dtype)
         assert find_inert(coherence, rounding_floor({dtype})) == {}, coherence
 
