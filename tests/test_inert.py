@@ -104,3 +104,22 @@ def test_the_callback_excludes_exactly_the_inert_key(model_type, bf16, tmp_path)
     )
     trainer.train()
     assert sorted(selection.report.inert) == (["k"] if KEY_IS_INERT[model_type] else [])
+
+
+def test_per_token_statistics_survive_a_checkpoint_and_merge_over_ranks(tmp_path):
+    model = model_with_qkv_biases("opt", 0.02)
+    names = find_biases(model).names(("k",))
+    params = dict(model.named_parameters())
+    probe = ProbeStatistics()
+    probe.track({n: params[n] for n in names}, {n: params[n].shape for n in names})
+    probe.track_tokens(model, names)
+    model(input_ids=torch.randint(3, 64, (4, 8)), labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+    probe.stop()
+    assert all(float(probe.token_squared[n]) > 0 for n in names)
+    probe.save(str(tmp_path), 0)
+    probe.save(str(tmp_path), 1)  # as if a second rank had seen the same batch
+    merged = ProbeStatistics()
+    merged.load(str(tmp_path), process_rank=0, world_size=1, devices={n: torch.device("cpu") for n in names})
+    for name in names:
+        torch.testing.assert_close(merged.token_squared[name], 2 * probe.token_squared[name])
+        torch.testing.assert_close(merged.squared_grads[name], 2 * probe.squared_grads[name])
