@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from common import RESULTS
@@ -74,10 +75,19 @@ def plot(records: list[dict], path: Path) -> None:
 
 def report(records: list[dict], model_name: str) -> None:
     """Write ``real_decoder_<model>.{md,json,png}``."""
-    stem = RESULTS / f"real_decoder_{model_name}"
-    speed_file = RESULTS / f"real_decoder_{model_name}_eval_speed.json"
+    stem = f"real_decoder_{model_name}"  # the model name has dots: no with_suffix
+    speed_file = RESULTS / f"{stem}_eval_speed.json"
     speed = json.loads(speed_file.read_text()) if speed_file.is_file() else None
-    stem.with_suffix(".json").write_text(json.dumps({"tasks": summary(records), "eval_speed": speed}, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(records, model_name, speed))
-    plot(records, stem.with_suffix(".png"))
-    print(stem.with_suffix(".md").read_text())
+    records = [r | {"command": relative_command(r["command"])} for r in records]
+    summary_json = json.dumps({"tasks": summary(records), "eval_speed": speed}, indent=2)
+    (RESULTS / f"{stem}.json").write_text(summary_json + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(records, model_name, speed))
+    plot(records, RESULTS / f"{stem}.png")
+    print((RESULTS / f"{stem}.md").read_text())
+
+
+def relative_command(command: str) -> str:
+    """The run's command from the repository root (runs may come from a snapshot of it)."""
+    command = re.sub(r"\S*/recipes/run_opt\.py", "python recipes/run_opt.py", command)
+    command = re.sub(r"\S*/\.cache/", ".cache/", command)
+    return re.sub(r"\S*/shared/data/", "../shared/data/", command)
