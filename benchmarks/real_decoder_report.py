@@ -6,7 +6,18 @@ import json
 import re
 from pathlib import Path
 
-from common import RESULTS
+from common import DATA, RESULTS, sample_examples
+
+
+def majority_rates(tasks: list[str], examples: int = 64) -> dict[str, float]:
+    """The majority-class accuracy of each task's held-out sample (the runs' seed 0)."""
+    from beft_trainer.recipes_support import get_prompt_task, load_prompt_task
+
+    rates = {}
+    for task in tasks:
+        labels = sample_examples(load_prompt_task(get_prompt_task(task), data_dir=DATA)["validation"], examples, 0)["label"]
+        rates[task] = max(labels.count(value) for value in set(labels)) / len(labels)
+    return rates
 
 
 def summary(records: list[dict]) -> dict:
@@ -18,7 +29,7 @@ def summary(records: list[dict]) -> dict:
     return tasks
 
 
-def markdown(records: list[dict], model_name: str, speed: dict | None) -> str:
+def markdown(records: list[dict], model_name: str, speed: dict | None, majority: dict[str, float]) -> str:
     """The results as tables, with the command of each run."""
     lines = [
         f"# Real decoder: {model_name} on prompt-based SST-2 and RTE (CPU)",
@@ -27,6 +38,9 @@ def markdown(records: list[dict], model_name: str, speed: dict | None) -> str:
         "is `recipes/run_opt.py` on the converted Qwen2.5-Coder-0.5B-Instruct (`python -m",
         "beft_trainer.recipes_support.decoders prepare-qwen`), 128 training examples, batch 4, 64 held-out",
         "examples from `../shared/data/glue`, seed 0, linear decay. Zero-shot = the same model before any step.",
+        "Majority class of the 64 held-out examples: "
+        + ", ".join(f"{task} {rate:.3f}" for task, rate in majority.items())
+        + ". 64 examples: one example is 0.016 of accuracy.",
         "",
         "| task | method | lr | steps | zero-shot acc | tuned acc | gold-word loss before -> after | selected | inert | trainable | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -53,8 +67,8 @@ def markdown(records: list[dict], model_name: str, speed: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(records: list[dict], path: Path) -> None:
-    """Accuracy per task: zero-shot, then each run."""
+def plot(records: list[dict], path: Path, majority: dict[str, float]) -> None:
+    """Accuracy per task: zero-shot, then each run; the dashed line is the majority class."""
     from matplotlib.figure import Figure
 
     tasks = sorted({r["task"] for r in records})
@@ -66,6 +80,8 @@ def plot(records: list[dict], path: Path) -> None:
         values = [runs[0]["zero_shot_accuracy"]] + [r["accuracy"] for r in runs]
         ax.bar(range(len(values)), values, color=["grey"] + ["tab:blue"] * len(runs))
         ax.set_xticks(range(len(values)), labels, fontsize=7)
+        ax.axhline(majority[task], color="black", linestyle="--", linewidth=1, label="majority class")
+        ax.legend(fontsize=7, loc="lower right")
         ax.set_ylim(0, 1)
         ax.set_title(task)
         ax.set_ylabel("held-out accuracy (64 examples)")
@@ -79,10 +95,11 @@ def report(records: list[dict], model_name: str) -> None:
     speed_file = RESULTS / f"{stem}_eval_speed.json"
     speed = json.loads(speed_file.read_text()) if speed_file.is_file() else None
     records = [r | {"command": relative_command(r["command"])} for r in records]
-    summary_json = json.dumps({"tasks": summary(records), "eval_speed": speed}, indent=2)
+    majority = majority_rates(sorted({r["task"] for r in records}))
+    summary_json = json.dumps({"tasks": summary(records), "majority": majority, "eval_speed": speed}, indent=2)
     (RESULTS / f"{stem}.json").write_text(summary_json + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(records, model_name, speed))
-    plot(records, RESULTS / f"{stem}.png")
+    (RESULTS / f"{stem}.md").write_text(markdown(records, model_name, speed, majority))
+    plot(records, RESULTS / f"{stem}.png", majority)
     print((RESULTS / f"{stem}.md").read_text())
 
 
