@@ -10,7 +10,7 @@ Module map (data flows one way: model -> biases -> groups -> probe -> scores -> 
 - ``checks``: checks of what the trainer is given, before any step.
 - ``trainer``: ``BeftTrainer``: the groups, the exact switch, the adapter of the run.
 - ``callback``: ``BiasSelectionCallback``: probe, score, decide, report.
-- ``probe``: squared-gradient statistics gathered while probing, saved per rank, merged on resume.
+- ``probe``: squared-gradient statistics gathered while probing (per vector and per token), saved per rank, merged on resume.
 - ``scores``: importance scores as pure tensor functions; inert detection; the ranking.
 - ``resume``: the settings each checkpoint records, and the check a resume must pass.
 - ``distributed``: everything that knows about DDP and DeepSpeed ZeRO (full values, ranks, optimizer groups).

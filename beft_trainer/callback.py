@@ -15,13 +15,15 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .biases import SCALING_TYPES
 from .config import SelectionConfig
 from .distributed import broadcast_from_main, rank, read_full_fp32, settle_zero3, world_size
 from .errors import BeftConfigError
 from .plot import plot_report
 from .probe import ProbeStatistics
 from .report import PLOT_NAME, REPORT_NAME, SelectionReport, write_report
-from .scores import find_inert, rank_types, select_within_budget
+from .scores import find_inert, gradient_coherence, rank_types, rounding_floor, select_within_budget
+from .vectors import is_scaling_parameter
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,9 @@ class BiasSelectionCallback(TrainerCallback):
         elif not self.probe.tracking:
             params = self._candidate_params()
             self.probe.track(params, {n: self.trainer.pretrained_biases[n].shape for n in params})
+            # Per-token statistics exist for biases only (a bias's gradient at a token is its module's
+            # output gradient); scaling vectors are never inert by construction, see _find_inert.
+            self.probe.track_tokens(self.trainer.model, [n for n in params if not is_scaling_parameter(n)])
         self._forget_probing_best(state)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -155,7 +160,7 @@ class BiasSelectionCallback(TrainerCallback):
             grad_counts=counts,
             seed=args.seed,
         )
-        inert = find_inert(report.type_scores("fisher"), self.inert_threshold) if self.exclude_inert else {}
+        inert = self._find_inert(args, fisher_sums) if self.exclude_inert else {}
         chosen = self._choose(report, list(inert), trainer.total_parameters())
         self.selected = broadcast_from_main(chosen)
         if self.selected != chosen:
@@ -198,6 +203,21 @@ class BiasSelectionCallback(TrainerCallback):
                 f"{min(sizes.values()):,} ({', '.join(f'{t}={n:,}' for t, n in sizes.items())}): raise the budget."
             )
 
+    def _find_inert(self, args, squared_grads: dict[str, torch.Tensor]) -> dict[str, str]:
+        # Collective (every rank calls it): the per-token sums are summed over processes first,
+        # so every rank computes the same coherences and the same floor.
+        tokens = self.probe.reduced_token_squares(args.device)
+        vectors = self.trainer.bias_layout.vectors
+        # A scaling vector multiplies a projection's input or output, which no softmax or norm
+        # undoes as it undoes a constant shift: only bias types are tested.
+        coherence = {
+            t: gradient_coherence([squared_grads[v.name] for v in vectors[t]], [tokens[v.name] for v in vectors[t]])
+            for t in self.candidates
+            if t not in SCALING_TYPES
+        }
+        floor = self.inert_threshold or rounding_floor(_gradient_dtypes(args, self.trainer.model))
+        return find_inert(coherence, floor)
+
     def _publish(self, args, state, control) -> None:
         report = self.report
         should_log = control.should_log
@@ -224,3 +244,13 @@ class BiasSelectionCallback(TrainerCallback):
         if self.selected is None:
             params = self._candidate_params()
             self.probe.load(checkpoint, rank(), world_size(), {n: p.device for n, p in params.items()})
+
+
+def _gradient_dtypes(args, model) -> set[torch.dtype]:
+    """The dtypes gradients are computed in: the autocast dtype, and half-precision weights (frozen_dtype, ZeRO)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if getattr(args, "bf16", False):
+        dtypes.add(torch.bfloat16)
+    if getattr(args, "fp16", False):
+        dtypes.add(torch.float16)
+    return dtypes

@@ -1,5 +1,9 @@
 """Gradient statistics gathered while probing: squared gradients per bias vector, saved per rank.
 
+Besides the squared gradient of each vector (the sum over its tokens), the probe keeps the sum
+of its per-token squared gradients, read from the output gradient of the module that adds the
+bias: their ratio tells a gradient that cancels to rounding noise (an inert type) from a real one.
+
 Each process sums the squared gradients of its own batches; the selection sums them over
 processes. A checkpoint holds one file per rank, so a resume on another number of processes
 merges them: new rank ``r`` takes the files of old ranks ``r, r + N, r + 2N, ...`` (N = new world
@@ -22,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 _SQUARED_PREFIX = "sq/"
 _COUNT_PREFIX = "count/"
+_TOKEN_PREFIX = "tok/"
 _FILE_PATTERN = re.compile(r"beft_probe_rank(\d+)\.safetensors$")
 
 
@@ -36,6 +41,7 @@ class ProbeStatistics:
     def __init__(self) -> None:
         self.squared_grads: dict[str, torch.Tensor] = {}
         self.grad_counts: dict[str, int] = {}
+        self.token_squared: dict[str, torch.Tensor] = {}
         self._hooks: list = []
 
     @property
@@ -50,6 +56,40 @@ class ProbeStatistics:
                 self.squared_grads[name] = torch.zeros(shapes[name], dtype=torch.float32, device=param.device)
                 self.grad_counts[name] = 0
             self._hooks.append(param.register_hook(self._accumulator(name)))
+
+    def track_tokens(self, model: torch.nn.Module, names: list[str]) -> None:
+        """Accumulate each vector's per-token squared gradient: the output gradient of its module, sliced.
+
+        A module adds its bias vectors to consecutive slices of its output, in registration order
+        (one ``bias``; GPT-2's split ``bias_q``/``bias_k``/``bias_v``), so that slice's gradient at
+        each token is the vector's gradient at that token.
+        """
+        by_module: dict[str, list[str]] = {}
+        for name in names:
+            by_module.setdefault(name.rpartition(".")[0], []).append(name)
+        for module_name, tracked in by_module.items():
+            module = model.get_submodule(module_name)
+            slices, offset = {}, 0
+            for leaf, param in module.named_parameters(recurse=False):
+                if leaf == "bias" or leaf.startswith("bias_"):
+                    size = int(torch.Size(getattr(param, "ds_shape", param.shape)).numel())
+                    slices[f"{module_name}.{leaf}"] = slice(offset, offset + size)
+                    offset += size
+            for name in tracked:
+                self.token_squared.setdefault(name, torch.zeros(1, dtype=torch.float32))
+            wanted = {name: slices[name] for name in tracked}
+            self._hooks.append(module.register_forward_hook(self._token_hook(wanted)))
+
+    def _token_hook(self, slices: dict[str, slice]):
+        def on_output(module, inputs, output) -> None:
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(accumulate)
+
+        def accumulate(grad: torch.Tensor) -> None:
+            for name, part in slices.items():
+                self.token_squared[name] += grad[..., part].detach().float().pow(2).sum().cpu()
+
+        return on_output
 
     def _accumulator(self, name: str):
         def accumulate(grad: torch.Tensor) -> None:
@@ -74,10 +114,17 @@ class ProbeStatistics:
         summed_counts = {n: int(c) for n, c in zip(names, reduced[-1].tolist(), strict=True)}
         return dict(zip(names, reduced[:-1], strict=True)), summed_counts
 
+    def reduced_token_squares(self, device: torch.device) -> dict[str, float]:
+        """Per-token squared-gradient sums over every process (collective)."""
+        names = list(self.token_squared)
+        reduced = all_reduce_sum([self.token_squared[n] for n in names], device)
+        return {n: float(t.sum()) for n, t in zip(names, reduced, strict=True)}
+
     def save(self, folder: str, process_rank: int) -> None:
         """Write this process's statistics into a checkpoint folder."""
         tensors = {_SQUARED_PREFIX + n: t.cpu() for n, t in self.squared_grads.items()}
         tensors |= {_COUNT_PREFIX + n: torch.tensor(c) for n, c in self.grad_counts.items()}
+        tensors |= {_TOKEN_PREFIX + n: t.cpu() for n, t in self.token_squared.items()}
         save_file(tensors, os.path.join(folder, probe_file_name(process_rank)))
 
     def load(self, folder: str, process_rank: int, world_size: int, devices: dict[str, torch.device]) -> None:
@@ -94,6 +141,7 @@ class ProbeStatistics:
             )
         self.squared_grads = {n: torch.zeros_like(t) for n, t in self.squared_grads.items()}
         self.grad_counts = dict.fromkeys(self.grad_counts, 0)
+        self.token_squared = {n: torch.zeros(1) for n in self.token_squared}
         for old_rank in mine:
             tensors = load_file(os.path.join(folder, probe_file_name(old_rank)))
             for key, value in tensors.items():
@@ -102,6 +150,9 @@ class ProbeStatistics:
                     previous = self.squared_grads.get(name)
                     value = value.to(devices[name])
                     self.squared_grads[name] = value if previous is None else previous + value
+                elif key.startswith(_TOKEN_PREFIX):
+                    name = key.removeprefix(_TOKEN_PREFIX)
+                    self.token_squared[name] = self.token_squared.get(name, torch.zeros(1)) + value
                 elif key.startswith(_COUNT_PREFIX):
                     name = key.removeprefix(_COUNT_PREFIX)
                     self.grad_counts[name] = self.grad_counts.get(name, 0) + int(value)

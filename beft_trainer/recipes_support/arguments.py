@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -40,6 +40,9 @@ class RecipeTrainingArguments(TrainingArguments):
             "help": "Peak learning rate. Default: per method (bias types 1e-2, BitFit 3e-3, LoRA 1e-3, full 5e-5)."
         },
     )
+    #: Which default learning-rate table applies (``methods.LEARNING_RATES_BY_MODEL_KIND``).
+    model_kind: ClassVar[str] = "encoder"
+
     eval_on_start: bool = field(
         default=True,
         metadata={"help": "Evaluate before the first step: the untuned baseline (pretrained backbone, initial head)."},
@@ -130,7 +133,7 @@ def _apply_method(parsed: Sequence[Any]) -> None:
         configure_method(method_args, by_type[SelectionConfig], by_type[BeftConfig])
     for item in parsed:
         if isinstance(item, RecipeTrainingArguments) and item.learning_rate is None:
-            item.learning_rate = method_args.parsed.default_learning_rate
+            item.learning_rate = method_args.parsed.learning_rate_for(item.model_kind)
 
 
 def check_probe_fits(selection: SelectionConfig, method_args: MethodArguments, args: TrainingArguments) -> None:

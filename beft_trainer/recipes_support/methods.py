@@ -42,6 +42,16 @@ DEFAULT_LEARNING_RATES = {
 }
 
 
+#: Causal LMs (``run_opt.py``) differ for bias methods only. On the real Qwen2.5-0.5B (prompt SST-2,
+#: 16 steps of 4, benchmarks/results/real_decoder_qwen2.5-coder-0.5b.md) BEFT at 1e-2 fell from 0.656
+#: zero-shot to 0.562 and 3e-3 to 0.609, 1e-3 kept 0.641: a label-word likelihood moves far faster than
+#: an encoder's fresh head, and large steps on v mostly shift the prior between label words.
+DECODER_LEARNING_RATES = DEFAULT_LEARNING_RATES | {"beft": 1e-3, "bias_types": 1e-3}
+
+#: The table each kind of model reads its defaults from (the recipes' ``model_kind``).
+LEARNING_RATES_BY_MODEL_KIND = {"encoder": DEFAULT_LEARNING_RATES, "decoder": DECODER_LEARNING_RATES}
+
+
 @dataclass(frozen=True)
 class Method:
     """A parsed ``--method``: its kind (a ``METHODS`` name or ``bias_types``) and fixed bias types."""
@@ -56,8 +66,12 @@ class Method:
 
     @property
     def default_learning_rate(self) -> float:
-        """The learning rate used when ``--learning_rate`` is not given."""
+        """The learning rate used when ``--learning_rate`` is not given (encoders)."""
         return DEFAULT_LEARNING_RATES[self.kind]
+
+    def learning_rate_for(self, model_kind: str) -> float:
+        """The default learning rate for a kind of model: ``encoder`` or ``decoder``."""
+        return LEARNING_RATES_BY_MODEL_KIND[model_kind][self.kind]
 
     def __str__(self) -> str:
         return ",".join(self.bias_types) if self.kind == "bias_types" else self.kind

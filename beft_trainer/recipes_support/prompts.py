@@ -154,8 +154,18 @@ def encode_for_training(dataset, tokenizer, task: PromptTask, max_length: int):
     return dataset.map(encode, remove_columns=dataset.column_names, desc=f"Encoding {task.name} prompts")
 
 
+def single_token_label_words(tokenizer, task: PromptTask) -> list[int] | None:
+    """Each label word's token id when every word is one token after the prompt, else ``None``."""
+    separator = "" if task.template.endswith("\n") else " "
+    ids = [tokenizer(separator + word, add_special_tokens=False)["input_ids"] for word in task.label_words]
+    return [word_ids[0] for word_ids in ids] if all(len(word_ids) == 1 for word_ids in ids) else None
+
+
 def encode_candidates(dataset, tokenizer, task: PromptTask, max_length: int):
-    """Each example once per label word, in order: row ``i * C + c`` is example ``i`` with word ``c``."""
+    """Each example once per label word, in order: row ``i * C + c`` is example ``i`` with word ``c``.
+
+    The general path (any label words); ``label_word_evaluation`` prefers one row per example.
+    """
     check_prompt_room(tokenizer, task, max_length)
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -201,3 +211,34 @@ def label_word_accuracy(gold_labels: list[int], num_choices: int) -> Callable[[A
         return {"accuracy": float(accuracy_score(gold, scores.argmax(-1)))}
 
     return compute_metrics
+
+
+def label_word_log_likelihoods(word_ids: list[int]) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """A ``preprocess_logits_for_metrics`` for one row per example: every label word's log-likelihood, ``(batch, C)``.
+
+    Each row is the prompt followed by its gold word (``encode_for_training``), so the logits
+    before the labelled token are the distribution over the word after the prompt: one forward
+    pass scores every single-token label word, with the same numbers as one row per word.
+    """
+    word_index = torch.tensor(word_ids)
+
+    def preprocess(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        before_answer = (labels != IGNORE_INDEX).int().argmax(-1) - 1
+        rows = logits[torch.arange(len(labels), device=logits.device), before_answer].float()
+        return torch.log_softmax(rows, dim=-1)[:, word_index.to(rows.device)]
+
+    return preprocess
+
+
+def label_word_evaluation(dataset, tokenizer, task: PromptTask, max_length: int):
+    """The held-out rows and their ``preprocess_logits_for_metrics``, both for ``label_word_accuracy``.
+
+    Single-token label words (SST-2, RTE with OPT, GPT-2, Qwen2 tokenizers): one row per example,
+    one forward pass for all words, and the evaluation loss is the gold word's. Otherwise one row
+    per example and word (``encode_candidates``).
+    """
+    word_ids = single_token_label_words(tokenizer, task)
+    if word_ids is None:
+        return encode_candidates(dataset, tokenizer, task, max_length), answer_log_likelihood
+    return encode_for_training(dataset, tokenizer, task, max_length), label_word_log_likelihoods(word_ids)
