@@ -77,7 +77,7 @@ def rank() -> int:
 
 def all_reduce_sum(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Sum each tensor over ranks (returned on CPU); identity in a single process."""
-    if not is_distributed():
+    if not is_distributed() or not tensors:  # nothing to sum: every rank skips the collective alike
         return [t.cpu() for t in tensors]
     flat = torch.cat([t.flatten().double() for t in tensors]).to(device)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
