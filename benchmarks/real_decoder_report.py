@@ -48,7 +48,7 @@ def markdown(records: list[dict], model_name: str, speed: dict | None, majority:
     for r in records:
         loss = f"{r['zero_shot_loss']:.2f} -> {r['eval_loss']:.2f}" if r.get("zero_shot_loss") else ""
         lines.append(
-            f"| {r['task']} | {r['method']} | {r['learning_rate'] or 'default'} | {r['steps']} "
+            f"| {r['task']} | {r['method']} | {r['learning_rate'] or 'default (1e-3)'} | {r['steps']} "
             f"| {r['zero_shot_accuracy']:.3f} | {r['accuracy']:.3f} | {loss} | {'+'.join(r['selected'] or []) or '-'} "
             f"| {','.join(r.get('inert') or []) or '-'} | {r['trainable']:,} | {r['wall_s'] or '-'} |"
         )
