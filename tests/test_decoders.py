@@ -130,10 +130,11 @@ def real_coherence(model, tokenizer, dtype: torch.dtype) -> dict[str, list[float
 
 
 @pytest.mark.realdata
+@pytest.mark.realdecoder
 @pytest.mark.parametrize("folder", [QWEN, SMOLLM2], ids=["qwen2", "smollm2-llama"])
 def test_no_bias_type_of_a_real_rotary_decoder_is_inert(folder):
     if not (folder / "config.json").is_file():
-        pytest.skip(f"needs {folder}: python -m beft_trainer.recipes_support.decoders prepare-... (see module doc)")
+        pytest.fail(f"needs {folder}: python -m beft_trainer.recipes_support.decoders prepare-... (see module doc)")
     model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tokenizer = tf.AutoTokenizer.from_pretrained(folder)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
@@ -147,10 +148,11 @@ def test_no_bias_type_of_a_real_rotary_decoder_is_inert(folder):
 
 
 @pytest.mark.realdata
+@pytest.mark.realdecoder
 def test_run_opt_trains_added_biases_of_a_real_llama_loaded_from_gguf(tmp_path):
     gguf = SMOLLM2.parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not gguf.is_file() or not (REPO.parent / "shared" / "data" / "glue" / "sst2").is_dir():
-        pytest.skip("needs the SmolLM2 GGUF (prepare-smollm2) and ../shared/data/glue")
+        pytest.fail("needs the SmolLM2 GGUF (prepare-smollm2) and ../shared/data/glue")
     argv = ["--model_name_or_path", str(gguf.parent), "--gguf_file", gguf.name, "--task_name", "sst2"]
     argv += ["--data_dir", str(REPO.parent / "shared" / "data" / "glue"), "--add_missing_biases", "true"]
     argv += ["--score", "magnitude", "--probe_steps", "2", "--max_train_samples", "16", "--max_eval_samples", "8"]
