@@ -134,3 +134,53 @@ def training_args(output_dir, **overrides) -> tf.TrainingArguments:
     )
     defaults.update(overrides)
     return tf.TrainingArguments(**defaults)
+
+
+def qkv_coherence(model: torch.nn.Module, backward_passes) -> dict[str, list[float]]:
+    """Per q/k/v type, each layer's gradient coherence after ``backward_passes(model)`` has run.
+
+    ``backward_passes`` runs the forward and backward passes whose gradients the probe collects.
+    """
+    from beft_trainer import find_biases
+    from beft_trainer.probe import ProbeStatistics
+    from beft_trainer.scores import gradient_coherence
+
+    layout = find_biases(model)
+    names = layout.names(("q", "k", "v"))
+    params = dict(model.named_parameters())
+    probe = ProbeStatistics()
+    probe.track({n: params[n] for n in names}, {n: params[n].shape for n in names})
+    probe.track_tokens(model, names)
+    backward_passes(model)
+    probe.stop()
+    model.zero_grad()
+    return {
+        t: gradient_coherence(
+            [probe.squared_grads[v.name] for v in layout.vectors[t]],
+            [float(probe.token_squared[v.name]) for v in layout.vectors[t]],
+        )
+        for t in ("q", "k", "v")
+    }
+
+
+class AtSwitch(tf.TrainerCallback):
+    """Copies every parameter at ``step`` (after the selection: pass it after the selection callback)."""
+
+    def __init__(self, step: int):
+        self.step, self.values = step, {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            self.values = snapshot(model)
+
+
+def assert_frozen_after_switch(trainer, at_switch, pretrained):
+    """Every parameter outside the still-training groups kept its switch-time and pretrained value; the selected trained."""
+    final = snapshot(trainer.model)
+    training = {n for g in trainer.active_groups for n in trainer.parameter_groups[g]}
+    for name, value in final.items():
+        if name not in training:
+            assert torch.equal(value, at_switch[name]), f"{name} moved after the switch"
+            assert torch.equal(value, pretrained[name]), f"{name} is not pretrained"
+    for name in trainer.bias_layout.names(trainer.active_groups):
+        assert not torch.equal(final[name], at_switch[name]), f"selected {name} did not train"

@@ -13,10 +13,10 @@ import pytest
 import torch
 import transformers as tf
 from datasets import Dataset
+from helpers import qkv_coherence
 from test_recipes import MINILM, common_args, run_opt, save_tiny, toy_rows
 
 from beft_trainer import add_missing_biases, find_biases, find_inert
-from beft_trainer.probe import ProbeStatistics
 from beft_trainer.recipes_support import (
     IGNORE_INDEX,
     answer_log_likelihood,
@@ -25,7 +25,7 @@ from beft_trainer.recipes_support import (
     label_word_evaluation,
     single_token_label_words,
 )
-from beft_trainer.scores import gradient_coherence, rounding_floor
+from beft_trainer.scores import rounding_floor
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN = REPO / ".cache" / "qwen2.5-0.5b" / "model"
@@ -107,26 +107,16 @@ def test_one_forward_per_example_gives_the_log_likelihoods_of_one_row_per_word(f
 
 def real_coherence(model, tokenizer, dtype: torch.dtype) -> dict[str, list[float]]:
     """Per type, each layer's gradient coherence on two batches of four SST-2-like prompts."""
-    layout = find_biases(model)
-    names = layout.names(("q", "k", "v"))
-    params = dict(model.named_parameters())
-    probe = ProbeStatistics()
-    probe.track({n: params[n] for n in names}, {n: params[n].shape for n in names})
-    probe.track_tokens(model, names)
-    for rows in (toy_rows(4, 0), toy_rows(4, 1)):
-        texts = [f"{row['sentence']} It was {('terrible', 'great')[row['label']]}" for row in rows]
-        batch = tokenizer(texts, return_tensors="pt", padding=True)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss.backward()
-    probe.stop()
-    model.zero_grad()
-    return {
-        t: gradient_coherence(
-            [probe.squared_grads[v.name] for v in layout.vectors[t]],
-            [float(probe.token_squared[v.name]) for v in layout.vectors[t]],
-        )
-        for t in ("q", "k", "v")
-    }
+
+    def backward_passes(model) -> None:
+        for rows in (toy_rows(4, 0), toy_rows(4, 1)):
+            texts = [f"{row['sentence']} It was {('terrible', 'great')[row['label']]}" for row in rows]
+            batch = tokenizer(texts, return_tensors="pt", padding=True)
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                model(**batch, labels=labels).loss.backward()
+
+    return qkv_coherence(model, backward_passes)
 
 
 @pytest.mark.realdata

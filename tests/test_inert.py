@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from helpers import TokenDataset, tiny_model, training_args
+from helpers import TokenDataset, qkv_coherence, tiny_model, training_args
 
 from beft_trainer import BeftConfig, BeftTrainer, BiasSelectionCallback, add_missing_biases, find_biases, find_inert
 from beft_trainer.probe import ProbeStatistics
@@ -25,26 +25,16 @@ KEY_IS_INERT = {"bert": True, "opt": True, "gpt2": True, "qwen2": False, "llama"
 
 def probe_coherence(model, dtype: torch.dtype, batches: int = 2) -> dict[str, list[float]]:
     """Per type, each layer's gradient coherence after ``batches`` forward/backward passes."""
-    layout = find_biases(model)
-    names = layout.names(("q", "k", "v"))
-    params = dict(model.named_parameters())
-    probe = ProbeStatistics()
-    probe.track({n: params[n] for n in names}, {n: params[n].shape for n in names})
-    probe.track_tokens(model, names)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(batches):
-        ids = torch.randint(3, 64, (8, 16), generator=generator)
-        labels = torch.randint(0, 2, (8,), generator=generator)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            model(input_ids=ids, labels=labels).loss.backward()
-    probe.stop()
-    return {
-        t: gradient_coherence(
-            [probe.squared_grads[v.name] for v in layout.vectors[t]],
-            [float(probe.token_squared[v.name]) for v in layout.vectors[t]],
-        )
-        for t in ("q", "k", "v")
-    }
+
+    def backward_passes(model) -> None:
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(batches):
+            ids = torch.randint(3, 64, (8, 16), generator=generator)
+            labels = torch.randint(0, 2, (8,), generator=generator)
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                model(input_ids=ids, labels=labels).loss.backward()
+
+    return qkv_coherence(model, backward_passes)
 
 
 def model_with_qkv_biases(model_type: str, initializer_range: float):

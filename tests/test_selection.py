@@ -9,9 +9,8 @@ import os
 import pytest
 import torch
 from exactness import assert_exact_selection_run, load_runs
-from helpers import TokenDataset, snapshot, tiny_bert, tiny_model, training_args
+from helpers import AtSwitch, TokenDataset, assert_frozen_after_switch, snapshot, tiny_bert, tiny_model, training_args
 from scripts.exactness_run import run
-from transformers import TrainerCallback
 
 from beft_trainer import REPORT_NAME, BeftConfig, BeftTrainer, BiasSelectionCallback
 
@@ -132,39 +131,17 @@ def test_resume_gives_the_same_selection_and_frozen_set(checkpoint_step, tmp_pat
     assert os.path.isfile(checkpoint / "beft_state.json")
 
 
-class _AtSwitch(TrainerCallback):
-    """Copies every parameter right after the selection (it runs after the selection callback)."""
-
-    def __init__(self, step: int):
-        self.step, self.values = step, {}
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == self.step:
-            self.values = snapshot(model)
-
-
-def _assert_frozen_after_switch(trainer, at_switch, pretrained):
-    final = snapshot(trainer.model)
-    training = {n for g in trainer.active_groups for n in trainer.parameter_groups[g]}
-    for name, value in final.items():
-        if name not in training:
-            assert torch.equal(value, at_switch[name]), f"{name} moved after the switch"
-            assert torch.equal(value, pretrained[name]), f"{name} is not pretrained"
-    for name in trainer.bias_layout.names(trainer.active_groups):
-        assert not torch.equal(final[name], at_switch[name]), f"selected {name} did not train"
-
-
 def test_gpt2_fused_bias_slices_freeze_exactly(tmp_path):
     model = tiny_model("gpt2")
     fused_before = model.state_dict()["transformer.h.0.attn.c_attn.bias"].clone()
-    at_switch = _AtSwitch(3)
+    at_switch = AtSwitch(3)
     selection = BiasSelectionCallback(probe_steps=3, exclude_inert=False, score="magnitude")
     trainer = BeftTrainer(
         model, training_args(tmp_path, max_steps=7), train_dataset=TokenDataset(), callbacks=[selection, at_switch]
     )
     pretrained = snapshot(model)
     trainer.train()
-    _assert_frozen_after_switch(trainer, at_switch.values, pretrained)
+    assert_frozen_after_switch(trainer, at_switch.values, pretrained)
     fused_after = model.state_dict()["transformer.h.0.attn.c_attn.bias"]
     width = fused_before.numel() // 3
     for index, bias_type in enumerate("qkv"):
@@ -175,7 +152,7 @@ def test_gpt2_fused_bias_slices_freeze_exactly(tmp_path):
 
 def test_types_beyond_qkv_are_candidates(tmp_path):
     model = tiny_bert()
-    at_switch = _AtSwitch(3)
+    at_switch = AtSwitch(3)
     selection = BiasSelectionCallback(probe_steps=3, candidates=("attn_out", "mlp_in", "mlp_out", "ln"), top_k=2)
     trainer = BeftTrainer(
         model, training_args(tmp_path, max_steps=6), train_dataset=TokenDataset(), callbacks=[selection, at_switch]
@@ -184,7 +161,7 @@ def test_types_beyond_qkv_are_candidates(tmp_path):
     trainer.train()
     assert len(selection.selected) == 2 and set(selection.selected) <= {"attn_out", "mlp_in", "mlp_out", "ln"}
     assert len(trainer.bias_layout.names(["ln"])) == 4
-    _assert_frozen_after_switch(trainer, at_switch.values, pretrained)
+    assert_frozen_after_switch(trainer, at_switch.values, pretrained)
 
 
 def test_summary_is_logged_at_info(tmp_path, caplog):

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import TokenDataset, snapshot, tiny_bert, tiny_model, training_args
+from helpers import AtSwitch, TokenDataset, assert_frozen_after_switch, snapshot, tiny_bert, tiny_model, training_args
 
 from beft_trainer import (
     BeftConfig,
@@ -67,28 +67,14 @@ def test_gpt2_fused_qkv_cannot_be_scaled_and_says_what_can():
 def test_selection_over_the_family_freezes_exactly_and_rewinds_to_one(tmp_path):
     model = tiny_bert()
     selection = BiasSelectionCallback(probe_steps=3, candidates=FAMILY, top_k=2, exclude_inert=False)
+    at_switch = AtSwitch(3)
     trainer = BeftTrainer(
-        model, training_args(tmp_path, max_steps=6), train_dataset=TokenDataset(), callbacks=[selection]
+        model, training_args(tmp_path, max_steps=6), train_dataset=TokenDataset(), callbacks=[selection, at_switch]
     )
     pretrained = snapshot(model)
-    at_switch = {}
-
-    original = trainer.freeze_groups
-
-    def freeze_and_snapshot(groups, rewind=False):
-        original(groups, rewind)
-        at_switch.update(snapshot(model))
-
-    trainer.freeze_groups = freeze_and_snapshot
     trainer.train()
+    assert_frozen_after_switch(trainer, at_switch.values, pretrained)
     final = snapshot(model)
-    active = {n for g in trainer.active_groups for n in trainer.parameter_groups[g]}
-    for name, value in final.items():
-        if name not in active:
-            assert torch.equal(value, at_switch[name]), f"{name} moved after the switch"
-            assert torch.equal(value, pretrained[name]), f"{name} is not its pretrained value"
-    for name in trainer.bias_layout.names(selection.selected):
-        assert not torch.equal(final[name], at_switch[name]), f"selected {name} did not train"
     for vector_type in set(FAMILY) - set(selection.selected):
         for name in trainer.bias_layout.names([vector_type]):
             if name.endswith(("beft_scale_in", "beft_scale_out")):
@@ -100,15 +86,8 @@ def test_selection_over_the_family_freezes_exactly_and_rewinds_to_one(tmp_path):
 
 @pytest.mark.parametrize("vector_types", [("v_scale_in",), ("v_scale_out", "mlp_out_scale_in", "q")])
 def test_adapter_with_scaling_vectors_reproduces_the_model_exactly(vector_types, tmp_path):
-    model = tiny_bert()
-    trainer = BeftTrainer(
-        model,
-        training_args(tmp_path / "run", max_steps=4),
-        beft_config=BeftConfig(bias_types=vector_types),
-        train_dataset=TokenDataset(),
-    )
-    trainer.train()
-    trainer.save_adapter(tmp_path / "adapter")
+    model, adapter = _trained_adapter(tmp_path, vector_types)
+    adapter.save(tmp_path / "adapter")
     trained = _logits(model)
     base = tiny_bert()
     load_adapter(base, tmp_path / "adapter")
