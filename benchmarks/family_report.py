@@ -1,0 +1,242 @@
+"""Report of ``family.py``: quality per method, how well each score picks the best type, and the plot.
+
+Called by ``python benchmarks/family.py report``; writes ``--out``.md/.json/.png. Works on a
+partial grid: every table says how many seeds it rests on.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from common import TASKS, hardware, metric_name
+from family import BASELINES, FAMILY, METHODS, SELECTIONS
+
+from beft_trainer.biases import SCALING_TYPES
+
+#: Scores stored in each selection run's report, plus totals over a type's parameters: the
+#: budgeted selection adds scores of types of different sizes, so it needs to know which is comparable.
+SCORES = ("projection", "magnitude", "fisher", "magnitude_mass", "fisher_mass", "random")
+
+
+def candidate_score(entry: dict, score: str) -> float:
+    """One score of one candidate; ``*_mass`` is the per-parameter score times the type's size."""
+    if score.endswith("_mass"):
+        return entry[score.removesuffix("_mass")] * entry["parameters"]
+    return entry[score]
+
+
+def summarize(records: list[dict]) -> dict:
+    """{task: {method: {mean, std, n, scores, seeds, trainable_parameters, lr, selected}}}."""
+    grouped: dict = {}
+    for r in records:
+        grouped.setdefault(r["task"], {}).setdefault(r["method"], []).append(r)
+    out: dict = {}
+    for task, methods in grouped.items():
+        for method, runs in methods.items():
+            runs.sort(key=lambda r: r["seed"])
+            scores = [100 * r["score"] for r in runs]
+            out.setdefault(task, {})[method] = {
+                "mean": statistics.mean(scores),
+                "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                "n": len(scores),
+                "scores": scores,
+                "seeds": [r["seed"] for r in runs],
+                "trainable_parameters": statistics.mean(r["trainable_parameters"] for r in runs),
+                "lr": runs[0]["lr"],
+                "selected": ["+".join(r["selected"]) for r in runs] if runs[0]["selected"] else None,
+            }
+    return out
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None below 3 points."""
+    if len(xs) < 3:
+        return None
+
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        result = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                result[order[k]] = (i + j) / 2
+            i = j + 1
+        return result
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.mean(rx), statistics.mean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    norm = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / norm if norm else None
+
+
+def score_analysis(records: list[dict]) -> list[dict]:
+    """Per selection run and score: the type that score ranks first, its gap to the best single type, rho."""
+    single = {(r["task"], r["seed"], r["method"]): 100 * r["score"] for r in records if r["method"] in FAMILY}
+    rows = []
+    for run in records:
+        if not run.get("candidate_scores"):
+            continue
+        eligible = [t for t in run["candidate_scores"] if t not in run["inert"]]
+        truth = {t: single[(run["task"], run["seed"], t)] for t in eligible if (run["task"], run["seed"], t) in single}
+        if len(truth) < len(eligible):
+            continue  # the ground truth of this run's candidates is not complete yet
+        best = max(truth, key=truth.get)
+        for score in SCORES:
+            values = {t: candidate_score(run["candidate_scores"][t], score) for t in eligible}
+            picked = max(values, key=values.get)
+            rows.append(
+                {
+                    "task": run["task"],
+                    "seed": run["seed"],
+                    "run": run["method"],
+                    "score": score,
+                    "picked": picked,
+                    "best": best,
+                    "gap": truth[best] - truth[picked],
+                    "rho": spearman([values[t] for t in eligible], [truth[t] for t in eligible]),
+                }
+            )
+    return rows
+
+
+def score_table(rows: list[dict]) -> list[str]:
+    """Markdown: per candidate set and score, hits, mean gap and mean rho over runs."""
+    lines = [
+        "| candidates | score | runs | picks the best type | mean gap to the best (points) | mean Spearman rho |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in sorted({r["run"] for r in rows}):
+        for score in SCORES:
+            subset = [r for r in rows if r["run"] == run and r["score"] == score]
+            rhos = [r["rho"] for r in subset if r["rho"] is not None]
+            hits = sum(r["picked"] == r["best"] for r in subset)
+            rho = f"{statistics.mean(rhos):+.2f}" if rhos else "–"
+            gap = statistics.mean(r["gap"] for r in subset)
+            lines.append(
+                f"| {_candidates(run)} | {score} | {len(subset)} | {hits}/{len(subset)} | {gap:.1f} | {rho} |"
+            )
+    return lines
+
+
+def _candidates(run: str) -> str:
+    return "q, k, v" if run == "auto_qkv" else f"family of {len(FAMILY)} ({run})"
+
+
+def quality_table(summary: dict, tasks: list[str]) -> list[str]:
+    """Markdown: one row per method in ``METHODS`` order, one column per task."""
+    lines = [
+        "| method | kind | trainable params | " + " | ".join(f"{t} ({metric_name(t)})" for t in tasks) + " | lr |",
+        "|---|---|---|" + "---|" * len(tasks) + "---|",
+    ]
+    for m in METHODS:
+        cells = [summary[t].get(m) for t in tasks]
+        if not any(cells):
+            continue
+        params = next(c["trainable_parameters"] for c in cells if c)
+        row = [f"{c['mean']:.1f} ± {c['std']:.1f} (n={c['n']})" if c else "–" for c in cells]
+        lr = next(c["lr"] for c in cells if c)
+        lines.append(f"| {m} | {method_kind(m)} | {params:,.0f} | " + " | ".join(row) + f" | {lr:g} |")
+    return lines
+
+
+def method_kind(method: str) -> str:
+    """``bias``, ``scale``, ``selection`` or ``baseline``."""
+    if method in SELECTIONS:
+        return "selection"
+    if method in BASELINES:
+        return "baseline"
+    return "scale" if method in SCALING_TYPES else "bias"
+
+
+def selections_table(summary: dict, tasks: list[str]) -> list[str]:
+    """Markdown: what each selection run kept, per seed, against the best single type of that task."""
+    lines = ["| task | selection | selected (seed order) | score | best single type (mean) |", "|---|---|---|---|---|"]
+    for task in tasks:
+        singles = {m: c["mean"] for m, c in summary[task].items() if m in FAMILY}
+        best = max(singles, key=singles.get) if singles else None
+        for m in SELECTIONS:
+            if m in summary[task]:
+                c = summary[task][m]
+                best_text = f"{best} {singles[best]:.1f}" if best else "–"
+                lines.append(f"| {task} | {m} | {', '.join(c['selected'])} | {c['mean']:.1f} | {best_text} |")
+    return lines
+
+
+def plot(summary: dict, tasks: list[str], path: Path, title: str) -> None:
+    """Quality against trainable parameters (log scale), one panel per task, every method a point."""
+    from matplotlib.figure import Figure
+
+    style = {
+        "bias": ("o", "#4c72b0"),
+        "scale": ("s", "#55a868"),
+        "selection": ("*", "#c44e52"),
+        "baseline": ("D", "#8c8c8c"),
+    }
+    fig = Figure(figsize=(5.2 * len(tasks), 4.4))
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks, strict=True):
+        for method, cell in summary[task].items():
+            marker, color = style[method_kind(method)]
+            size = 14 if marker == "*" else 7
+            ax.errorbar(cell["trainable_parameters"], cell["mean"], yerr=cell["std"], fmt=marker, color=color, ms=size)
+            ax.annotate(method, (cell["trainable_parameters"], cell["mean"]), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log scale, head included)")
+        ax.set_ylabel(f"{metric_name(task)} x100")
+        ax.set_title(task)
+        for kind, (marker, color) in style.items():
+            ax.plot([], [], marker, color=color, label=kind)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def report(records: list[dict], opts) -> None:
+    """Write ``opts.out``.md/.json/.png from the run records."""
+    if not records:
+        raise SystemExit(f"{opts.runs} holds no runs yet.")
+    summary = summarize(records)
+    tasks = [t for t in TASKS if t in summary]
+    rows = score_analysis(records)
+    r0 = records[0]
+    setting = (
+        f"{r0['steps']} optimizer steps of {r0['batch_size']} (max length {r0['max_length']}), linear decay with "
+        f"10% warm-up, AdamW, no weight decay; selection runs probe for {opts.probe_steps} steps"
+    )
+    lines = [
+        f"# The vector family on real data: {opts.model}, low-data GLUE (CPU)",
+        "",
+        f"Hardware: {r0.get('hardware', hardware())}. Setting: {setting}. Scores x100, mean ± std over seeds "
+        "(n = seeds run so far), full validation split.",
+        "",
+        f"Command: `nice python benchmarks/family.py run --model {opts.model}` (one per core), then "
+        f"`python benchmarks/family.py report --model {opts.model}`.",
+        "",
+        "## Quality per method",
+        "",
+        *quality_table(summary, tasks),
+        "",
+        "## What the selections kept",
+        "",
+        *selections_table(summary, tasks),
+        "",
+        "## Which score picks the type that trains best",
+        "",
+        "From each selection run's probe (every candidate's scores are stored), per score: the type it ranks "
+        "first among the non-inert candidates, compared with the single-type runs of the same task and seed.",
+        "",
+        *(score_table(rows) if rows else ["(no selection run has its candidates' single-type runs complete yet)"]),
+    ]
+    Path(f"{opts.out}.md").write_text("\n".join(lines) + "\n")
+    payload = {"setting": setting, "summary": summary, "score_analysis": rows, "runs": records}
+    Path(f"{opts.out}.json").write_text(json.dumps(payload, indent=1))
+    plot(summary, tasks, Path(f"{opts.out}.png"), f"{opts.model}: quality against trainable parameters")
+    print(Path(f"{opts.out}.md").read_text())
