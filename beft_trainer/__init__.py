@@ -46,7 +46,15 @@ from .errors import AdapterError, BeftConfigError, BiasTypeError, PeftExportErro
 from .heads import find_head_parameters
 from .plot import plot_report, report_figure
 from .report import REPORT_NAME, SelectionReport, read_report, write_report
-from .scores import SCORE_NAMES, find_inert, fisher_score, magnitude_score, projection_score, random_score
+from .scores import (
+    SCORE_NAMES,
+    attribution_score,
+    find_inert,
+    fisher_score,
+    magnitude_score,
+    projection_score,
+    random_score,
+)
 from .trainer import BeftTrainer
 
 __version__ = "0.1.0"
@@ -74,6 +82,7 @@ __all__ = [
     "SelectionReport",
     "__version__",
     "add_missing_biases",
+    "attribution_score",
     "base_model_fingerprint",
     "build_adapter",
     "check_adapter",

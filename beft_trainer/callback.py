@@ -105,9 +105,13 @@ class BiasSelectionCallback(TrainerCallback):
             # Per-token statistics exist for biases only (a bias's gradient at a token is its module's
             # output gradient); scaling vectors are never inert by construction, see _find_inert.
             self.probe.track_tokens(self.trainer.model, [n for n in params if not is_scaling_parameter(n)])
+        if self.selected is None:
+            self.probe.start_step(self._candidate_values())
         self._forget_probing_best(state)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.selected is None:
+            self.probe.end_step(self._candidate_values())
         if self.selected is None and state.global_step >= self.probe_steps:
             self._select(args, state)
             self._publish(args, state, control)
@@ -143,6 +147,10 @@ class BiasSelectionCallback(TrainerCallback):
         names = set(self.trainer.bias_layout.names(self.candidates))
         return {n: p for n, p in self.trainer.model.named_parameters() if n in names}
 
+    def _candidate_values(self) -> dict[str, torch.Tensor]:
+        settle_zero3(self.trainer.model_wrapped)
+        return {n: read_full_fp32(p) for n, p in self._candidate_params().items()}
+
     # -- the decision -------------------------------------------------------------------------
 
     def _select(self, args, state) -> None:
@@ -151,6 +159,7 @@ class BiasSelectionCallback(TrainerCallback):
         params = self._candidate_params()
         post = {n: read_full_fp32(p) for n, p in params.items()}
         fisher_sums, counts = self.probe.reduced(args.device)
+        attribution = self.probe.reduced_attribution(args.device)
         report = SelectionReport.build(
             layout=trainer.bias_layout,
             candidates=self.candidates,
@@ -159,6 +168,7 @@ class BiasSelectionCallback(TrainerCallback):
             squared_grads=fisher_sums,
             grad_counts=counts,
             seed=args.seed,
+            attribution=attribution,
         )
         inert = self._find_inert(args, fisher_sums) if self.exclude_inert else {}
         chosen = self._choose(report, list(inert), trainer.total_parameters())

@@ -78,7 +78,8 @@ class SelectionConfig:
         default="projection",
         metadata={
             "help": "The score that selects: projection (BEFT), magnitude (mean absolute change), "
-            "fisher (mean squared gradient while probing) or random (a baseline)."
+            "fisher (mean squared gradient while probing), attribution (training loss a type's updates removed "
+            "while probing, to first order: comparable across kinds and sizes) or random (a baseline)."
         },
     )
     top_k: int | None = field(

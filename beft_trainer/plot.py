@@ -18,9 +18,15 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 #: The scores drawn side by side for every type (``random`` joins them when it decided).
-PLOTTED_SCORES = ("projection", "magnitude", "fisher")
+PLOTTED_SCORES = ("projection", "magnitude", "fisher", "attribution")
 
-_SCORE_COLORS = {"projection": "#1f77b4", "magnitude": "#ff7f0e", "fisher": "#2ca02c", "random": "#7f7f7f"}
+_SCORE_COLORS = {
+    "projection": "#1f77b4",
+    "magnitude": "#ff7f0e",
+    "fisher": "#2ca02c",
+    "attribution": "#9467bd",
+    "random": "#7f7f7f",
+}
 _TYPE_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 _SELECTED_COLOR = "#fff3b0"
 
@@ -29,7 +35,8 @@ def report_figure(report: SelectionReport) -> Figure:
     """The report's figure (a ``matplotlib.figure.Figure``: no pyplot state, no backend switched)."""
     from matplotlib.figure import Figure  # imported here: training without a plot never loads matplotlib
 
-    scores = list(PLOTTED_SCORES) + (["random"] if report.score == "random" else [])
+    plotted = [s for s in PLOTTED_SCORES if all(s in report.scores[t] for t in report.candidates)]
+    scores = plotted + (["random"] if report.score == "random" else [])
     types = list(report.candidates)
     fig = Figure(figsize=(15, 4.6))
     ax_types, ax_layers, ax_fisher = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.1, 1, 1]})

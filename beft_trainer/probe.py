@@ -1,5 +1,9 @@
 """Gradient statistics gathered while probing: squared gradients per bias vector, saved per rank.
 
+The probe also credits each vector with the training loss its updates removed, to first order:
+``-sum_steps g_t . (theta_t - theta_{t-1})`` with ``g_t`` the gradient the optimizer stepped on.
+It is in units of loss whatever the vector's kind or size, and adds up over vectors.
+
 Besides the squared gradient of each vector (the sum over its tokens), the probe keeps the sum
 of its per-token squared gradients, read from the output gradient of the module that adds the
 bias: their ratio tells a gradient that cancels to rounding noise (an inert type) from a real one.
@@ -20,13 +24,14 @@ import re
 import torch
 from safetensors.torch import load_file, save_file
 
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, world_size
 
 logger = logging.getLogger(__name__)
 
 _SQUARED_PREFIX = "sq/"
 _COUNT_PREFIX = "count/"
 _TOKEN_PREFIX = "tok/"
+_ATTRIBUTION_PREFIX = "attr/"
 _FILE_PATTERN = re.compile(r"beft_probe_rank(\d+)\.safetensors$")
 
 
@@ -42,6 +47,9 @@ class ProbeStatistics:
         self.squared_grads: dict[str, torch.Tensor] = {}
         self.grad_counts: dict[str, int] = {}
         self.token_squared: dict[str, torch.Tensor] = {}
+        self.attribution: dict[str, torch.Tensor] = {}
+        self._step_grads: dict[str, torch.Tensor] = {}
+        self._before: dict[str, torch.Tensor] = {}
         self._hooks: list = []
 
     @property
@@ -55,7 +63,22 @@ class ProbeStatistics:
             if name not in self.squared_grads:
                 self.squared_grads[name] = torch.zeros(shapes[name], dtype=torch.float32, device=param.device)
                 self.grad_counts[name] = 0
+            self.attribution.setdefault(name, torch.zeros(1, dtype=torch.float64))
             self._hooks.append(param.register_hook(self._accumulator(name)))
+
+    def start_step(self, values: dict[str, torch.Tensor]) -> None:
+        """Remember the full fp32 values the next optimizer step starts from (``read_full_fp32``)."""
+        self._before = values
+        self._step_grads = {}
+
+    def end_step(self, values: dict[str, torch.Tensor]) -> None:
+        """Credit each vector with ``-g . (after - before)`` of the step just taken, then start the next."""
+        for name, after in values.items():
+            grad = self._step_grads.get(name)
+            if grad is not None and name in self._before:
+                change = after.double() - self._before[name].double()
+                self.attribution[name] -= (grad.double().cpu().view_as(change) * change).sum().view(1)
+        self.start_step(values)
 
     def track_tokens(self, model: torch.nn.Module, names: list[str]) -> None:
         """Accumulate each vector's per-token squared gradient: the output gradient of its module, sliced.
@@ -95,8 +118,11 @@ class ProbeStatistics:
         def accumulate(grad: torch.Tensor) -> None:
             squared = self.squared_grads[name]
             if grad.numel() == squared.numel():
-                squared.add_(grad.detach().float().view_as(squared).pow(2).to(squared.device))
+                grad = grad.detach().float().view_as(squared)
+                squared.add_(grad.pow(2).to(squared.device))
                 self.grad_counts[name] += 1
+                previous = self._step_grads.get(name)
+                self._step_grads[name] = grad.clone() if previous is None else previous + grad
 
         return accumulate
 
@@ -120,11 +146,19 @@ class ProbeStatistics:
         reduced = all_reduce_sum([self.token_squared[n] for n in names], device)
         return {n: float(t.sum()) for n, t in zip(names, reduced, strict=True)}
 
+    def reduced_attribution(self, device: torch.device) -> dict[str, float]:
+        """Loss removed per vector (collective): each process credits its local gradient, so the
+        sum over processes divided by their number is the credit of the averaged gradient."""
+        names = list(self.attribution)
+        reduced = all_reduce_sum([self.attribution[n] for n in names], device)
+        return {n: float(t.sum()) / world_size() for n, t in zip(names, reduced, strict=True)}
+
     def save(self, folder: str, process_rank: int) -> None:
         """Write this process's statistics into a checkpoint folder."""
         tensors = {_SQUARED_PREFIX + n: t.cpu() for n, t in self.squared_grads.items()}
         tensors |= {_COUNT_PREFIX + n: torch.tensor(c) for n, c in self.grad_counts.items()}
         tensors |= {_TOKEN_PREFIX + n: t.cpu() for n, t in self.token_squared.items()}
+        tensors |= {_ATTRIBUTION_PREFIX + n: t.cpu() for n, t in self.attribution.items()}
         save_file(tensors, os.path.join(folder, probe_file_name(process_rank)))
 
     def load(self, folder: str, process_rank: int, world_size: int, devices: dict[str, torch.device]) -> None:
@@ -142,6 +176,7 @@ class ProbeStatistics:
         self.squared_grads = {n: torch.zeros_like(t) for n, t in self.squared_grads.items()}
         self.grad_counts = dict.fromkeys(self.grad_counts, 0)
         self.token_squared = {n: torch.zeros(1) for n in self.token_squared}
+        self.attribution = {n: torch.zeros(1, dtype=torch.float64) for n in self.attribution}
         for old_rank in mine:
             tensors = load_file(os.path.join(folder, probe_file_name(old_rank)))
             for key, value in tensors.items():
@@ -153,6 +188,9 @@ class ProbeStatistics:
                 elif key.startswith(_TOKEN_PREFIX):
                     name = key.removeprefix(_TOKEN_PREFIX)
                     self.token_squared[name] = self.token_squared.get(name, torch.zeros(1)) + value
+                elif key.startswith(_ATTRIBUTION_PREFIX):
+                    name = key.removeprefix(_ATTRIBUTION_PREFIX)
+                    self.attribution[name] = self.attribution.get(name, torch.zeros(1, dtype=torch.float64)) + value
                 elif key.startswith(_COUNT_PREFIX):
                     name = key.removeprefix(_COUNT_PREFIX)
                     self.grad_counts[name] = self.grad_counts.get(name, 0) + int(value)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .biases import SCALING_TYPES, BiasLayout
-from .scores import fisher_score, magnitude_score, projection_score, random_score
+from .scores import attribution_score, fisher_score, magnitude_score, projection_score, random_score
 
 #: File name of the report in ``args.output_dir``.
 REPORT_NAME = "beft_selection.json"
@@ -18,7 +18,7 @@ REPORT_NAME = "beft_selection.json"
 PLOT_NAME = "beft_selection.png"
 
 #: The scores computed for every candidate, whichever one decides.
-REPORTED_SCORES = ("projection", "magnitude", "fisher", "random")
+REPORTED_SCORES = ("projection", "magnitude", "fisher", "attribution", "random")
 
 
 @dataclass
@@ -51,6 +51,7 @@ class SelectionReport:
         squared_grads: dict[str, torch.Tensor],
         grad_counts: dict[str, int],
         seed: int,
+        attribution: dict[str, float] | None = None,
     ) -> SelectionReport:
         """Score every candidate type with every score, per layer and overall."""
         scores = {}
@@ -63,6 +64,7 @@ class SelectionReport:
                 "projection": projection_score(pre, post),
                 "magnitude": magnitude_score(pre, post),
                 "fisher": fisher_score([squared_grads[n] for n in names], [grad_counts[n] for n in names]),
+                "attribution": attribution_score([(attribution or {}).get(n, 0.0) for n in names]),
                 "random": random_score(bias_type, len(names), seed),
             }
             entry: dict[str, Any] = {name: value for name, (value, _) in results.items()}
@@ -112,7 +114,12 @@ class SelectionReport:
 
     def log_metrics(self) -> dict[str, float]:
         """Flat numeric metrics for the Trainer's loggers (TensorBoard, W&B, ...)."""
-        metrics = {f"beft/{t}/{s}": float(self.scores[t][s]) for t in self.candidates for s in REPORTED_SCORES}
+        metrics = {
+            f"beft/{t}/{s}": float(self.scores[t][s])
+            for t in self.candidates
+            for s in REPORTED_SCORES
+            if s in self.scores[t]  # reports written before a score existed lack it
+        }
         metrics |= {f"beft/{t}/selected": float(t in self.selected) for t in self.candidates}
         metrics |= {f"beft/{t}/inert": float(t in self.inert) for t in self.candidates}
         if self.trainable_parameters:

@@ -14,7 +14,7 @@ import torch
 from .errors import BeftConfigError
 
 #: Score names accepted by ``BiasSelectionCallback(score=...)``.
-SCORE_NAMES: tuple[str, ...] = ("projection", "magnitude", "fisher", "random")
+SCORE_NAMES: tuple[str, ...] = ("projection", "magnitude", "fisher", "attribution", "random")
 
 LayerScores = tuple[float, list[float]]
 
@@ -49,6 +49,16 @@ def fisher_score(squared_grad_sums: Sequence[torch.Tensor], num_batches: Sequenc
     if min(num_batches, default=0) <= 0:
         raise BeftConfigError("fisher_score needs at least one probing batch per layer.")
     per_layer = [float(s.double().mean() / n) for s, n in zip(squared_grad_sums, num_batches, strict=True)]
+    return _mean(per_layer), per_layer
+
+
+def attribution_score(removed_loss: Sequence[float]) -> LayerScores:
+    """The training loss each layer's vector removed while probing, to first order (``-sum_t g_t . dtheta_t``).
+
+    In units of loss for any kind and size of vector, and additive: the scores of a set of types
+    add up to the loss that set removed, which is what a parameter budget trades against size.
+    """
+    per_layer = [float(v) for v in removed_loss]
     return _mean(per_layer), per_layer
 
 

@@ -28,6 +28,7 @@ def assert_exact_selection_run(out_dir: str, world_size: int) -> None:
     assert all(s == selections[0] for s in selections), f"ranks disagree: {selections}"
     for record, tensors in runs:
         _assert_rank(record, tensors)
+    _assert_attribution_is_shared(runs)
     _assert_adapter_reproduces(out_dir, runs[0][1])
     # Every rank ends with the same model.
     first = runs[0][1]
@@ -35,6 +36,13 @@ def assert_exact_selection_run(out_dir: str, world_size: int) -> None:
         for key in first:
             if key.startswith("final/"):
                 assert torch.equal(first[key], tensors[key]), f"{key} differs between ranks"
+
+
+def _assert_attribution_is_shared(runs) -> None:
+    """Every rank credits the same loss to each type (its statistics are summed over ranks), and training removed some."""
+    credits = [{t: e["attribution"] for t, e in record["report"]["scores"].items()} for record, _ in runs]
+    assert all(c == credits[0] for c in credits), f"ranks disagree on attribution: {credits}"
+    assert max(credits[0].values()) > 0, f"no type removed any loss while probing: {credits[0]}"
 
 
 def _assert_rank(record: dict, tensors: dict[str, torch.Tensor]) -> None:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from beft_trainer import BeftConfigError, fisher_score, magnitude_score, projection_score, random_score
+from beft_trainer import (
+    BeftConfigError,
+    attribution_score,
+    fisher_score,
+    magnitude_score,
+    projection_score,
+    random_score,
+)
 from beft_trainer.scores import rank_types, select_within_budget
 
 
@@ -31,6 +38,10 @@ def test_magnitude_and_fisher():
     assert per_layer == [3.0, 2.0] and mean == 2.5
     with pytest.raises(BeftConfigError):
         fisher_score([torch.ones(2)], [0])
+
+
+def test_attribution_averages_the_per_layer_loss_removed():
+    assert attribution_score([0.25, -0.05]) == (0.1, [0.25, -0.05])
 
 
 def test_random_is_seeded_and_differs_by_type():

@@ -11,6 +11,7 @@ import torch
 from exactness import assert_exact_selection_run, load_runs
 from helpers import AtSwitch, TokenDataset, assert_frozen_after_switch, snapshot, tiny_bert, tiny_model, training_args
 from scripts.exactness_run import run
+from transformers import TrainerCallback
 
 from beft_trainer import REPORT_NAME, BeftConfig, BeftTrainer, BiasSelectionCallback
 
@@ -28,7 +29,7 @@ def test_report_has_every_score_for_every_candidate(tmp_path):
     assert report["score"] == "projection" and report["probe_steps"] == 4 and report["step"] == 4
     for bias_type in ("q", "k", "v"):
         entry = report["scores"][bias_type]
-        for score in ("projection", "magnitude", "fisher", "random"):
+        for score in ("projection", "magnitude", "fisher", "attribution", "random"):
             assert isinstance(entry[score], float)
             assert list(entry["per_layer"][score]) == ["0", "1"]
     counts = report["trainable_parameters"]
@@ -76,7 +77,7 @@ def test_probe_steps_count_optimizer_steps_under_gradient_accumulation(tmp_path)
     assert_exact_selection_run(str(tmp_path), world_size=1)
 
 
-@pytest.mark.parametrize("score", ["magnitude", "fisher", "random"])
+@pytest.mark.parametrize("score", ["magnitude", "fisher", "attribution", "random"])
 def test_every_score_decides_when_asked(score, tmp_path):
     selection = BiasSelectionCallback(probe_steps=3, score=score, top_k=2, rewind=False)
     trainer = BeftTrainer(
@@ -177,3 +178,46 @@ def test_summary_is_logged_at_info(tmp_path, caplog):
     logged = [entry for entry in trainer.state.log_history if "beft/v/projection" in entry]
     assert len(logged) == 1 and logged[0]["beft/v/projection"] == selection.report.scores["v"]["projection"]
     assert (tmp_path / "beft_selection.png").stat().st_size > 10_000
+
+
+class _StepRecorder(TrainerCallback):
+    """Records, independently of the probe, each step's gradient (summed over micro-batches) and values."""
+
+    def __init__(self, params: dict[str, torch.Tensor]) -> None:
+        self.params = params
+        self.grads: list[dict[str, torch.Tensor]] = [{}]
+        self.values = [{n: p.detach().clone() for n, p in params.items()}]
+        for name, param in params.items():
+            param.register_hook(lambda grad, name=name: self._add(name, grad))
+
+    def _add(self, name: str, grad: torch.Tensor) -> None:
+        current = self.grads[-1]
+        current[name] = current.get(name, torch.zeros_like(grad)) + grad.detach()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.values.append({n: p.detach().clone() for n, p in self.params.items()})
+        self.grads.append({})
+
+
+def test_attribution_is_the_loss_each_vector_removed_to_first_order(tmp_path):
+    """-sum_t g_t . (theta_t - theta_(t-1)) per vector, with g_t summed over accumulated micro-batches."""
+    model = tiny_bert()
+    # No rewind: the recorder runs after the switch and would see rewound values at the last probing step.
+    selection = BiasSelectionCallback(probe_steps=3, exclude_inert=False, rewind=False)
+    args = training_args(tmp_path, max_steps=5, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    trainer = BeftTrainer(model, args, train_dataset=TokenDataset(), callbacks=[selection])
+    names = trainer.bias_layout.names(["q", "k", "v"])
+    recorder = _StepRecorder({n: p for n, p in model.named_parameters() if n in names})
+    trainer.add_callback(recorder)
+    trainer.train()
+    for bias_type in ("q", "k", "v"):
+        per_layer = selection.report.scores[bias_type]["per_layer"]["attribution"]
+        for vector in trainer.bias_layout.vectors[bias_type]:
+            name = vector.name
+            expected = -sum(
+                float((recorder.grads[t][name].double() * (after[name] - before[name]).double()).sum())
+                for t, (before, after) in enumerate(zip(recorder.values[:3], recorder.values[1:4], strict=True))
+            )
+            assert per_layer[str(vector.layer)] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    # Training lowered the loss through q and v: their credit is positive.
+    assert selection.report.scores["v"]["attribution"] > 0
