@@ -99,6 +99,7 @@ class BiasSelectionCallback(TrainerCallback):
         self._load_state(self.trainer.resume_checkpoint_dir)
         if self.selected is not None:
             self.trainer.freeze_groups([t for t in self.candidates if t not in self.selected])
+            self._set_selected_learning_rate(args)
         elif not self.probe.tracking:
             params = self._candidate_params()
             self.probe.track(params, {n: self.trainer.pretrained_biases[n].shape for n in params})
@@ -177,6 +178,7 @@ class BiasSelectionCallback(TrainerCallback):
             logger.warning("Rank %d computed %s but follows rank 0's %s.", rank(), chosen, self.selected)
         before = trainer.count_parameters()
         trainer.freeze_groups([t for t in self.candidates if t not in self.selected], rewind=self.rewind)
+        self._set_selected_learning_rate(args)
         self.probe.stop()
         report.record_decision(
             selected=self.selected,
@@ -193,6 +195,10 @@ class BiasSelectionCallback(TrainerCallback):
             },
         )
         self.report = report
+
+    def _set_selected_learning_rate(self, args) -> None:
+        if self.config.scale_learning_rate and len(self.selected) > 1:
+            self.trainer.set_base_learning_rate(self.selected, args.learning_rate / len(self.selected) ** 0.5)
 
     def _choose(self, report: SelectionReport, excluded: list[str], total_parameters: int) -> list[str]:
         scores = report.type_scores(self.score)

@@ -132,18 +132,27 @@ def zero_group_learning_rates(optimizer: Any, scheduler: Any, indices: list[int]
     The scheduler recomputes each group's rate from its base rate every step, so the base rate
     (and the last rate it reports) must be 0 as well, or the group would move again.
     """
+    set_group_base_rates(optimizer, scheduler, indices, 0.0)
+
+
+def set_group_base_rates(optimizer: Any, scheduler: Any, indices: list[int], base_rate: float) -> None:
+    """Give the groups ``indices`` the base learning rate ``base_rate``, at the schedule's current point.
+
+    Absolute, so applying it again (a resumed run) changes nothing: each group's current rate is
+    ``base_rate`` times the schedule's current factor (its rate divided by its old base rate).
+    """
     groups = innermost_optimizer(optimizer).param_groups
+    inner = _innermost_scheduler(scheduler)
     for i in indices:
-        groups[i]["lr"] = 0.0
+        old_base = inner.base_lrs[i] if inner is not None else groups[i].get("initial_lr", groups[i]["lr"])
+        factor = groups[i]["lr"] / old_base if old_base else 1.0
+        groups[i]["lr"] = base_rate * factor
         if "initial_lr" in groups[i]:
-            groups[i]["initial_lr"] = 0.0
-    scheduler = _innermost_scheduler(scheduler)
-    if scheduler is None:
-        return
-    for i in indices:
-        scheduler.base_lrs[i] = 0.0
-        if hasattr(scheduler, "_last_lr"):
-            scheduler._last_lr[i] = 0.0
+            groups[i]["initial_lr"] = base_rate
+        if inner is not None:
+            inner.base_lrs[i] = base_rate
+            if getattr(inner, "_last_lr", None):
+                inner._last_lr[i] = base_rate * factor
 
 
 def last_learning_rates(scheduler: Any) -> list[float] | None:

@@ -27,6 +27,7 @@ from .distributed import (
     last_learning_rates,
     read_full_fp32,
     reset_optimizer_state,
+    set_group_base_rates,
     settle_zero3,
     write_full_fp32,
     zero_group_learning_rates,
@@ -256,6 +257,11 @@ class BeftTrainer(Trainer):
             for name in (n for g in group_names for n in self.parameter_groups[g]):
                 params[name].requires_grad_(False)
         self.frozen_groups = sorted(set(self.frozen_groups) | set(group_names), key=list(self.group_index).index)
+
+    def set_base_learning_rate(self, group_names: Sequence[str], base_rate: float) -> None:
+        """Train the given groups at ``base_rate`` (before the schedule's factor) from now on; idempotent."""
+        indices = [self.group_index[g] for g in group_names]
+        set_group_base_rates(self.optimizer, self.lr_scheduler, indices, base_rate)
 
     def _rewind(self, names: list[str]) -> None:
         params = dict(self.model.named_parameters())

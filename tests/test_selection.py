@@ -221,3 +221,35 @@ def test_attribution_is_the_loss_each_vector_removed_to_first_order(tmp_path):
             assert per_layer[str(vector.layer)] == pytest.approx(expected, rel=1e-9, abs=1e-15)
     # Training lowered the loss through q and v: their credit is positive.
     assert selection.report.scores["v"]["attribution"] > 0
+
+
+@pytest.mark.parametrize("scale", [True, False], ids=["scaled", "unscaled"])
+def test_several_kept_types_train_at_the_rate_over_sqrt_k(scale, tmp_path):
+    selection = BiasSelectionCallback(probe_steps=2, top_k=2, exclude_inert=False, scale_learning_rate=scale)
+    args = training_args(tmp_path, max_steps=4, lr_scheduler_type="constant")
+    trainer = BeftTrainer(tiny_bert(), args, train_dataset=TokenDataset(), callbacks=[selection])
+    trainer.train()
+    groups = trainer.optimizer.param_groups
+    expected = 1e-2 / 2**0.5 if scale else 1e-2
+    for bias_type in ("q", "k", "v"):
+        rate = groups[trainer.group_index[bias_type]]["lr"]
+        assert rate == pytest.approx(expected if bias_type in selection.selected else 0.0, rel=1e-12)
+    head = [g for g in trainer.parameter_groups if g not in ("q", "k", "v")]
+    assert all(groups[trainer.group_index[g]]["lr"] == pytest.approx(1e-2) for g in head)
+
+
+def test_a_resumed_run_keeps_the_scaled_rate(tmp_path):
+    def trainer_for(folder):
+        args = training_args(folder, max_steps=6, save_strategy="steps", save_steps=3, per_device_train_batch_size=4)
+        selection = BiasSelectionCallback(probe_steps=2, top_k=2, exclude_inert=False)
+        return BeftTrainer(tiny_bert(), args, train_dataset=TokenDataset(), callbacks=[selection])
+
+    reference = trainer_for(tmp_path / "run")
+    reference.train()
+    resumed = trainer_for(tmp_path / "run")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    rates = [[g["lr"] for g in t.optimizer.param_groups] for t in (reference, resumed)]
+    assert rates[0] == pytest.approx(rates[1], rel=1e-12)
+    final = snapshot(resumed.model)
+    for name, value in snapshot(reference.model).items():
+        torch.testing.assert_close(final[name], value, rtol=1e-5, atol=1e-6)
