@@ -17,13 +17,25 @@ from beft_trainer.biases import SCALING_TYPES
 
 #: Scores stored in each selection run's report, plus totals over a type's parameters: the
 #: budgeted selection adds scores of types of different sizes, so it needs to know which is comparable.
-SCORES = ("projection", "magnitude", "fisher", "magnitude_mass", "fisher_mass", "random")
+SCORES = (
+    "projection",
+    "magnitude",
+    "fisher",
+    "attribution",
+    "magnitude_mass",
+    "fisher_mass",
+    "attribution_per_parameter",
+    "random",
+)
 
 
 def candidate_score(entry: dict, score: str) -> float:
-    """One score of one candidate; ``*_mass`` is the per-parameter score times the type's size."""
+    """One score of one candidate; ``*_mass`` is a per-parameter score times the type's size, and
+    ``*_per_parameter`` a type's total divided by it."""
     if score.endswith("_mass"):
         return entry[score.removesuffix("_mass")] * entry["parameters"]
+    if score.endswith("_per_parameter"):
+        return entry[score.removesuffix("_per_parameter")] / entry["parameters"]
     return entry[score]
 
 
@@ -201,8 +213,9 @@ def plot(summary: dict, tasks: list[str], path: Path, title: str) -> None:
 
 def report(records: list[dict], opts) -> None:
     """Write ``opts.out``.md/.json/.png from the run records."""
+    records = [r for r in records if r["steps"] == opts.steps]
     if not records:
-        raise SystemExit(f"{opts.runs} holds no runs yet.")
+        raise SystemExit(f"{opts.runs} holds no runs of {opts.steps} steps yet.")
     summary = summarize(records)
     tasks = [t for t in TASKS if t in summary]
     rows = score_analysis(records)
