@@ -3,7 +3,8 @@
 Each run is ``recipes/run_opt.py`` in its own process (the 2.5 GB model is freed between runs) and
 appends one JSON line to ``--runs``, so the study resumes where it stopped. Every run evaluates
 the untouched model first (``eval_on_start``): that is the zero-shot row. Methods: BEFT selection
-over q/k/v, the fixed v bias, LoRA (r=8, peft's default q/v targets).
+over q/k/v, BEFT over the whole vector family within 0.02% (``beft_family``), the fixed v bias, LoRA
+(r=8, peft's default q/v targets).
 
     python -m beft_trainer.recipes_support.decoders prepare-qwen --cache .cache/qwen2.5-0.5b
     nice python benchmarks/real_decoder.py sweep      # learning rates of the bias methods, SST-2
@@ -30,6 +31,16 @@ MODEL_NAME = "qwen2.5-coder-0.5b"
 DEFAULT_MODEL = ROOT / ".cache" / "qwen2.5-0.5b" / "model"
 RUNS = RESULTS / f"real_decoder_{MODEL_NAME}_runs.jsonl"
 
+#: A selection over the whole vector family of Qwen2 (q/k/v biases and every projection's scaling
+#: vectors) within 0.02% of the parameters, scored by attribution.
+FAMILY_OPTIONS = {
+    "candidates": "q,k,v," + ",".join(f"{p}_scale_{side}" for p in ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
+                                     for side in ("in", "out")),
+    "score": "attribution",
+    "budget": 0.0002,
+}  # fmt: skip
+SELECTION_METHODS = ("beft", "beft_family")
+
 #: The CPU budget of one run: the lead's set-up (128 training examples, batch 4, 64 held out).
 BUDGET = {"max_train_samples": 128, "max_eval_samples": 64, "per_device_train_batch_size": 4, "max_seq_length": 128}
 
@@ -42,7 +53,7 @@ def recipe_argv(
         "model_name_or_path": model,
         "task_name": task,
         "data_dir": DATA,
-        "method": method,
+        "method": "beft" if method in SELECTION_METHODS else method,
         "output_dir": out,
         "max_steps": steps,
         "per_device_eval_batch_size": 8,
@@ -56,8 +67,10 @@ def recipe_argv(
     }
     if lr is not None:
         values["learning_rate"] = lr
-    if method == "beft":
+    if method in SELECTION_METHODS:
         values["probe_steps"] = probe_steps
+    if method == "beft_family":
+        values |= FAMILY_OPTIONS
     return [sys.executable, str(ROOT / "recipes" / "run_opt.py")] + [
         item for key, value in values.items() for item in (f"--{key}", str(value))
     ]
@@ -86,7 +99,7 @@ def run_one(task: str, method: str, lr: float | None, opts, seed: int = 0) -> di
         "learning_rate": lr,
         "steps": opts.steps,
         "seed": seed,
-        "probe_steps": opts.probe_steps if method == "beft" else None,
+        "probe_steps": opts.probe_steps if method in SELECTION_METHODS else None,
         "zero_shot_accuracy": results["untuned"].get("eval_accuracy"),
         "zero_shot_loss": results["untuned"].get("eval_loss"),
         "accuracy": results["final"]["eval_accuracy"],
