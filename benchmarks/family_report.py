@@ -166,18 +166,37 @@ def method_kind(method: str) -> str:
     return "scale" if method in SCALING_TYPES else "bias"
 
 
-def selections_table(summary: dict, tasks: list[str]) -> list[str]:
-    """Markdown: what each selection run kept, per seed, against the best single type of that task."""
-    lines = ["| task | selection | selected (seed order) | score | best single type (mean) |", "|---|---|---|---|---|"]
+def selections_table(summary: dict, tasks: list[str], records: list[dict]) -> list[str]:
+    """Markdown: what each selection kept, per seed, against the best single type it could have kept."""
+    lines = [
+        "| task | selection | selected (seed order) | score | best single type it could keep (mean) | gap |",
+        "|---|---|---|---|---|---|",
+    ]
     for task in tasks:
-        singles = {m: c["mean"] for m, c in summary[task].items() if m in FAMILY}
-        best = max(singles, key=singles.get) if singles else None
         for m in SELECTIONS:
-            if m in summary[task]:
-                c = summary[task][m]
-                best_text = f"{best} {singles[best]:.1f}" if best else "–"
-                lines.append(f"| {task} | {m} | {', '.join(c['selected'])} | {c['mean']:.1f} | {best_text} |")
+            if m not in summary[task]:
+                continue
+            c = summary[task][m]
+            allowed = eligible_types(m, records, task)
+            singles = {t: summary[task][t]["mean"] for t in allowed if t in summary[task]}
+            best = max(singles, key=singles.get) if len(singles) == len(allowed) else None
+            best_text = f"{best} {singles[best]:.1f}" if best else f"({len(singles)}/{len(allowed)} single runs)"
+            gap = f"{c['mean'] - singles[best]:+.1f}" if best else "–"
+            lines.append(f"| {task} | {m} | {', '.join(c['selected'])} | {c['mean']:.1f} | {best_text} | {gap} |")
     return lines
+
+
+def eligible_types(selection: str, records: list[dict], task: str) -> list[str]:
+    """The candidates of a selection that are not inert and fit its budget (as its runs saw them)."""
+    runs = [r for r in records if r["method"] == selection and r["task"] == task]
+    options = SELECTIONS[selection]
+    budget = options.get("budget")
+    allowed = []
+    for t, entry in runs[0]["candidate_scores"].items():
+        fits = budget is None or entry["parameters"] <= budget * runs[0]["total_parameters"]
+        if fits and t not in runs[0]["inert"]:
+            allowed.append(t)
+    return allowed
 
 
 def plot(summary: dict, tasks: list[str], path: Path, title: str) -> None:
@@ -239,7 +258,7 @@ def report(records: list[dict], opts) -> None:
         "",
         "## What the selections kept",
         "",
-        *selections_table(summary, tasks),
+        *selections_table(summary, tasks, records),
         "",
         "## Which score picks the type that trains best",
         "",
