@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .biases import ALL_BIASES, VECTOR_TYPES
+from .biases import ALL_BIASES, SCALING_TYPES, VECTOR_TYPES
 from .errors import BeftConfigError
 from .scores import SCORE_NAMES
 
@@ -74,12 +74,15 @@ class SelectionConfig:
             "(e.g. v_scale_in: SSL on the value projection)."
         },
     )
-    score: str = field(
-        default="projection",
+    score: str | None = field(
+        default=None,
         metadata={
             "help": "The score that selects: projection (BEFT), magnitude (mean absolute change), "
             "fisher (mean squared gradient while probing), attribution (training loss a type's updates removed "
-            "while probing, to first order: comparable across kinds and sizes) or random (a baseline)."
+            "while probing, to first order: comparable across kinds and sizes) or random (a baseline). "
+            "Default: projection when every candidate is a bias type and there is no budget (the paper); "
+            "attribution when scaling vectors are candidates or a budget is set (projection cannot compare a "
+            "vector that starts at 1 with one that starts at 0)."
         },
     )
     top_k: int | None = field(
@@ -136,6 +139,9 @@ class SelectionConfig:
                 f"{owner} needs at least two candidates to choose from, got {self.candidates}; to train "
                 f"one type without probing, use BeftConfig(bias_types={self.candidates})."
             )
+        if self.score is None:
+            mixed = any(t in SCALING_TYPES for t in self.candidates) or self.budget is not None
+            self.score = "attribution" if mixed else "projection"
         if self.score not in SCORE_NAMES:
             raise BeftConfigError(f"{owner}: Unknown score {self.score!r}; choose one of {', '.join(SCORE_NAMES)}.")
         if self.top_k is not None:
@@ -151,6 +157,7 @@ class SelectionConfig:
                 f"{owner}: budget must be a positive count (>= 1) or a share of the model (< 1), got {budget!r}."
             )
         self.rewind = _require_bool(owner, "rewind", self.rewind)
+        self.scale_learning_rate = _require_bool(owner, "scale_learning_rate", self.scale_learning_rate)
         self.exclude_inert = _require_bool(owner, "exclude_inert", self.exclude_inert)
         threshold = self.inert_threshold
         if threshold is not None:

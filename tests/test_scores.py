@@ -7,6 +7,7 @@ import torch
 
 from beft_trainer import (
     BeftConfigError,
+    SelectionConfig,
     attribution_score,
     fisher_score,
     magnitude_score,
@@ -91,3 +92,22 @@ def test_budgeted_choice_is_the_best_set_that_fits(seed):
 def test_a_budget_nothing_fits_says_the_sizes():
     with pytest.raises(BeftConfigError, match="No eligible type fits the budget of 50 parameters"):
         select_within_budget({"q": 1.0, "v": 2.0}, {"q": 64, "v": 64}, [], 50)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, "projection"),
+        ({"candidates": "q,v,attn_out"}, "projection"),
+        ({"candidates": "v,v_scale_in"}, "attribution"),
+        ({"budget": 0.001}, "attribution"),
+        ({"candidates": "v,v_scale_in", "score": "fisher"}, "fisher"),
+    ],
+)
+def test_default_score_is_projection_for_biases_and_attribution_across_kinds_or_under_a_budget(options, expected):
+    assert SelectionConfig(**options).score == expected
+
+
+def test_scale_learning_rate_must_be_a_bool():
+    with pytest.raises(BeftConfigError, match="scale_learning_rate"):
+        SelectionConfig(scale_learning_rate="yes")

@@ -111,7 +111,8 @@ def test_a_budget_keeps_the_best_set_of_types_that_fits(tmp_path):
     sizes = {t: selection.report.scores[t]["parameters"] for t in FAMILY}
     assert sizes == {"v": 32, "v_scale_in": 32, "v_scale_out": 32, "mlp_out_scale_in": 64, "attn_out": 32}
     assert selection.report.budget == 70 and len(selection.selected) == 2  # two of the 32-vector types fit
-    scores = selection.report.type_scores("projection")
+    assert selection.report.score == "attribution"  # the default when scaling vectors are candidates
+    scores = selection.report.type_scores("attribution")
     fitting = [
         set(subset)
         for k in (1, 2, 3)
