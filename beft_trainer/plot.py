@@ -29,6 +29,9 @@ _SCORE_COLORS = {
 }
 _TYPE_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 _SELECTED_COLOR = "#fff3b0"
+#: Above this many candidates the figure changes layout, drops the raw values on the bars and draws
+#: per-layer curves only for the selected, inert and best-scoring types.
+CROWDED = 7
 
 
 def report_figure(report: SelectionReport) -> Figure:
@@ -38,13 +41,19 @@ def report_figure(report: SelectionReport) -> Figure:
     plotted = [s for s in PLOTTED_SCORES if all(s in report.scores[t] for t in report.candidates)]
     scores = plotted + (["random"] if report.score == "random" else [])
     types = list(report.candidates)
-    fig = Figure(figsize=(15, 4.6))
-    ax_types, ax_layers, ax_fisher = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.1, 1, 1]})
+    if len(types) <= CROWDED:
+        fig = Figure(figsize=(15, 4.6))
+        ax_types, ax_layers, ax_fisher = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.1, 1, 1]})
+    else:  # many candidates (the vector family): the type panel gets a row of its own
+        fig = Figure(figsize=(max(15.0, 0.8 * len(types)), 9.5))
+        grid = fig.add_gridspec(2, 2, height_ratios=[1.1, 1])
+        ax_types = fig.add_subplot(grid[0, :])
+        ax_layers, ax_fisher = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
     _draw_type_scores(ax_types, report, types, scores)
     _draw_per_layer(ax_layers, report, types, report.score, log=False)
     _draw_per_layer(ax_fisher, report, types, "fisher", log=True)
     fig.suptitle(_title(report), fontsize=12, fontweight="bold")
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 
 
@@ -93,6 +102,8 @@ def _draw_type_scores(ax, report: SelectionReport, types: list[str], scores: lis
             if bias_type in report.inert:
                 bar.set_hatch("//")
                 bar.set_alpha(0.55)
+            if len(types) > CROWDED:
+                continue
             ax.annotate(
                 f"{value:.2g}",
                 (bar.get_x() + bar.get_width() / 2, bar.get_height()),
@@ -107,7 +118,9 @@ def _draw_type_scores(ax, report: SelectionReport, types: list[str], scores: lis
         if bias_type in report.selected:
             ax.axvspan(x - 0.45, x + 0.45, color=_SELECTED_COLOR, zorder=0)
     ax.set_xticks(range(len(types)))
-    ax.set_xticklabels([_type_label(report, t) for t in types])
+    crowded = len(types) > CROWDED
+    ax.set_xticklabels([_type_label(report, t, one_line=crowded) for t in types], rotation=35 if crowded else 0,
+                       ha="right" if crowded else "center", fontsize=8 if crowded else None)  # fmt: skip
     for label, bias_type in zip(ax.get_xticklabels(), types, strict=True):
         if bias_type in report.selected:
             label.set_fontweight("bold")
@@ -116,7 +129,7 @@ def _draw_type_scores(ax, report: SelectionReport, types: list[str], scores: lis
     ax.set_ylim(0, 1.5)
     ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.set_ylabel("score / largest score of its kind")
-    ax.set_title("Scores per bias type (raw values on the bars)", fontsize=10)
+    ax.set_title("Scores per type" + ("" if crowded else " (raw values on the bars)"), fontsize=10)
     # Proxy handles: a bar's own style may be an inert type's hatching.
     handles = [
         Patch(
@@ -130,18 +143,31 @@ def _draw_type_scores(ax, report: SelectionReport, types: list[str], scores: lis
     ax.legend(handles=handles, fontsize=8, loc="upper center", ncol=len(handles), columnspacing=0.8, handlelength=1.2)
 
 
-def _type_label(report: SelectionReport, bias_type: str) -> str:
+def _type_label(report: SelectionReport, bias_type: str, one_line: bool = False) -> str:
     size = report.scores[bias_type].get("parameters")
-    label = bias_type + (f"\n{size:,}" if size else "")
+    separator = " · " if one_line else "\n"
+    label = bias_type + (f"{separator}{size:,}" if size else "")
     if bias_type in report.selected:
-        return f"{label}\nSELECTED"
+        return f"{label}{separator}SELECTED"
     if bias_type in report.inert:
-        return f"{label}\ninert"
+        return f"{label}{separator}inert"
     return label
 
 
+def _curves_to_draw(report: SelectionReport, types: list[str]) -> list[str]:
+    """Every type, or when crowded the selected, the inert and the best by the deciding score."""
+    if len(types) <= CROWDED:
+        return types
+    ranked = sorted(types, key=lambda t: -float(report.scores[t][report.score]))
+    keep = set(report.selected) | set(report.inert) | set(ranked[:CROWDED])
+    return [t for t in types if t in keep]
+
+
 def _draw_per_layer(ax, report: SelectionReport, types: list[str], score: str, log: bool) -> None:
+    drawn = _curves_to_draw(report, types)
     for i, bias_type in enumerate(types):
+        if bias_type not in drawn:
+            continue
         per_layer = report.scores[bias_type].get("per_layer", {}).get(score, {})
         if not per_layer:
             continue
@@ -167,7 +193,8 @@ def _draw_per_layer(ax, report: SelectionReport, types: list[str], score: str, l
     ax.set_xlabel("layer")
     ax.set_ylabel(score + (" (log)" if log else ""))
     what = "deciding score" if score == report.score else "gradient signal"
-    ax.set_title(f"{score} per layer ({what})", fontsize=10)
+    hidden = len(types) - len(drawn)
+    ax.set_title(f"{score} per layer ({what})" + (f"; {hidden} lower types not drawn" if hidden else ""), fontsize=10)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7 if hidden else 8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
