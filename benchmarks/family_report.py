@@ -90,10 +90,15 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
 def score_analysis(records: list[dict]) -> list[dict]:
     """Per selection run and score: the type that score ranks first, its gap to the best single type, rho."""
     single = {(r["task"], r["seed"], r["method"]): 100 * r["score"] for r in records if r["method"] in FAMILY}
-    rows = []
+    rows, probes = [], set()
     for run in records:
         if not run.get("candidate_scores"):
             continue
+        # Selections that differ only by budget share one probe (same seed, candidates, probe steps).
+        probe = (run["task"], run["seed"], tuple(run["candidate_scores"]), run["probe_steps"])
+        if probe in probes:
+            continue
+        probes.add(probe)
         eligible = [t for t in run["candidate_scores"] if t not in run["inert"]]
         truth = {t: single[(run["task"], run["seed"], t)] for t in eligible if (run["task"], run["seed"], t) in single}
         if len(truth) < len(eligible):
@@ -106,7 +111,7 @@ def score_analysis(records: list[dict]) -> list[dict]:
                 {
                     "task": run["task"],
                     "seed": run["seed"],
-                    "run": run["method"],
+                    "run": "q, k, v" if len(eligible) + len(run["inert"]) == 3 else f"family of {len(FAMILY)}",
                     "score": score,
                     "picked": picked,
                     "best": best,
@@ -120,7 +125,7 @@ def score_analysis(records: list[dict]) -> list[dict]:
 def score_table(rows: list[dict]) -> list[str]:
     """Markdown: per candidate set and score, hits, mean gap and mean rho over runs."""
     lines = [
-        "| candidates | score | runs | picks the best type | mean gap to the best (points) | mean Spearman rho |",
+        "| candidates | score | probes | picks the best type | mean gap to the best (points) | mean Spearman rho |",
         "|---|---|---|---|---|---|",
     ]
     for run in sorted({r["run"] for r in rows}):
@@ -130,14 +135,8 @@ def score_table(rows: list[dict]) -> list[str]:
             hits = sum(r["picked"] == r["best"] for r in subset)
             rho = f"{statistics.mean(rhos):+.2f}" if rhos else "–"
             gap = statistics.mean(r["gap"] for r in subset)
-            lines.append(
-                f"| {_candidates(run)} | {score} | {len(subset)} | {hits}/{len(subset)} | {gap:.1f} | {rho} |"
-            )
+            lines.append(f"| {run} | {score} | {len(subset)} | {hits}/{len(subset)} | {gap:.1f} | {rho} |")
     return lines
-
-
-def _candidates(run: str) -> str:
-    return "q, k, v" if run == "auto_qkv" else f"family of {len(FAMILY)} ({run})"
 
 
 def quality_table(summary: dict, tasks: list[str]) -> list[str]:
@@ -169,8 +168,8 @@ def method_kind(method: str) -> str:
 def selections_table(summary: dict, tasks: list[str], records: list[dict]) -> list[str]:
     """Markdown: what each selection kept, per seed, against the best single type it could have kept."""
     lines = [
-        "| task | selection | selected (seed order) | score | best single type it could keep (mean) | gap |",
-        "|---|---|---|---|---|---|",
+        "| task | selection | selected (seed order) | score | selected type trained alone | best single type it could keep (mean) | gap |",
+        "|---|---|---|---|---|---|---|",
     ]
     for task in tasks:
         for m in SELECTIONS:
@@ -182,7 +181,10 @@ def selections_table(summary: dict, tasks: list[str], records: list[dict]) -> li
             best = max(singles, key=singles.get) if len(singles) == len(allowed) else None
             best_text = f"{best} {singles[best]:.1f}" if best else f"({len(singles)}/{len(allowed)} single runs)"
             gap = f"{c['mean'] - singles[best]:+.1f}" if best else "–"
-            lines.append(f"| {task} | {m} | {', '.join(c['selected'])} | {c['mean']:.1f} | {best_text} | {gap} |")
+            alone = ", ".join(f"{summary[task][t]['mean']:.1f}" if t in summary[task] else "–" for t in c["selected"])
+            lines.append(
+                f"| {task} | {m} | {', '.join(c['selected'])} | {c['mean']:.1f} | {alone} | {best_text} | {gap} |"
+            )
     return lines
 
 
