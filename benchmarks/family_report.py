@@ -211,19 +211,23 @@ def plot(summary: dict, tasks: list[str], path: Path, title: str) -> None:
         "selection": ("*", "#c44e52"),
         "baseline": ("D", "#8c8c8c"),
     }
-    fig = Figure(figsize=(5.2 * len(tasks), 4.4))
+    fig = Figure(figsize=(7.5 * len(tasks), 5.5))
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
     for ax, task in zip(axes, tasks, strict=True):
+        singles = sorted((m for m in summary[task] if m in FAMILY), key=lambda m: -summary[task][m]["mean"])
+        labelled = set(singles[:3]) | set(singles[-1:]) | {m for m in summary[task] if m not in FAMILY}
         for method, cell in summary[task].items():
             marker, color = style[method_kind(method)]
             size = 14 if marker == "*" else 7
             ax.errorbar(cell["trainable_parameters"], cell["mean"], yerr=cell["std"], fmt=marker, color=color, ms=size)
-            ax.annotate(method, (cell["trainable_parameters"], cell["mean"]), fontsize=6, xytext=(3, 2),
-                        textcoords="offset points")  # fmt: skip
+            if method in labelled:  # the other single types stay unlabelled: they pile up at one size
+                ax.annotate(method, (cell["trainable_parameters"], cell["mean"]), fontsize=7, xytext=(4, 2),
+                            textcoords="offset points")  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log scale, head included)")
         ax.set_ylabel(f"{metric_name(task)} x100")
-        ax.set_title(task)
+        ax.set_title(f"{task} (single types: the best three and the worst labelled)")
+        ax.grid(alpha=0.3)
         for kind, (marker, color) in style.items():
             ax.plot([], [], marker, color=color, label=kind)
         ax.legend(fontsize=7, loc="lower right")
