@@ -112,10 +112,11 @@ class BiasSelectionCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.selected is None:
-            self.probe.end_step(self._candidate_values())
-        if self.selected is None and state.global_step >= self.probe_steps:
-            self._select(args, state)
-            self._publish(args, state, control)
+            values = self._candidate_values()
+            self.probe.end_step(values)
+            if state.global_step >= self.probe_steps:
+                self._select(args, state, values)
+                self._publish(args, state, control)
 
     def on_save(self, args, state, control, **kwargs):
         folder = self.trainer.checkpoint_dir(state.global_step)
@@ -154,11 +155,9 @@ class BiasSelectionCallback(TrainerCallback):
 
     # -- the decision -------------------------------------------------------------------------
 
-    def _select(self, args, state) -> None:
+    def _select(self, args, state, post: dict[str, torch.Tensor]) -> None:
+        """Decide from the probe's statistics and ``post``, the candidates' full fp32 values after probing."""
         trainer = self.trainer
-        settle_zero3(trainer.model_wrapped)
-        params = self._candidate_params()
-        post = {n: read_full_fp32(p) for n, p in params.items()}
         fisher_sums, counts = self.probe.reduced(args.device)
         attribution = self.probe.reduced_attribution(args.device)
         report = SelectionReport.build(
