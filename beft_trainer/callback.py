@@ -99,15 +99,17 @@ class BiasSelectionCallback(TrainerCallback):
         self._load_state(self.trainer.resume_checkpoint_dir)
         if self.selected is not None:
             self.trainer.freeze_groups([t for t in self.candidates if t not in self.selected])
-            self._set_selected_learning_rate(args)
-        elif not self.probe.tracking:
+            self._set_phase_learning_rate(args)
+            self._forget_probing_best(state)
+            return
+        self._set_phase_learning_rate(args)
+        if not self.probe.tracking:
             params = self._candidate_params()
             self.probe.track(params, {n: self.trainer.pretrained_biases[n].shape for n in params})
             # Per-token statistics exist for biases only (a bias's gradient at a token is its module's
             # output gradient); scaling vectors are never inert by construction, see _find_inert.
             self.probe.track_tokens(self.trainer.model, [n for n in params if not is_scaling_parameter(n)])
-        if self.selected is None:
-            self.probe.start_step(self._candidate_values())
+        self.probe.start_step(self._candidate_values())
         self._forget_probing_best(state)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -177,7 +179,7 @@ class BiasSelectionCallback(TrainerCallback):
             logger.warning("Rank %d computed %s but follows rank 0's %s.", rank(), chosen, self.selected)
         before = trainer.count_parameters()
         trainer.freeze_groups([t for t in self.candidates if t not in self.selected], rewind=self.rewind)
-        self._set_selected_learning_rate(args)
+        self._set_phase_learning_rate(args)
         self.probe.stop()
         report.record_decision(
             selected=self.selected,
@@ -195,9 +197,13 @@ class BiasSelectionCallback(TrainerCallback):
         )
         self.report = report
 
-    def _set_selected_learning_rate(self, args) -> None:
-        if self.config.scale_learning_rate and len(self.selected) > 1:
-            self.trainer.set_base_learning_rate(self.selected, args.learning_rate / len(self.selected) ** 0.5)
+    def _set_phase_learning_rate(self, args) -> None:
+        # Absolute rates: applying them again on resume changes nothing.
+        probing = self.selected is None
+        training = self.candidates if probing else self.selected
+        rate = self.config.phase_learning_rate(args.learning_rate, len(training), probing)
+        if rate != args.learning_rate or self.config.scale_probe_learning_rate:
+            self.trainer.set_base_learning_rate(training, rate)
 
     def _choose(self, report: SelectionReport, excluded: list[str], total_parameters: int) -> list[str]:
         scores = report.type_scores(self.score)

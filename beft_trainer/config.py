@@ -108,6 +108,13 @@ class SelectionConfig:
             "where BitFit's seven train well at 3e-3)."
         },
     )
+    scale_probe_learning_rate: bool = field(
+        default=False,
+        metadata={
+            "help": "While probing, train the n candidates at learning_rate / sqrt(n) (the rule of the kept types, "
+            "applied to the probe); the kept types return to their own rate at the switch."
+        },
+    )
     rewind: bool = field(
         default=True,
         metadata={"help": "Reset the bias types not selected to their pretrained values at the switch."},
@@ -126,8 +133,8 @@ class SelectionConfig:
 
     #: The fields a resumed run must share with its checkpoint.
     SHAPING_FIELDS = (
-        "probe_steps", "candidates", "score", "top_k", "budget", "scale_learning_rate", "rewind", "inert_threshold",
-        "exclude_inert",
+        "probe_steps", "candidates", "score", "top_k", "budget", "scale_learning_rate", "scale_probe_learning_rate",
+        "rewind", "inert_threshold", "exclude_inert",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -158,6 +165,7 @@ class SelectionConfig:
             )
         self.rewind = _require_bool(owner, "rewind", self.rewind)
         self.scale_learning_rate = _require_bool(owner, "scale_learning_rate", self.scale_learning_rate)
+        self.scale_probe_learning_rate = _require_bool(owner, "scale_probe_learning_rate", self.scale_probe_learning_rate)
         self.exclude_inert = _require_bool(owner, "exclude_inert", self.exclude_inert)
         threshold = self.inert_threshold
         if threshold is not None:
@@ -166,6 +174,11 @@ class SelectionConfig:
                     f"{owner}: inert_threshold must be a number in (0, 1) or None (sqrt(eps)), got {threshold!r}."
                 )
             self.inert_threshold = float(threshold)
+
+    def phase_learning_rate(self, learning_rate: float, types: int, probing: bool) -> float:
+        """The base rate of each of ``types`` vector types training together in one phase of the run."""
+        scaled = self.scale_probe_learning_rate if probing else self.scale_learning_rate
+        return learning_rate / types**0.5 if scaled else learning_rate
 
     @property
     def max_types(self) -> int | None:

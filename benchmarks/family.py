@@ -86,10 +86,15 @@ def learning_rate(method: str, overrides: dict[str, float]) -> float:
     return default_learning_rate("beft" if method in SELECTIONS else method)
 
 
-def build_trainer(method: str, model, args, probe_steps: int, **kwargs):
+def selection_options(method: str, overrides: dict) -> dict | None:
+    """The SelectionConfig options of a selection run (``--selection-option`` over ``SELECTIONS``)."""
+    return SELECTIONS[method] | overrides if method in SELECTIONS else None
+
+
+def build_trainer(method: str, model, args, probe_steps: int, overrides: dict, **kwargs):
     """The library's trainer: a selection run gets its SelectionConfig, the rest their --method."""
     if method in SELECTIONS:
-        selection = SelectionConfig(probe_steps=probe_steps, **SELECTIONS[method])
+        selection = SelectionConfig(probe_steps=probe_steps, **selection_options(method, overrides))
         return make_trainer("beft", model, args, selection, **kwargs)
     return make_trainer(method, model, args, **kwargs)
 
@@ -106,7 +111,9 @@ def run_one(model_name: str, task: str, method: str, seed: int, lr: float, opts)
     with tempfile.TemporaryDirectory() as out:
         args = study_training_args(out, opts.batch_size, opts.steps, seed, lr, per_device_eval_batch_size=128)
         collator = tf.DataCollatorWithPadding(tokenizer)
-        trainer = build_trainer(method, model, args, opts.probe_steps, train_dataset=train, data_collator=collator)
+        trainer = build_trainer(
+            method, model, args, opts.probe_steps, opts.selection_option, train_dataset=train, data_collator=collator
+        )
         train_out = trainer.train()
         pred = trainer.predict(dev)
         report = selection_report(trainer)
@@ -125,7 +132,7 @@ def run_one(model_name: str, task: str, method: str, seed: int, lr: float, opts)
         "total_parameters": total,
         "steps": opts.steps,
         "probe_steps": opts.probe_steps if method in SELECTIONS else None,
-        "selection": SELECTIONS.get(method),
+        "selection": selection_options(method, opts.selection_option),
         "selection_score": report.score if report else None,
         "batch_size": opts.batch_size,
         "max_length": opts.max_length,
@@ -198,6 +205,22 @@ def parse_rates(items: list[str]) -> dict[str, float]:
     return rates
 
 
+def parse_selection_options(items: list[str]) -> dict:
+    """``--selection-option OPTION=VALUE`` pairs, each value read as JSON (``true``, ``20``, ``"v"``)."""
+    options = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in SelectionConfig.option_names() or not value:
+            raise SystemExit(
+                f"--selection-option {item}: use OPTION=VALUE with OPTION among {', '.join(SelectionConfig.option_names())}."
+            )
+        try:
+            options[name] = json.loads(value)
+        except json.JSONDecodeError:
+            raise SystemExit(f"--selection-option {item}: the value must be JSON (true, 0.001, \"v\").") from None
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command line: ``run`` the grid or ``report`` it."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=64, help="truncation length (dynamic padding)")
     p.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR", help="rates replacing the defaults")
     p.add_argument(
+        "--selection-option",
+        nargs="+",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="SelectionConfig options of every selection run (e.g. scale_probe_learning_rate=true; JSON values)",
+    )
+    p.add_argument(
         "--runs", type=Path, default=None, help="JSON lines (default: results/family_<model>_cpu_runs.jsonl)"
     )
     p.add_argument("--out", type=Path, default=None, help="report prefix (default: results/family_<model>_cpu)")
@@ -224,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     opts = build_parser().parse_args(argv)
+    opts.selection_option = parse_selection_options(opts.selection_option)
     opts.runs = opts.runs or RESULTS / f"family_{opts.model}_cpu_runs.jsonl"
     opts.out = opts.out or RESULTS / f"family_{opts.model}_cpu"
     torch.set_num_threads(opts.threads)

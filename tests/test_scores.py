@@ -108,6 +108,7 @@ def test_default_score_is_projection_for_biases_and_attribution_across_kinds_or_
     assert SelectionConfig(**options).score == expected
 
 
-def test_scale_learning_rate_must_be_a_bool():
-    with pytest.raises(BeftConfigError, match="scale_learning_rate"):
-        SelectionConfig(scale_learning_rate="yes")
+@pytest.mark.parametrize("option", ["scale_learning_rate", "scale_probe_learning_rate"])
+def test_learning_rate_scalings_must_be_bools(option):
+    with pytest.raises(BeftConfigError, match=option):
+        SelectionConfig(**{option: "yes"})

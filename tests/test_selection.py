@@ -238,6 +238,36 @@ def test_several_kept_types_train_at_the_rate_over_sqrt_k(scale, tmp_path):
     assert all(groups[trainer.group_index[g]]["lr"] == pytest.approx(1e-2) for g in head)
 
 
+class _RateRecorder(TrainerCallback):
+    """Each step's learning rate of the given optimizer groups, read after the step."""
+
+    def __init__(self, trainer, group_names):
+        self.trainer, self.group_names, self.rates = trainer, group_names, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        groups = self.trainer.optimizer.param_groups
+        self.rates.append({g: groups[self.trainer.group_index[g]]["lr"] for g in self.group_names})
+
+
+@pytest.mark.parametrize("scale", [True, False], ids=["scaled", "unscaled"])
+def test_the_probe_trains_n_candidates_at_the_rate_over_sqrt_n(scale, tmp_path):
+    selection = BiasSelectionCallback(probe_steps=2, exclude_inert=False, scale_probe_learning_rate=scale)
+    args = training_args(tmp_path, max_steps=4, lr_scheduler_type="constant")
+    trainer = BeftTrainer(tiny_bert(), args, train_dataset=TokenDataset(), callbacks=[selection])
+    recorder = _RateRecorder(trainer, ["q", "k", "v", "head"])
+    # Inserted before the selection callback, so the switch step is recorded with the probe's rates.
+    trainer.callback_handler.callbacks.insert(0, recorder)
+    trainer.train()
+    probe_rate = 1e-2 / 3**0.5 if scale else 1e-2
+    for step in recorder.rates[:2]:
+        assert [step[t] for t in ("q", "k", "v")] == pytest.approx([probe_rate] * 3, rel=1e-12)
+        assert step["head"] == pytest.approx(1e-2, rel=1e-12)
+    (kept,) = selection.selected
+    for step in recorder.rates[2:]:
+        assert step[kept] == pytest.approx(1e-2, rel=1e-12)
+        assert all(step[t] == 0.0 for t in ("q", "k", "v") if t != kept)
+
+
 def test_a_resumed_run_keeps_the_scaled_rate(tmp_path):
     def trainer_for(folder):
         args = training_args(folder, max_steps=6, save_strategy="steps", save_steps=3, per_device_train_batch_size=4)
