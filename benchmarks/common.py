@@ -14,7 +14,10 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -27,6 +30,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from beft_trainer import BeftConfig, SelectionConfig  # noqa: E402
+
+if TYPE_CHECKING:
+    from beft_trainer import SelectionReport
 from beft_trainer.recipes_support import (  # noqa: E402
     MethodArguments,
     build_trainer,
@@ -149,3 +155,61 @@ def study_training_args(out: str, batch_size: int, steps: int, seed: int, lr: fl
     )
     settings.update(overrides)
     return tf.TrainingArguments(**settings)
+
+
+@dataclass
+class StudyRun:
+    """What one study run measured: the validation score and what trained."""
+
+    score: float
+    report: SelectionReport | None
+    trainable_parameters: int
+    total_parameters: int
+    train_size: int
+    train_loss: float
+    train_seconds: float
+
+
+def train_and_score(
+    model_folder: Path,
+    task: str,
+    seed: int,
+    lr: float,
+    opts,
+    build: Callable[..., Any],
+    train_size: int | None = None,
+    **training_overrides,
+) -> StudyRun:
+    """Fine-tune the model in ``model_folder`` on ``task`` with the trainer ``build(model, args, **data)`` returns.
+
+    ``opts`` gives ``batch_size``, ``steps`` and ``max_length``; the head is seeded with ``seed``.
+    """
+    import tempfile
+
+    import transformers as tf
+
+    from beft_trainer.recipes_support import selection_report, trainable_parameter_counts
+
+    clock = Stopwatch()
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(model_folder))
+    train, dev = load_task(task, tokenizer, train_size, seed, opts.max_length)
+    torch.manual_seed(seed)  # the fresh 2-way head
+    model = tf.AutoModelForSequenceClassification.from_pretrained(str(model_folder), num_labels=2)
+    total = sum(p.numel() for p in model.parameters())
+    with tempfile.TemporaryDirectory() as out:
+        args = study_training_args(
+            out, opts.batch_size, opts.steps, seed, lr, per_device_eval_batch_size=128, **training_overrides
+        )
+        trainer = build(model, args, train_dataset=train, data_collator=tf.DataCollatorWithPadding(tokenizer))
+        train_out = trainer.train()
+        train_seconds = clock()
+        pred = trainer.predict(dev)
+        return StudyRun(
+            score=metric(task, np.argmax(pred.predictions, axis=-1), pred.label_ids),
+            report=selection_report(trainer),
+            trainable_parameters=trainable_parameter_counts(trainer)["trainable"],
+            total_parameters=total,
+            train_size=len(train),
+            train_loss=float(train_out.training_loss),
+            train_seconds=round(train_seconds, 1),
+        )

@@ -22,12 +22,10 @@ import fcntl
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 from common import (  # noqa: E402
@@ -37,18 +35,15 @@ from common import (  # noqa: E402
     append_jsonl,
     default_learning_rate,
     hardware,
-    load_task,
     make_trainer,
-    metric,
     metric_name,
     model_path,
     read_jsonl,
-    study_training_args,
+    train_and_score,
 )
 
 from beft_trainer import SelectionConfig  # noqa: E402
 from beft_trainer.biases import BIAS_TYPES, SCALING_TYPES  # noqa: E402
-from beft_trainer.recipes_support import selection_report, trainable_parameter_counts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Every candidate of the family: the bias types, then the scaling vectors.
@@ -102,21 +97,12 @@ def build_trainer(method: str, model, args, probe_steps: int, overrides: dict, *
 def run_one(model_name: str, task: str, method: str, seed: int, lr: float, opts) -> dict:
     """Train one method on one task with one seed; return its result record."""
     clock = Stopwatch()
-    folder = str(resolve_model(model_name))
-    tokenizer = tf.AutoTokenizer.from_pretrained(folder)
-    train, dev = load_task(task, tokenizer, None, seed, opts.max_length)
-    torch.manual_seed(seed)  # the fresh 2-way head
-    model = tf.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
-    total = sum(p.numel() for p in model.parameters())
-    with tempfile.TemporaryDirectory() as out:
-        args = study_training_args(out, opts.batch_size, opts.steps, seed, lr, per_device_eval_batch_size=128)
-        collator = tf.DataCollatorWithPadding(tokenizer)
-        trainer = build_trainer(
-            method, model, args, opts.probe_steps, opts.selection_option, train_dataset=train, data_collator=collator
-        )
-        train_out = trainer.train()
-        pred = trainer.predict(dev)
-        report = selection_report(trainer)
+
+    def build(model, args, **data):
+        return build_trainer(method, model, args, opts.probe_steps, opts.selection_option, **data)
+
+    run = train_and_score(resolve_model(model_name), task, seed, lr, opts, build)
+    report = run.report
     return {
         "model": model_name,
         "task": task,
@@ -124,20 +110,20 @@ def run_one(model_name: str, task: str, method: str, seed: int, lr: float, opts)
         "seed": seed,
         "lr": lr,
         "metric": metric_name(task),
-        "score": metric(task, np.argmax(pred.predictions, axis=-1), pred.label_ids),
+        "score": run.score,
         "selected": list(report.selected) if report else None,
         "candidate_scores": _candidate_scores(report) if report else None,
         "inert": sorted(report.inert) if report else None,
-        "trainable_parameters": trainable_parameter_counts(trainer)["trainable"],
-        "total_parameters": total,
+        "trainable_parameters": run.trainable_parameters,
+        "total_parameters": run.total_parameters,
         "steps": opts.steps,
         "probe_steps": opts.probe_steps if method in SELECTIONS else None,
         "selection": selection_options(method, opts.selection_option),
         "selection_score": report.score if report else None,
         "batch_size": opts.batch_size,
         "max_length": opts.max_length,
-        "train_size": len(train),
-        "train_loss": float(train_out.training_loss),
+        "train_size": run.train_size,
+        "train_loss": run.train_loss,
         "seconds": round(clock(), 1),
     }
 

@@ -15,7 +15,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,17 +32,15 @@ from common import (  # noqa: E402
     append_jsonl,
     default_learning_rate,
     hardware,
-    load_task,
     make_trainer,
     metric,
     metric_name,
     model_path,
     read_jsonl,
-    study_training_args,
+    train_and_score,
 )
 
 from beft_trainer import SelectionConfig  # noqa: E402
-from beft_trainer.recipes_support import selection_report, trainable_parameter_counts  # noqa: E402
 
 #: The learning rates that produced results/quality_cpu.* (chosen from the sweep in
 #: results/quality_sweep_cpu.jsonl). The study now runs at the repository's defaults
@@ -125,48 +122,30 @@ def study_trainer(method: str, model, args, train, collator, probe_steps: int):
 def run_one(task: str, method: str, seed: int, lr: float, opts) -> dict:
     """Train one method on one task with one seed; return its result record."""
     clock = Stopwatch()
-    tokenizer = tf.AutoTokenizer.from_pretrained(str(model_path()))
-    train, dev = load_task(task, tokenizer, opts.train_size, seed, opts.max_length)
-    torch.manual_seed(seed)  # the fresh 2-way head
-    model = tf.AutoModelForSequenceClassification.from_pretrained(str(model_path()), num_labels=2)
-    total_parameters = sum(p.numel() for p in model.parameters())
-    with tempfile.TemporaryDirectory() as out:
-        args = study_training_args(
-            out,
-            opts.batch_size,
-            opts.steps,
-            seed,
-            lr,
-            per_device_eval_batch_size=128,
-            logging_steps=max(1, opts.steps // 5),
-        )
-        collator = tf.DataCollatorWithPadding(tokenizer)
-        trainer = study_trainer(method, model, args, train, collator, opts.probe_steps)
-        train_out = trainer.train()
-        train_s = clock()
-        pred = trainer.predict(dev)
-        score = metric(task, np.argmax(pred.predictions, axis=-1), pred.label_ids)
-        report = selection_report(trainer)
-        selected = list(report.selected) if report else None
-        record = {
-            "task": task,
-            "method": method,
-            "seed": seed,
-            "lr": lr,
-            "metric": metric_name(task),
-            "score": score,
-            "selected": selected,
-            "trainable_parameters": trainable_parameter_counts(trainer)["trainable"],
-            "total_parameters": total_parameters,
-            "steps": opts.steps,
-            "batch_size": opts.batch_size,
-            "max_length": opts.max_length,
-            "train_size": len(train),
-            "train_loss": float(train_out.training_loss),
-            "train_seconds": round(train_s, 1),
-            "seconds": round(clock(), 1),
-        }
-    return record
+
+    def build(model, args, train_dataset, data_collator):
+        return study_trainer(method, model, args, train_dataset, data_collator, opts.probe_steps)
+
+    logging_steps = max(1, opts.steps // 5)
+    run = train_and_score(model_path(), task, seed, lr, opts, build, opts.train_size, logging_steps=logging_steps)
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "lr": lr,
+        "metric": metric_name(task),
+        "score": run.score,
+        "selected": list(run.report.selected) if run.report else None,
+        "trainable_parameters": run.trainable_parameters,
+        "total_parameters": run.total_parameters,
+        "steps": opts.steps,
+        "batch_size": opts.batch_size,
+        "max_length": opts.max_length,
+        "train_size": run.train_size,
+        "train_loss": run.train_loss,
+        "train_seconds": run.train_seconds,
+        "seconds": round(clock(), 1),
+    }
 
 
 def done_keys(path: Path) -> set[tuple]:
