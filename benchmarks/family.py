@@ -232,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--runs", type=Path, default=None, help="JSON lines (default: results/family_<model>_cpu_runs.jsonl)"
     )
+    p.add_argument(
+        "--ablation",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="report: runs files of the selections with other --selection-option values, compared in a table",
+    )
     p.add_argument("--out", type=Path, default=None, help="report prefix (default: results/family_<model>_cpu)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 per process on a shared 2-core VM)")
     return p

@@ -10,7 +10,7 @@ import json
 import statistics
 from pathlib import Path
 
-from common import TASKS, hardware, metric_name
+from common import ROOT, TASKS, hardware, metric_name, read_jsonl
 from family import BASELINES, FAMILY, METHODS, SELECTIONS
 
 from beft_trainer.biases import SCALING_TYPES
@@ -201,6 +201,46 @@ def eligible_types(selection: str, records: list[dict], task: str) -> list[str]:
     return allowed
 
 
+def ablation_table(tasks: list[str], records: list[dict], ablation: list[dict]) -> list[str]:
+    """Markdown: each selection run again with other SelectionConfig options, against the main grid's runs."""
+    lines = [
+        "| task | selection | options changed | main grid: selected (seed order) | score | changed: selected | score "
+        "| difference (same seeds) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    changed_summary = summarize(ablation)
+    for task in tasks:
+        for m in SELECTIONS:
+            changed = changed_summary.get(task, {}).get(m)
+            # The main grid's runs of the same seeds only: seeds differ by more than the options do.
+            seeds = set(changed["seeds"]) if changed else set()
+            same_seeds = [r for r in records if r["task"] == task and r["method"] == m and r["seed"] in seeds]
+            if not (changed and same_seeds):
+                continue
+            main = summarize(same_seeds)[task][m]
+            options = _changed_options(records, ablation, task, m)
+            diff = changed["mean"] - main["mean"]
+            lines.append(
+                f"| {task} | {m} | {options} | {', '.join(main['selected'])} | {_cell(main)} | "
+                f"{', '.join(changed['selected'])} | {_cell(changed)} | {diff:+.1f} |"
+            )
+    return lines
+
+
+def _changed_options(records: list[dict], ablation: list[dict], task: str, method: str) -> str:
+    """``option=value`` for every SelectionConfig option the ablation runs set differently."""
+
+    def options(runs):
+        return next(r["selection"] for r in runs if r["task"] == task and r["method"] == method)
+
+    before, after = options(records), options(ablation)
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(after.items()) if before.get(k) != v) or "(none)"
+
+
+def _cell(cell: dict) -> str:
+    return f"{cell['mean']:.1f} ± {cell['std']:.1f} (n={cell['n']})"
+
+
 def plot(summary: dict, tasks: list[str], path: Path, title: str) -> None:
     """Quality against trainable parameters (log scale), one panel per task, every method a point."""
     from matplotlib.figure import Figure
@@ -273,6 +313,17 @@ def report(records: list[dict], opts) -> None:
         "",
         *(score_table(rows) if rows else ["(no selection run has its candidates' single-type runs complete yet)"]),
     ]
+    for path in opts.ablation:
+        ablation = [r for r in read_jsonl(path) if r["steps"] == opts.steps]
+        lines += [
+            "",
+            f"## The selections with other options ({path.name})",
+            "",
+            f"Command: `nice python benchmarks/family.py run --runs {path.resolve().relative_to(ROOT)} --methods "
+            f"{' '.join(sorted({r['method'] for r in ablation}))} --selection-option ...` (the options below).",
+            "",
+            *ablation_table(tasks, records, ablation),
+        ]
     Path(f"{opts.out}.md").write_text("\n".join(lines) + "\n")
     payload = {"setting": setting, "summary": summary, "score_analysis": rows, "runs": records}
     Path(f"{opts.out}.json").write_text(json.dumps(payload, indent=1))
