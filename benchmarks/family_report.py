@@ -94,12 +94,15 @@ def score_analysis(records: list[dict]) -> list[dict]:
     for run in records:
         if not run.get("candidate_scores"):
             continue
-        # Selections that differ only by budget share one probe (same seed, candidates, probe steps).
-        probe = (run["task"], run["seed"], tuple(run["candidate_scores"]), run["probe_steps"])
+        eligible = [t for t in run["candidate_scores"] if t not in run["inert"]]
+        label = "q, k, v" if len(eligible) + len(run["inert"]) == 3 else f"family of {len(FAMILY)}"
+        if (run.get("selection") or {}).get("scale_probe_learning_rate"):
+            label += ", probed at lr/sqrt(n)"
+        # Selections that differ only by budget share one probe (same seed, candidates, probe steps, rate).
+        probe = (run["task"], run["seed"], label, run["probe_steps"])
         if probe in probes:
             continue
         probes.add(probe)
-        eligible = [t for t in run["candidate_scores"] if t not in run["inert"]]
         truth = {t: single[(run["task"], run["seed"], t)] for t in eligible if (run["task"], run["seed"], t) in single}
         if len(truth) < len(eligible):
             continue  # the ground truth of this run's candidates is not complete yet
@@ -111,7 +114,7 @@ def score_analysis(records: list[dict]) -> list[dict]:
                 {
                     "task": run["task"],
                     "seed": run["seed"],
-                    "run": "q, k, v" if len(eligible) + len(run["inert"]) == 3 else f"family of {len(FAMILY)}",
+                    "run": label,
                     "score": score,
                     "picked": picked,
                     "best": best,
@@ -283,7 +286,8 @@ def report(records: list[dict], opts) -> None:
         raise SystemExit(f"{opts.runs} holds no runs of {opts.steps} steps yet.")
     summary = summarize(records)
     tasks = [t for t in TASKS if t in summary]
-    rows = score_analysis(records)
+    ablations = {path: [r for r in read_jsonl(path) if r["steps"] == opts.steps] for path in opts.ablation}
+    rows = score_analysis(records + [r for runs in ablations.values() for r in runs])
     r0 = records[0]
     setting = (
         f"{r0['steps']} optimizer steps of {r0['batch_size']} (max length {r0['max_length']}), linear decay with "
@@ -313,8 +317,7 @@ def report(records: list[dict], opts) -> None:
         "",
         *(score_table(rows) if rows else ["(no selection run has its candidates' single-type runs complete yet)"]),
     ]
-    for path in opts.ablation:
-        ablation = [r for r in read_jsonl(path) if r["steps"] == opts.steps]
+    for path, ablation in ablations.items():
         lines += [
             "",
             f"## The selections with other options ({path.name})",
