@@ -96,8 +96,8 @@ def score_analysis(records: list[dict]) -> list[dict]:
             continue
         eligible = [t for t in run["candidate_scores"] if t not in run["inert"]]
         label = "q, k, v" if len(eligible) + len(run["inert"]) == 3 else f"family of {len(FAMILY)}"
-        if (run.get("selection") or {}).get("scale_probe_learning_rate"):
-            label += ", probed at lr/sqrt(n)"
+        if (run.get("selection") or {}).get("scale_probe_learning_rate") is False:
+            label += ", probed at the full rate"
         # Selections that differ only by budget share one probe (same seed, candidates, probe steps, rate).
         probe = (run["task"], run["seed"], label, run["probe_steps"])
         if probe in probes:
@@ -240,6 +240,10 @@ def _changed_options(records: list[dict], ablation: list[dict], task: str, metho
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(after.items()) if before.get(k) != v) or "(none)"
 
 
+def _ablation_arguments(paths: list[Path]) -> str:
+    return f" --ablation {' '.join(str(p.resolve().relative_to(ROOT)) for p in paths)}" if paths else ""
+
+
 def _cell(cell: dict) -> str:
     return f"{cell['mean']:.1f} ± {cell['std']:.1f} (n={cell['n']})"
 
@@ -300,7 +304,7 @@ def report(records: list[dict], opts) -> None:
         "(n = seeds run so far), full validation split.",
         "",
         f"Command: `nice python benchmarks/family.py run --model {opts.model}` (one per core), then "
-        f"`python benchmarks/family.py report --model {opts.model}`.",
+        f"`python benchmarks/family.py report --model {opts.model}{_ablation_arguments(opts.ablation)}`.",
         "",
         "## Quality per method",
         "",
