@@ -327,7 +327,8 @@ def report(records: list[dict], opts) -> None:
             f"## The selections with other options ({path.name})",
             "",
             f"Command: `nice python benchmarks/family.py run --runs {path.resolve().relative_to(ROOT)} --methods "
-            f"{' '.join(sorted({r['method'] for r in ablation}))} --selection-option ...` (the options below).",
+            f"{' '.join(sorted({r['method'] for r in ablation}))} --selection-option "
+            f"{_changed_options(records, ablation, ablation[0]['task'], ablation[0]['method']).replace(', ', ' ')}`.",
             "",
             *ablation_table(tasks, records, ablation),
         ]
