@@ -39,7 +39,16 @@ from .adapters import (
     read_adapter,
     save_merged,
 )
-from .biases import ALL_BIASES, BIAS_TYPES, BiasLayout, add_missing_biases, find_biases, split_fused_qkv_bias
+from .biases import (
+    ALL_BIASES,
+    BIAS_TYPES,
+    SCALING_TYPES,
+    VECTOR_TYPES,
+    BiasLayout,
+    add_missing_biases,
+    find_biases,
+    split_fused_qkv_bias,
+)
 from .callback import BiasSelectionCallback
 from .config import BeftConfig, SelectionConfig
 from .errors import AdapterError, BeftConfigError, BiasTypeError, PeftExportError, ResumeError
@@ -65,7 +74,9 @@ __all__ = [
     "ALL_BIASES",
     "BIAS_TYPES",
     "REPORT_NAME",
+    "SCALING_TYPES",
     "SCORE_NAMES",
+    "VECTOR_TYPES",
     "AdapterError",
     "AdapterSet",
     "BeftAdapter",
