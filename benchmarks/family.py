@@ -3,7 +3,7 @@
 Every single vector type trained alone (the ground truth of what trains best), the baselines
 (BitFit, full fine-tuning, LoRA, IA3, prompt tuning, peft's BEFT tuner) and BEFT's selection:
 over q/k/v (the paper) and over the whole family (7 bias types + 12 scaling vectors) at parameter
-budgets of 0.02% and 0.1%. Real model, real low-data GLUE, CPU. Every run appends one JSON line to
+budgets of 0.02% and 0.1%. Real model, real low-data GLUE, on the GPU where there is one. Every run appends one JSON line to
 ``--runs`` (resumable; start as many workers as there are cores: they claim jobs in ``<runs>.claims``); the
 selection runs store every candidate's scores, so the report can ask offline which score would
 have picked the best type.
@@ -34,6 +34,7 @@ from common import (  # noqa: E402
     Stopwatch,
     append_jsonl,
     default_learning_rate,
+    device_tag,
     hardware,
     make_trainer,
     metric_name,
@@ -150,7 +151,7 @@ def run_grid(opts) -> None:
         key = (opts.model, task, method, seed, learning_rate(method, overrides), opts.steps)
         if not claim(opts.runs, key):
             continue
-        record = run_one(opts.model, task, method, seed, key[4], opts) | {"hardware": hardware()}
+        record = run_one(opts.model, task, method, seed, key[4], opts) | {"hardware": hardware(), "device": device_tag()}
         append_jsonl(opts.runs, record)
         brief = ("task", "method", "seed", "lr", "score", "selected", "seconds")
         print(json.dumps({k: record[k] for k in brief}), flush=True)
@@ -230,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="SelectionConfig options of every selection run (e.g. scale_probe_learning_rate=true; JSON values)",
     )
     p.add_argument(
-        "--runs", type=Path, default=None, help="JSON lines (default: results/family_<model>_cpu_runs.jsonl)"
+        "--runs", type=Path, default=None, help="JSON lines (default: results/family_<model>_<cpu or gpu model>_runs.jsonl)"
     )
     p.add_argument(
         "--ablation",
@@ -239,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="report: runs files of the selections with other --selection-option values, compared in a table",
     )
-    p.add_argument("--out", type=Path, default=None, help="report prefix (default: results/family_<model>_cpu)")
+    p.add_argument("--out", type=Path, default=None, help="report prefix (default: results/family_<model>_<cpu or gpu model>)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 per process on a shared 2-core VM)")
     return p
 
@@ -248,8 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     opts = build_parser().parse_args(argv)
     opts.selection_option = parse_selection_options(opts.selection_option)
-    opts.runs = opts.runs or RESULTS / f"family_{opts.model}_cpu_runs.jsonl"
-    opts.out = opts.out or RESULTS / f"family_{opts.model}_cpu"
+    opts.runs = opts.runs or RESULTS / f"family_{opts.model}_{device_tag()}_runs.jsonl"
+    opts.out = opts.out or RESULTS / f"family_{opts.model}_{device_tag()}"
     torch.set_num_threads(opts.threads)
     tf.logging.set_verbosity_error()
     if opts.mode == "run":

@@ -298,7 +298,7 @@ def report(records: list[dict], opts) -> None:
         f"10% warm-up, AdamW, no weight decay; selection runs probe for {opts.probe_steps} steps"
     )
     lines = [
-        f"# The vector family on real data: {opts.model}, low-data GLUE (CPU)",
+        f"# The vector family on real data: {opts.model}, low-data GLUE ({r0.get('device', 'cpu')})",
         "",
         f"Hardware: {r0.get('hardware', hardware())}. Setting: {setting}. Scores x100, mean ± std over seeds "
         "(n = seeds run so far), full validation split.",
