@@ -90,7 +90,7 @@ def selection_options(method: str, overrides: dict) -> dict | None:
 def build_trainer(method: str, model, args, probe_steps: int, overrides: dict, **kwargs):
     """The library's trainer: a selection run gets its SelectionConfig, the rest their --method."""
     if method in SELECTIONS:
-        selection = SelectionConfig(probe_steps=probe_steps, **selection_options(method, overrides))
+        selection = SelectionConfig(**{"probe_steps": probe_steps} | selection_options(method, overrides))
         return make_trainer("beft", model, args, selection, **kwargs)
     return make_trainer(method, model, args, **kwargs)
 
@@ -118,7 +118,7 @@ def run_one(model_name: str, task: str, method: str, seed: int, lr: float, opts)
         "trainable_parameters": run.trainable_parameters,
         "total_parameters": run.total_parameters,
         "steps": opts.steps,
-        "probe_steps": opts.probe_steps if method in SELECTIONS else None,
+        "probe_steps": report.probe_steps if report else None,
         "selection": selection_options(method, opts.selection_option),
         "selection_score": report.score if report else None,
         "batch_size": opts.batch_size,

@@ -87,7 +87,7 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
     return cov / norm if norm else None
 
 
-def score_analysis(records: list[dict]) -> list[dict]:
+def score_analysis(records: list[dict], probe_steps: int) -> list[dict]:
     """Per selection run and score: the type that score ranks first, its gap to the best single type, rho."""
     single = {(r["task"], r["seed"], r["method"]): 100 * r["score"] for r in records if r["method"] in FAMILY}
     rows, probes = [], set()
@@ -98,6 +98,8 @@ def score_analysis(records: list[dict]) -> list[dict]:
         label = "q, k, v" if len(eligible) + len(run["inert"]) == 3 else f"family of {len(FAMILY)}"
         if (run.get("selection") or {}).get("scale_probe_learning_rate") is False:
             label += ", probed at the full rate"
+        if run["probe_steps"] != probe_steps:
+            label += f", {run['probe_steps']} probing steps"
         # Selections that differ only by budget share one probe (same seed, candidates, probe steps, rate).
         probe = (run["task"], run["seed"], label, run["probe_steps"])
         if probe in probes:
@@ -291,7 +293,7 @@ def report(records: list[dict], opts) -> None:
     summary = summarize(records)
     tasks = [t for t in TASKS if t in summary]
     ablations = {path: [r for r in read_jsonl(path) if r["steps"] == opts.steps] for path in opts.ablation}
-    rows = score_analysis(records + [r for runs in ablations.values() for r in runs])
+    rows = score_analysis(records + [r for runs in ablations.values() for r in runs], opts.probe_steps)
     r0 = records[0]
     setting = (
         f"{r0['steps']} optimizer steps of {r0['batch_size']} (max length {r0['max_length']}), linear decay with "
