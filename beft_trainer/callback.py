@@ -189,6 +189,10 @@ class BiasSelectionCallback(TrainerCallback):
             inert=inert,
             rewind=self.rewind,
             budget=self.config.budget_parameters(trainer.total_parameters()),
+            learning_rates={
+                "probe": self.config.phase_learning_rate(args.learning_rate, len(self.candidates), probing=True),
+                "after_switch": self.config.phase_learning_rate(args.learning_rate, len(self.selected), probing=False),
+            },
             trainable_parameters={
                 "before": before,
                 "after": trainer.count_parameters(),

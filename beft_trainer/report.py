@@ -40,6 +40,8 @@ class SelectionReport:
     rewind: bool = True
     trainable_parameters: dict[str, int] = field(default_factory=dict)
     budget: int | None = None
+    #: Base rates of the candidates while probing and of the kept types after the switch (before the schedule).
+    learning_rates: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -88,8 +90,9 @@ class SelectionReport:
         rewind: bool,
         trainable_parameters: dict[str, int],
         budget: int | None = None,
+        learning_rates: dict[str, float] | None = None,
     ) -> None:
-        """Record what was decided, at which step, and the trainable parameter counts around the switch."""
+        """Record what was decided, at which step, the trainable parameter counts and rates around the switch."""
         self.selected = list(selected)
         self.score = score
         self.probe_steps = probe_steps
@@ -98,6 +101,7 @@ class SelectionReport:
         self.rewind = rewind
         self.trainable_parameters = dict(trainable_parameters)
         self.budget = budget
+        self.learning_rates = dict(learning_rates or {})
 
     def type_scores(self, score: str) -> dict[str, float]:
         """``{bias_type: value}`` of one score."""

@@ -263,6 +263,7 @@ def test_the_probe_trains_n_candidates_at_the_rate_over_sqrt_n(scale, tmp_path):
         assert [step[t] for t in ("q", "k", "v")] == pytest.approx([probe_rate] * 3, rel=1e-12)
         assert step["head"] == pytest.approx(1e-2, rel=1e-12)
     (kept,) = selection.selected
+    assert selection.report.learning_rates == pytest.approx({"probe": probe_rate, "after_switch": 1e-2}, rel=1e-12)
     for step in recorder.rates[2:]:
         assert step[kept] == pytest.approx(1e-2, rel=1e-12)
         assert all(step[t] == 0.0 for t in ("q", "k", "v") if t != kept)
