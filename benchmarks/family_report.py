@@ -297,7 +297,8 @@ def report(records: list[dict], opts) -> None:
     r0 = records[0]
     setting = (
         f"{r0['steps']} optimizer steps of {r0['batch_size']} (max length {r0['max_length']}), linear decay with "
-        f"10% warm-up, AdamW, no weight decay; selection runs probe for {opts.probe_steps} steps"
+        f"10% warm-up, AdamW, no weight decay; selection runs probe for {opts.probe_steps} steps, the n candidates at "
+        "lr/sqrt(n) (the default), and train k kept types at lr/sqrt(k)"
     )
     lines = [
         f"# The vector family on real data: {opts.model}, low-data GLUE ({r0.get('device', 'cpu')})",
