@@ -202,7 +202,8 @@ class BiasSelectionCallback(TrainerCallback):
         self.report = report
 
     def _set_phase_learning_rate(self, args) -> None:
-        # Absolute rates: applying them again on resume changes nothing.
+        # Absolute rates: applying them again on resume changes nothing. After a scaled probe a single
+        # kept type must still be set, back to the full rate.
         probing = self.selected is None
         training = self.candidates if probing else self.selected
         rate = self.config.phase_learning_rate(args.learning_rate, len(training), probing)
