@@ -519,3 +519,26 @@ def test_run_glue_every_seed_method(method, tiny_bert_dir, toy_data_dir, tmp_pat
     counts = results["trainable_parameters"]
     assert 0 < counts["trainable"] < total, counts
     assert results["method"] == method and "eval_accuracy" in results["final"]
+
+
+@pytest.mark.parametrize(
+    ("selected", "line"),
+    [
+        (["v"], "selected bias type: v"),
+        (["v", "mlp_in"], "selected vector types: v+mlp_in"),
+        (["v_scale_in"], "selected vector types: v_scale_in"),
+    ],
+)
+def test_the_summary_names_what_the_selection_kept(selected, line):
+    from beft_trainer.recipes_support.results import summary_lines
+
+    results = {
+        "method": "beft",
+        "selected": selected,
+        "trainable_parameters": {"trainable": 10, "total": 1000, "share": 0.01},
+        "untuned": {"eval_accuracy": 0.5},
+        "final": {"eval_accuracy": 0.75},
+    }
+    lines = summary_lines(results, "accuracy")
+    assert lines[1] == line
+    assert lines[-1] == "validation accuracy: untuned 0.5000 -> tuned 0.7500"

@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import Trainer
 
+from ..biases import BIAS_TYPES
 from ..distributed import full_numel
 from ..report import SelectionReport
 from ..trainer import BeftTrainer
@@ -99,7 +100,9 @@ def summary_lines(results: dict[str, Any], metric: str) -> list[str]:
     counts = results["trainable_parameters"]
     lines = [f"method: {results['method']}"]
     if results.get("selected"):
-        lines.append(f"selected bias type: {'+'.join(results['selected'])}")
+        selected = results["selected"]
+        label = "selected bias type" if len(selected) == 1 and selected[0] in BIAS_TYPES else "selected vector types"
+        lines.append(f"{label}: {'+'.join(selected)}")
     lines.append(
         f"trainable parameters: {counts['trainable']:,} of {counts['total']:,} ({100 * counts['share']:.4f}%)"
     )
