@@ -171,22 +171,36 @@ def method_kind(method: str) -> str:
 
 
 def selections_table(summary: dict, tasks: list[str], records: list[dict]) -> list[str]:
-    """Markdown: what each selection kept, per seed, against the best single type it could have kept."""
+    """Markdown: what each selection kept, per seed, against the best single type it could have kept.
+
+    Single types are averaged over the selection's own seeds (seeds differ by more than types do);
+    types not yet run on all of them are left out, and the table says how many that leaves.
+    """
     lines = [
-        "| task | selection | selected (seed order) | score | selected type trained alone | best single type it could keep (mean) | gap |",
+        "| task | selection | selected (seed order) | score | selected type trained alone (same seed) "
+        "| best single type it could keep (same seeds) | gap |",
         "|---|---|---|---|---|---|---|",
     ]
+    single = {(r["task"], r["method"], r["seed"]): 100 * r["score"] for r in records if r["method"] in FAMILY}
     for task in tasks:
         for m in SELECTIONS:
             if m not in summary[task]:
                 continue
             c = summary[task][m]
             allowed = eligible_types(m, records, task)
-            singles = {t: summary[task][t]["mean"] for t in allowed if t in summary[task]}
-            best = max(singles, key=singles.get) if len(singles) == len(allowed) else None
-            best_text = f"{best} {singles[best]:.1f}" if best else f"({len(singles)}/{len(allowed)} single runs)"
-            gap = f"{c['mean'] - singles[best]:+.1f}" if best else "–"
-            alone = ", ".join(f"{summary[task][t]['mean']:.1f}" if t in summary[task] else "–" for t in c["selected"])
+            means = {
+                t: statistics.mean(single[(task, t, s)] for s in c["seeds"])
+                for t in allowed
+                if all((task, t, s) in single for s in c["seeds"])
+            }
+            best = max(means, key=means.get) if means else None
+            complete = "" if len(means) == len(allowed) else f" (of {len(means)}/{len(allowed)} types run on these seeds)"
+            best_text = f"{best} {means[best]:.1f}{complete}" if best else "–"
+            gap = f"{c['mean'] - means[best]:+.1f}" if best else "–"
+            alone = ", ".join(
+                f"{single[(task, kept, s)]:.1f}" if (task, kept, s) in single else "–"
+                for kept, s in zip(c["selected"], c["seeds"], strict=True)
+            )
             lines.append(
                 f"| {task} | {m} | {', '.join(c['selected'])} | {c['mean']:.1f} | {alone} | {best_text} | {gap} |"
             )
