@@ -179,6 +179,26 @@ class StudyRun:
     train_loss: float
     train_seconds: float
 
+    def record(self, task: str, method: str, seed: int, lr: float, opts) -> dict:
+        """The result fields every study stores for a run (``opts``: its ``steps``, ``batch_size``, ``max_length``)."""
+        return {
+            "task": task,
+            "method": method,
+            "seed": seed,
+            "lr": lr,
+            "metric": metric_name(task),
+            "score": self.score,
+            "selected": list(self.report.selected) if self.report else None,
+            "trainable_parameters": self.trainable_parameters,
+            "total_parameters": self.total_parameters,
+            "steps": opts.steps,
+            "batch_size": opts.batch_size,
+            "max_length": opts.max_length,
+            "train_size": self.train_size,
+            "train_loss": self.train_loss,
+            "train_seconds": self.train_seconds,
+        }
+
 
 def train_and_score(
     model_folder: Path,

@@ -37,7 +37,6 @@ from common import (  # noqa: E402
     device_tag,
     hardware,
     make_trainer,
-    metric_name,
     model_path,
     read_jsonl,
     train_and_score,
@@ -104,27 +103,13 @@ def run_one(model_name: str, task: str, method: str, seed: int, lr: float, opts)
 
     run = train_and_score(resolve_model(model_name), task, seed, lr, opts, build)
     report = run.report
-    return {
+    return run.record(task, method, seed, lr, opts) | {
         "model": model_name,
-        "task": task,
-        "method": method,
-        "seed": seed,
-        "lr": lr,
-        "metric": metric_name(task),
-        "score": run.score,
-        "selected": list(report.selected) if report else None,
         "candidate_scores": _candidate_scores(report) if report else None,
         "inert": sorted(report.inert) if report else None,
-        "trainable_parameters": run.trainable_parameters,
-        "total_parameters": run.total_parameters,
-        "steps": opts.steps,
         "probe_steps": report.probe_steps if report else None,
         "selection": selection_options(method, opts.selection_option),
         "selection_score": report.score if report else None,
-        "batch_size": opts.batch_size,
-        "max_length": opts.max_length,
-        "train_size": run.train_size,
-        "train_loss": run.train_loss,
         "seconds": round(clock(), 1),
     }
 

@@ -128,24 +128,7 @@ def run_one(task: str, method: str, seed: int, lr: float, opts) -> dict:
 
     logging_steps = max(1, opts.steps // 5)
     run = train_and_score(model_path(), task, seed, lr, opts, build, opts.train_size, logging_steps=logging_steps)
-    return {
-        "task": task,
-        "method": method,
-        "seed": seed,
-        "lr": lr,
-        "metric": metric_name(task),
-        "score": run.score,
-        "selected": list(run.report.selected) if run.report else None,
-        "trainable_parameters": run.trainable_parameters,
-        "total_parameters": run.total_parameters,
-        "steps": opts.steps,
-        "batch_size": opts.batch_size,
-        "max_length": opts.max_length,
-        "train_size": run.train_size,
-        "train_loss": run.train_loss,
-        "train_seconds": run.train_seconds,
-        "seconds": round(clock(), 1),
-    }
+    return run.record(task, method, seed, lr, opts) | {"seconds": round(clock(), 1)}
 
 
 def done_keys(path: Path) -> set[tuple]:
