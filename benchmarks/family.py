@@ -21,6 +21,7 @@ import argparse
 import fcntl
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -132,7 +133,11 @@ def run_grid(opts) -> None:
     """
     overrides = parse_rates(opts.lr)
     jobs = [(t, m, s) for s in opts.seeds for t in opts.tasks for m in opts.methods]
+    clock = Stopwatch()
     for task, method, seed in jobs:
+        if opts.stop_after is not None and clock() > opts.stop_after:
+            print(f"--stop-after {opts.stop_after}: no new run after {clock():.0f} s", flush=True)
+            return
         key = (opts.model, task, method, seed, learning_rate(method, overrides), opts.steps)
         if not claim(opts.runs, key):
             continue
@@ -140,6 +145,15 @@ def run_grid(opts) -> None:
         append_jsonl(opts.runs, record)
         brief = ("task", "method", "seed", "lr", "score", "selected", "seconds")
         print(json.dumps({k: record[k] for k in brief}), flush=True)
+
+
+def run_workers(count: int, argv: list[str]) -> None:
+    """``count`` processes of this command, each with ``--workers 1``; they share the grid through the claims."""
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--workers", "1"]
+    workers = [subprocess.Popen(command) for _ in range(count)]
+    failed = [i for i, worker in enumerate(workers) if worker.wait() != 0]
+    if failed:
+        raise SystemExit(f"workers {failed} of {count} failed (their output is above); finished runs are in the runs file.")
 
 
 def claim(runs: Path, key: tuple) -> bool:
@@ -227,18 +241,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=None, help="report prefix (default: results/family_<model>_<cpu or gpu model>)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 per process on a shared 2-core VM)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="run: processes claiming jobs in parallel (one per core; ~12 on one GPU)"
+    )
+    p.add_argument(
+        "--stop-after", type=float, default=None, metavar="SECONDS", help="run: start no new run after this many seconds"
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     opts = build_parser().parse_args(argv)
+    if opts.workers < 1:
+        raise SystemExit(f"--workers {opts.workers}: give 1 or more.")
     opts.selection_option = parse_selection_options(opts.selection_option)
     opts.runs = opts.runs or RESULTS / f"family_{opts.model}_{device_tag()}_runs.jsonl"
     opts.out = opts.out or RESULTS / f"family_{opts.model}_{device_tag()}"
     torch.set_num_threads(opts.threads)
     tf.logging.set_verbosity_error()
-    if opts.mode == "run":
+    if opts.mode == "run" and opts.workers > 1:
+        run_workers(opts.workers, sys.argv[1:] if argv is None else argv)
+    elif opts.mode == "run":
         run_grid(opts)
     else:
         from family_report import report
