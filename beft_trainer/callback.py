@@ -58,6 +58,8 @@ class BiasSelectionCallback(TrainerCallback):
         self.selected: list[str] | None = None
         self.report: SelectionReport | None = None
         self.probe = ProbeStatistics()
+        #: ``probe_steps`` as a count for this run (a share resolves against max_steps at train begin).
+        self.probe_step_count: int | None = None
 
     def __getattr__(self, name: str) -> Any:
         # The options read as attributes (callback.probe_steps), from the one config.
@@ -90,10 +92,11 @@ class BiasSelectionCallback(TrainerCallback):
                 "BiasSelectionCallback was added after the trainer was built; BeftTrainer builds one optimizer "
                 "group per candidate type from it: pass it as BeftTrainer(model, args, callbacks=[...])."
             )
-        if self.probe_steps >= state.max_steps:
+        self.probe_step_count = self.config.probe_step_count(state.max_steps)
+        if self.probe_step_count >= state.max_steps:
             raise BeftConfigError(
-                f"probe_steps={self.probe_steps} leaves no training after the selection "
-                f"(max_steps={state.max_steps}): lower probe_steps or train longer."
+                f"probe_steps={self.config.describe_probe_steps(state.max_steps)} leaves no training after the "
+                f"selection (max_steps={state.max_steps}): lower probe_steps or train longer."
             )
         self._check_budget()
         self._load_state(self.trainer.resume_checkpoint_dir)
@@ -116,7 +119,7 @@ class BiasSelectionCallback(TrainerCallback):
         if self.selected is None:
             values = self._candidate_values()
             self.probe.end_step(values)
-            if state.global_step >= self.probe_steps:
+            if state.global_step >= self.probe_step_count:
                 self._select(args, state, values)
                 self._publish(args, state, control)
 
@@ -184,7 +187,7 @@ class BiasSelectionCallback(TrainerCallback):
         report.record_decision(
             selected=self.selected,
             score=self.score,
-            probe_steps=self.probe_steps,
+            probe_steps=self.probe_step_count,
             step=state.global_step,
             inert=inert,
             rewind=self.rewind,

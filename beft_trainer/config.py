@@ -7,6 +7,7 @@ parses directly, so the recipes expose exactly these options, with these default
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -48,6 +49,17 @@ def _require_int(owner: str, name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def _require_count_or_share(owner: str, name: str, value: Any) -> int | float:
+    """A whole count >= 1, or a share of the run in (0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise BeftConfigError(f"{owner}: {name} must be a step count (>= 1) or a share of the run (< 1), got {value!r}.")
+    if value < 1:
+        return float(value)
+    if value != int(value):
+        raise BeftConfigError(f"{owner}: {name} must be a whole number of steps when >= 1, got {value!r}.")
+    return int(value)
+
+
 def _require_bool(owner: str, name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise BeftConfigError(f"{owner}: {name} must be True or False, got {value!r}.")
@@ -63,8 +75,13 @@ class SelectionConfig:
     (``SHAPING_FIELDS``) are stored in every checkpoint, and a resume that contradicts them is refused.
     """
 
-    probe_steps: int = field(
-        default=50, metadata={"help": "Optimizer steps during which every candidate bias type trains."}
+    probe_steps: float = field(
+        default=50,
+        metadata={
+            "help": "Optimizer steps during which every candidate type trains: a count (>= 1, e.g. 50) or a share "
+            "of the run's steps (< 1, e.g. 0.2, as TrainingArguments reads warmup_ratio; rounded up). Selecting "
+            "among many close types (the whole family at a small budget) wants ~20% of the run."
+        },
     )
     candidates: list[str] = field(
         default_factory=lambda: ["q", "k", "v"],
@@ -140,7 +157,7 @@ class SelectionConfig:
 
     def __post_init__(self) -> None:
         owner = "BiasSelectionCallback"
-        self.probe_steps = _require_int(owner, "probe_steps", self.probe_steps, 1)
+        self.probe_steps = _require_count_or_share(owner, "probe_steps", self.probe_steps)
         self.candidates = parse_type_list(self.candidates, "candidates")
         if len(self.candidates) < 2:
             raise BeftConfigError(
@@ -175,6 +192,19 @@ class SelectionConfig:
                     f"{owner}: inert_threshold must be a number in (0, 1) or None (sqrt(eps)), got {threshold!r}."
                 )
             self.inert_threshold = float(threshold)
+
+    def probe_step_count(self, max_steps: int) -> int:
+        """The probing steps of a run of ``max_steps`` steps (a share of it rounded up, at least 1)."""
+        if self.probe_steps >= 1:
+            return int(self.probe_steps)
+        # round first: 0.1 * 30 is 3.0000000000000004 in floating point, and 3 steps are meant
+        return max(1, math.ceil(round(self.probe_steps * max_steps, 6)))
+
+    def describe_probe_steps(self, max_steps: int) -> str:
+        """``probe_steps`` for messages: the count, or the share and the count it gives (``0.2 (20 steps)``)."""
+        if self.probe_steps >= 1:
+            return str(self.probe_steps)
+        return f"{self.probe_steps} ({self.probe_step_count(max_steps)} steps)"
 
     def phase_learning_rate(self, learning_rate: float, types: int, probing: bool) -> float:
         """The base rate of each of ``types`` vector types training together in one phase of the run."""

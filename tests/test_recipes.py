@@ -332,7 +332,8 @@ BAD_OPTIONS = {
     "bias_types_with_method": (["--method", "v", "--bias_types", "q"], ["--bias_types q", "--method"]),
     "ignored_selection_option": (["--method", "bitfit", "--top_k", "2"], ["--top_k would be ignored"]),
     "probe_leaves_no_training": (["--probe_steps", "200"], ["--probe_steps 200 leaves no training"]),
-    "not_a_number": (["--probe_steps", "many"], ["invalid int value: 'many'"]),
+    "probe_share_leaves_no_training": (["--probe_steps", "0.999"], ["--probe_steps 0.999 (100 steps) leaves no training"]),
+    "not_a_number": (["--probe_steps", "many"], ["invalid float value: 'many'"]),
     "unknown_option": (["--probe_stepz", "3"], ["--probe_stepz"]),
 }
 

@@ -165,6 +165,21 @@ def test_types_beyond_qkv_are_candidates(tmp_path):
     assert_frozen_after_switch(trainer, at_switch.values, pretrained)
 
 
+@pytest.mark.parametrize(("share", "max_steps", "count"), [(0.25, 10, 3), (0.1, 30, 3), (0.01, 6, 1)])
+def test_a_share_of_the_run_probes_that_many_steps_rounded_up(share, max_steps, count, tmp_path):
+    model = tiny_bert()
+    at_switch = AtSwitch(count)
+    selection = BiasSelectionCallback(probe_steps=share)
+    trainer = BeftTrainer(
+        model, training_args(tmp_path, max_steps=max_steps), train_dataset=TokenDataset(), callbacks=[selection, at_switch]
+    )
+    pretrained = snapshot(model)
+    trainer.train()
+    assert selection.probe_steps == share and selection.probe_step_count == count
+    assert selection.report.probe_steps == count and selection.report.step == count
+    assert_frozen_after_switch(trainer, at_switch.values, pretrained)
+
+
 def test_summary_is_logged_at_info(tmp_path, caplog):
     selection = BiasSelectionCallback(probe_steps=2)
     trainer = BeftTrainer(

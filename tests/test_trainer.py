@@ -70,7 +70,7 @@ def test_missing_bias_type_fails_before_training(tmp_path):
         ({"candidates": ("v",)}, "at least two candidates"),
         ({"candidates": ("q", "v"), "top_k": 2}, "top_k=2 must be below"),
         ({"budget": 0}, "budget must be a positive count"),
-        ({"probe_steps": 0}, "probe_steps must be >= 1"),
+        ({"probe_steps": 0}, r"probe_steps must be a step count \(>= 1\) or a share of the run \(< 1\), got 0"),
         ({"inert_threshold": 2.0}, "inert_threshold"),
     ],
 )
@@ -88,10 +88,22 @@ def test_probe_steps_must_leave_training_after_the_switch(tmp_path):
         train_dataset=TokenDataset(),
         callbacks=[BiasSelectionCallback(probe_steps=5)],
     )
-    with pytest.raises(BeftConfigError, match="probe_steps=5 leaves no training"):
+    with pytest.raises(BeftConfigError, match=r"probe_steps=5 leaves no training"):
         trainer.train()
     assert trainer.state.global_step == 0
     assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_a_probe_share_that_rounds_up_to_the_whole_run_is_refused(tmp_path):
+    trainer = BeftTrainer(
+        tiny_bert(),
+        training_args(tmp_path, max_steps=5),
+        train_dataset=TokenDataset(),
+        callbacks=[BiasSelectionCallback(probe_steps=0.81)],
+    )
+    with pytest.raises(BeftConfigError, match=r"probe_steps=0.81 \(5 steps\) leaves no training"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 def test_callback_with_a_plain_trainer_is_refused(tmp_path):

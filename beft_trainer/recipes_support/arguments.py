@@ -138,9 +138,10 @@ def _apply_method(parsed: Sequence[Any]) -> None:
 
 def check_probe_fits(selection: SelectionConfig, method_args: MethodArguments, args: TrainingArguments) -> None:
     """With a fixed ``--max_steps``, refuse a probe that leaves no training, before the model loads."""
-    if method_args.parsed.kind == "beft" and 0 < args.max_steps <= selection.probe_steps:
+    if method_args.parsed.kind == "beft" and 0 < args.max_steps <= selection.probe_step_count(args.max_steps):
         raise BeftConfigError(
-            f"--probe_steps {selection.probe_steps} leaves no training after the switch with --max_steps "
+            f"--probe_steps {selection.describe_probe_steps(args.max_steps)} leaves no "
+            f"training after the switch with --max_steps "
             f"{args.max_steps}: lower --probe_steps or raise --max_steps."
         )
 
