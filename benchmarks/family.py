@@ -166,18 +166,28 @@ def claim(runs: Path, key: tuple) -> bool:
         f.seek(0)
         for line in f.read().splitlines():
             entry = json.loads(line)
-            if tuple(entry["key"]) == key and _alive(entry["pid"]):
+            if tuple(entry["key"]) == key and _alive(entry["pid"], entry.get("started")):
                 return False
-        f.write(json.dumps({"key": list(key), "pid": os.getpid()}) + "\n")
+        f.write(json.dumps({"key": list(key), "pid": os.getpid(), "started": _start_time(os.getpid())}) + "\n")
     return True
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, started: str | None) -> bool:
+    """Whether the claiming process still runs (the same one: a later process may reuse its pid)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    return started is None or _start_time(pid) == started
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), None where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def parse_rates(items: list[str]) -> dict[str, float]:
