@@ -1,0 +1,53 @@
+"""The family study's workers share one grid: a job runs once, a dead worker's claim is void."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # family.py imports its sibling common.py
+spec = importlib.util.spec_from_file_location("benchmarks_family", os.path.join(ROOT, "benchmarks", "family.py"))
+family = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = family
+spec.loader.exec_module(family)
+
+KEY = ("minilm", "sst2", "v", 0, 0.01, 400)
+
+
+def _write_claim(runs, pid, started):
+    with open(f"{runs}.claims", "a") as f:
+        f.write(json.dumps({"key": list(KEY), "pid": pid, "started": started}) + "\n")
+
+
+def test_a_job_is_claimed_once_while_its_worker_runs(tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    assert family.claim(runs, KEY)
+    assert not family.claim(runs, KEY)  # this process holds it
+    assert family.claim(runs, (*KEY[:3], 1, *KEY[4:]))  # another seed is another job
+
+
+def test_a_finished_job_is_never_claimed_again(tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    record = dict(zip(("model", "task", "method", "seed", "lr", "steps"), KEY, strict=True))
+    runs.write_text(json.dumps(record) + "\n")
+    assert not family.claim(runs, KEY)
+
+
+def test_the_claim_of_a_worker_that_ended_is_void(tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    _write_claim(runs, ended.pid, "1")
+    assert family.claim(runs, KEY)
+
+
+def test_a_pid_reused_by_another_process_does_not_hold_the_claim(tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    started = family._start_time(os.getpid())
+    assert started is not None
+    _write_claim(runs, os.getpid(), str(int(started) - 1))  # this pid, but an earlier process
+    assert family.claim(runs, KEY)
