@@ -228,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--steps", type=int, default=400, help="optimizer steps per run (CPU; 1000 = 16 epochs of SST-2 on a GPU)"
     )
-    p.add_argument("--probe-steps", type=int, default=40, help="probing steps of the selection runs")
+    p.add_argument(
+        "--probe-steps", type=float, default=40, help="probing steps of the selection runs (a count, or a share < 1)"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64, help="truncation length (dynamic padding)")
     p.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR", help="rates replacing the defaults")
@@ -266,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     if opts.workers < 1:
         raise SystemExit(f"--workers {opts.workers}: give 1 or more.")
     opts.selection_option = parse_selection_options(opts.selection_option)
+    if opts.probe_steps >= 1:
+        opts.probe_steps = int(opts.probe_steps)  # a count; below 1 a share of the run
     opts.runs = opts.runs or RESULTS / f"family_{opts.model}_{device_tag()}_runs.jsonl"
     opts.out = opts.out or RESULTS / f"family_{opts.model}_{device_tag()}"
     torch.set_num_threads(opts.threads)
