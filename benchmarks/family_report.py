@@ -147,7 +147,9 @@ def score_table(rows: list[dict]) -> list[str]:
 def quality_table(summary: dict, tasks: list[str]) -> list[str]:
     """Markdown: one row per method in ``METHODS`` order, one column per task."""
     lines = [
-        "| method | kind | trainable params | " + " | ".join(f"{t} ({metric_name(t)})" for t in tasks) + " | lr |",
+        "| method | kind | trainable params (head included) | "
+        + " | ".join(f"{t} ({metric_name(t)})" for t in tasks)
+        + " | lr |",
         "|---|---|---|" + "---|" * len(tasks) + "---|",
     ]
     for m in METHODS:
