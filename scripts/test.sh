@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the test suite on a fresh machine (CPU only, a few minutes):
+# Run the test suite on a fresh machine (CPU only; ~12 minutes on 2 cores after the install):
 #
 #   bash scripts/test.sh [PYTEST_ARGS...]        e.g. bash scripts/test.sh -m "not deepspeed"
 #
