@@ -39,6 +39,7 @@ from beft_trainer.recipes_support import (  # noqa: E402
     MethodArguments,
     build_trainer,
     configure_method,
+    encode_glue_batch,
     get_task,
     load_glue,
     parse_method,
@@ -136,12 +137,10 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def _features(rows: list[dict], tokenizer, spec, max_length: int) -> list[dict]:
-    texts = [[row[column] for row in rows] for column in spec.text_columns]
-    encoded = tokenizer(*texts, truncation=True, max_length=max_length)
-    return [
-        {key: values[i] for key, values in encoded.items()} | {"labels": int(row["label"])}
-        for i, row in enumerate(rows)
-    ]
+    """The rows encoded as the recipes encode a batch, one feature dict per row."""
+    columns = {column: [row[column] for row in rows] for column in (*spec.text_columns, "label")}
+    encoded = encode_glue_batch(columns, tokenizer, spec, max_length)
+    return [{key: values[i] for key, values in encoded.items()} for i in range(len(rows))]
 
 
 def metric(task: str, predictions: np.ndarray, labels: np.ndarray) -> float:

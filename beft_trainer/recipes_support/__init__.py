@@ -23,7 +23,16 @@ from .arguments import (
     parse_recipe_args,
 )
 from .data import SplitSpec, check_split, load_splits, sample_examples, task_files
-from .glue import GLUE_TASKS, GlueTask, get_task, glue_compute_metrics, load_glue, sklearn_glue_metric, tokenize_glue
+from .glue import (
+    GLUE_TASKS,
+    GlueTask,
+    encode_glue_batch,
+    get_task,
+    glue_compute_metrics,
+    load_glue,
+    sklearn_glue_metric,
+    tokenize_glue,
+)
 from .methods import (
     DECODER_LEARNING_RATES,
     DEFAULT_LEARNING_RATES,
@@ -76,6 +85,7 @@ __all__ = [
     "configure_method",
     "encode_candidates",
     "encode_for_training",
+    "encode_glue_batch",
     "exit_on_usage_error",
     "finish_run",
     "get_prompt_task",

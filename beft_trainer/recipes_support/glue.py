@@ -88,13 +88,18 @@ def tokenize_glue(dataset, tokenizer, task: GlueTask, max_length: int = 128):
     """
 
     def encode(batch: dict[str, list]) -> dict[str, Any]:
-        texts = [batch[column] for column in task.text_columns]
-        encoded = tokenizer(*texts, truncation=True, max_length=max_length)
-        labels = batch["label"]
-        encoded["labels"] = [float(x) for x in labels] if task.is_regression else [int(x) for x in labels]
-        return encoded
+        return encode_glue_batch(batch, tokenizer, task, max_length)
 
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"Tokenizing {task.name}")
+
+
+def encode_glue_batch(batch: dict[str, list], tokenizer, task: GlueTask, max_length: int = 128) -> dict[str, Any]:
+    """Columns of rows (the task's text columns and ``label``) as ``input_ids``/``attention_mask``/``labels``."""
+    texts = [batch[column] for column in task.text_columns]
+    encoded = tokenizer(*texts, truncation=True, max_length=max_length)
+    labels = batch["label"]
+    encoded["labels"] = [float(x) for x in labels] if task.is_regression else [int(x) for x in labels]
+    return encoded
 
 
 # -- metrics ------------------------------------------------------------------------------------
