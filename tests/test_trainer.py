@@ -79,31 +79,23 @@ def test_bad_callback_arguments(kwargs, message):
         BiasSelectionCallback(**kwargs)
 
 
-def test_probe_steps_must_leave_training_after_the_switch(tmp_path):
+@pytest.mark.parametrize(
+    ("probe_steps", "message"),
+    [(5, r"probe_steps=5 leaves no training"), (0.81, r"probe_steps=0.81 \(5 steps\) leaves no training")],
+)
+def test_probe_steps_must_leave_training_after_the_switch(probe_steps, message, tmp_path):
     model = tiny_bert()
     before = snapshot(model)
     trainer = BeftTrainer(
         model,
         training_args(tmp_path, max_steps=5),
         train_dataset=TokenDataset(),
-        callbacks=[BiasSelectionCallback(probe_steps=5)],
+        callbacks=[BiasSelectionCallback(probe_steps=probe_steps)],
     )
-    with pytest.raises(BeftConfigError, match=r"probe_steps=5 leaves no training"):
+    with pytest.raises(BeftConfigError, match=message):
         trainer.train()
     assert trainer.state.global_step == 0
     assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
-
-
-def test_a_probe_share_that_rounds_up_to_the_whole_run_is_refused(tmp_path):
-    trainer = BeftTrainer(
-        tiny_bert(),
-        training_args(tmp_path, max_steps=5),
-        train_dataset=TokenDataset(),
-        callbacks=[BiasSelectionCallback(probe_steps=0.81)],
-    )
-    with pytest.raises(BeftConfigError, match=r"probe_steps=0.81 \(5 steps\) leaves no training"):
-        trainer.train()
-    assert trainer.state.global_step == 0
 
 
 def test_callback_with_a_plain_trainer_is_refused(tmp_path):
