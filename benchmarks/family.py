@@ -102,7 +102,8 @@ def run_one(model_name: str, task: str, method: str, seed: int, lr: float, opts)
     def build(model, args, **data):
         return build_trainer(method, model, args, opts.probe_steps, opts.selection_option, **data)
 
-    run = train_and_score(resolve_model(model_name), task, seed, lr, opts, build)
+    label = f"{model_name} {task} {method} seed {seed}"
+    run = train_and_score(resolve_model(model_name), task, seed, lr, opts, build, label=label)
     report = run.report
     return run.record(task, method, seed, lr, opts) | {
         "model": model_name,

@@ -127,7 +127,10 @@ def run_one(task: str, method: str, seed: int, lr: float, opts) -> dict:
         return study_trainer(method, model, args, train_dataset, data_collator, opts.probe_steps)
 
     logging_steps = max(1, opts.steps // 5)
-    run = train_and_score(model_path(), task, seed, lr, opts, build, opts.train_size, logging_steps=logging_steps)
+    label = f"{task} {method} seed {seed}"
+    run = train_and_score(
+        model_path(), task, seed, lr, opts, build, opts.train_size, label=label, logging_steps=logging_steps
+    )
     return run.record(task, method, seed, lr, opts) | {"seconds": round(clock(), 1)}
 
 

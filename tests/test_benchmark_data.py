@@ -80,3 +80,16 @@ def test_a_study_model_folder_without_weights_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("BEFT_STUDY_MODEL", str(tmp_path))
     with pytest.raises(SystemExit, match="no config.json"):
         common.model_path()
+
+
+def test_a_study_run_prints_its_progress(tmp_path, capsys):
+    from beft_trainer import BeftTrainer
+    from helpers import TokenDataset, tiny_bert, training_args
+
+    args = training_args(tmp_path, max_steps=20)
+    trainer = BeftTrainer(tiny_bert(), args, train_dataset=TokenDataset())
+    trainer.add_callback(common.progress_lines("tiny sst2 v seed 0", steps=20, lines=4))
+    trainer.train()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tiny sst2 v seed 0:")]
+    assert [line.split(",")[0] for line in lines] == [f"tiny sst2 v seed 0: step {s}/20" for s in (5, 10, 15, 20)]
+    assert lines[-1].endswith("~0 min left")
