@@ -8,7 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import TokenDataset, tiny_bert, training_args
 from transformers import AutoTokenizer
+
+from beft_trainer import BeftTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,9 +86,6 @@ def test_a_study_model_folder_without_weights_is_refused(tmp_path, monkeypatch):
 
 
 def test_a_study_run_prints_its_progress(tmp_path, capsys):
-    from beft_trainer import BeftTrainer
-    from helpers import TokenDataset, tiny_bert, training_args
-
     args = training_args(tmp_path, max_steps=20)
     trainer = BeftTrainer(tiny_bert(), args, train_dataset=TokenDataset())
     trainer.add_callback(common.progress_lines("tiny sst2 v seed 0", steps=20, lines=4))
