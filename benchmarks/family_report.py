@@ -276,18 +276,14 @@ def plot(summary: dict, tasks: list[str], path: Path, title: str) -> None:
         "selection": ("*", "#c44e52"),
         "baseline": ("D", "#8c8c8c"),
     }
-    fig = Figure(figsize=(7.5 * len(tasks), 5.5))
+    fig = Figure(figsize=(7.5 * len(tasks), 6.0))
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
     for ax, task in zip(axes, tasks, strict=True):
         singles = sorted((m for m in summary[task] if m in FAMILY), key=lambda m: -summary[task][m]["mean"])
-        labelled = set(singles[:3]) | set(singles[-1:]) | {m for m in summary[task] if m not in FAMILY}
         for method, cell in summary[task].items():
             marker, color = style[method_kind(method)]
             size = 14 if marker == "*" else 7
             ax.errorbar(cell["trainable_parameters"], cell["mean"], yerr=cell["std"], fmt=marker, color=color, ms=size)
-            if method in labelled:  # the other single types stay unlabelled: they pile up at one size
-                ax.annotate(method, (cell["trainable_parameters"], cell["mean"]), fontsize=7, xytext=(4, 2),
-                            textcoords="offset points")  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log scale, head included)")
         ax.set_ylabel(f"{metric_name(task)} x100")
@@ -298,7 +294,74 @@ def plot(summary: dict, tasks: list[str], path: Path, title: str) -> None:
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
+    for ax, task in zip(axes, tasks, strict=True):  # after the layout: labels are placed in display units
+        singles = sorted((m for m in summary[task] if m in FAMILY), key=lambda m: -summary[task][m]["mean"])
+        # selections first (they get the nearest places); the other single types stay unlabelled: they pile up at one size
+        others = sorted((m for m in summary[task] if m not in FAMILY), key=lambda m: method_kind(m) != "selection")
+        labelled = others + singles[:3] + singles[3:][-1:]
+        cells = summary[task]
+        place_labels(
+            ax,
+            [(cells[m]["trainable_parameters"], cells[m]["mean"], m) for m in labelled],
+            [(c["trainable_parameters"], c["mean"], c["std"], method_kind(m) == "selection") for m, c in cells.items()],
+        )
     fig.savefig(path, dpi=120)
+
+
+def place_labels(ax, labels: list[tuple[float, float, str]], markers: list[tuple], size: int = 7) -> None:
+    """Write each ``(x, y, text)`` label beside its point, off the markers, their error bars (``markers``:
+    ``(x, y, std, large)``) and the labels placed before it.
+
+    A greedy search over offsets (right, left, then further up or down with a thin leader line); a
+    label that fits nowhere takes the offset where it overlaps least.
+    """
+    ax.autoscale_view()
+    points = 72 / ax.figure.dpi  # display pixels to points
+    to_display = ax.transData.transform
+    frame = ax.get_window_extent()
+    taken = []
+    for x, y, std, large in markers:
+        half = (8 if large else 4) / points
+        (px, py), (_, top), (_, bottom) = to_display([(x, y), (x, y + std), (x, y - std)])
+        taken += [(px - half, py - half, px + half, py + half), (px - 1, bottom, px + 1, top)]
+    height = 1.3 * size / points
+    for x, y, text in labels:
+        px, py = to_display((x, y))
+        width = 0.62 * size * len(text) / points
+        best = None
+        for dx, dy in _label_offsets(width * points):
+            left, bottom = px + dx / points, py + dy / points
+            box = (left, bottom, left + width, bottom + height)
+            overlap = sum(_overlap(box, other) for other in taken) + _outside(box, frame)
+            if best is None or overlap < best[0]:
+                best = (overlap, (dx, dy), box)
+            if overlap == 0:
+                break
+        _, (dx, dy), box = best
+        taken.append(box)
+        far = abs(dy) > 8 or dx < -8 - width * points
+        ax.annotate(
+            text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=size, va="bottom",
+            arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if far else None,
+        )  # fmt: skip
+
+
+def _label_offsets(width: float) -> list[tuple[float, float]]:
+    """Candidate label offsets in points (lower-left corner of the text), nearest first."""
+    near = [(6, -4), (6, 4), (6, -12), (-width - 6, -4), (-width - 6, 4), (-width - 6, -12)]
+    far = [(dx, dy) for step in range(1, 6) for dy in (12 + 8 * step, -12 - 8 * step) for dx in (12, -width - 12)]
+    return near + far
+
+
+def _overlap(a: tuple, b: tuple) -> float:
+    """The area two boxes ``(left, bottom, right, top)`` share."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _outside(box: tuple, frame) -> float:
+    """How far a box pokes out of the axes frame, weighted to rank below any overlap-free placement."""
+    spill = max(0.0, frame.x0 - box[0]) + max(0.0, box[2] - frame.x1) + max(0.0, frame.y0 - box[1])
+    return 1e3 * (spill + max(0.0, box[3] - frame.y1))
 
 
 def report(records: list[dict], opts) -> None:

@@ -1,4 +1,4 @@
-"""The family study's workers share one grid: a job runs once, a dead worker's claim is void."""
+"""The family study: its workers share one grid (a job runs once, a dead worker's claim is void); its plot is legible."""
 
 from __future__ import annotations
 
@@ -51,3 +51,24 @@ def test_a_pid_reused_by_another_process_does_not_hold_the_claim(tmp_path):
     assert started is not None
     _write_claim(runs, os.getpid(), str(int(started) - 1))  # this pid, but an earlier process
     assert family.claim(runs, KEY)
+
+
+def test_the_plot_labels_of_clustered_points_do_not_overlap():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    sys.modules.setdefault("family", family)  # family_report imports its sibling by name
+    import family_report
+
+    ax = Figure(figsize=(6, 4)).subplots()
+    points = [(3458, 76.0 + 0.05 * i, f"method_{i}") for i in range(6)] + [(10370, 79.5, "mlp_in"), (21890, 79.9, "auto")]
+    for x, y, _ in points:
+        ax.plot(x, y, "o")
+    ax.set_xscale("log")
+    family_report.place_labels(ax, points, [(x, y, 0.5, False) for x, y, _ in points])
+    canvas = FigureCanvasAgg(ax.figure)
+    canvas.draw()  # places the annotations; Text's own extent leaves their leader lines out
+    boxes = [Text.get_window_extent(text, canvas.get_renderer()) for text in ax.texts]
+    assert [text.get_text() for text in ax.texts] == [text for _, _, text in points]
+    assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] if a.overlaps(b)]
