@@ -88,8 +88,14 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
 
 
 def score_analysis(records: list[dict], probe_steps: int) -> list[dict]:
-    """Per selection run and score: the type that score ranks first, its gap to the best single type, rho."""
+    """Per selection run and score: the type that score ranks first, its gap to the best single type, rho.
+
+    Over every non-inert candidate, and over those that fit each family budget alone (at 0.02% on
+    MiniLM: the types of one hidden size, bias and scaling vectors mixed, which the budgeted selection
+    chooses among).
+    """
     single = {(r["task"], r["seed"], r["method"]): 100 * r["score"] for r in records if r["method"] in FAMILY}
+    budgets = sorted({options["budget"] for options in SELECTIONS.values() if "budget" in options})
     rows, probes = [], set()
     for run in records:
         if not run.get("candidate_scores"):
@@ -108,22 +114,37 @@ def score_analysis(records: list[dict], probe_steps: int) -> list[dict]:
         truth = {t: single[(run["task"], run["seed"], t)] for t in eligible if (run["task"], run["seed"], t) in single}
         if len(truth) < len(eligible):
             continue  # the ground truth of this run's candidates is not complete yet
-        best = max(truth, key=truth.get)
-        for score in SCORES:
-            values = {t: candidate_score(run["candidate_scores"][t], score) for t in eligible}
-            picked = max(values, key=values.get)
-            rows.append(
-                {
-                    "task": run["task"],
-                    "seed": run["seed"],
-                    "run": label,
-                    "score": score,
-                    "picked": picked,
-                    "best": best,
-                    "gap": truth[best] - truth[picked],
-                    "rho": spearman([values[t] for t in eligible], [truth[t] for t in eligible]),
-                }
-            )
+        rows += _ranking_rows(run, label, truth)
+        if label.startswith("family"):
+            for budget in budgets:
+                fitting = {
+                    t: v for t, v in truth.items()
+                    if run["candidate_scores"][t]["parameters"] <= budget * run["total_parameters"]
+                }  # fmt: skip
+                if 1 < len(fitting) < len(truth):
+                    rows += _ranking_rows(run, f"{label}: the {len(fitting)} that fit {100 * budget:g}%", fitting)
+    return rows
+
+
+def _ranking_rows(run: dict, label: str, truth: dict[str, float]) -> list[dict]:
+    """One row per score: which of the ``truth`` types (name -> trained alone) it ranks first, gap and rho."""
+    best = max(truth, key=truth.get)
+    rows = []
+    for score in SCORES:
+        values = {t: candidate_score(run["candidate_scores"][t], score) for t in truth}
+        picked = max(values, key=values.get)
+        rows.append(
+            {
+                "task": run["task"],
+                "seed": run["seed"],
+                "run": label,
+                "score": score,
+                "picked": picked,
+                "best": best,
+                "gap": truth[best] - truth[picked],
+                "rho": spearman([values[t] for t in truth], [truth[t] for t in truth]),
+            }
+        )
     return rows
 
 

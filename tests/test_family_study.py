@@ -72,3 +72,22 @@ def test_the_plot_labels_of_clustered_points_do_not_overlap():
     boxes = [Text.get_window_extent(text, canvas.get_renderer()) for text in ax.texts]
     assert [text.get_text() for text in ax.texts] == [text for _, _, text in points]
     assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] if a.overlaps(b)]
+
+
+def test_the_score_analysis_ranks_all_candidates_and_those_that_fit_the_small_budget():
+    sys.modules.setdefault("family", family)
+    import family_report
+
+    attribution = {"q": 3.0, "v": 2.0, "mlp_in": 5.0, "attn_out": 1.0}
+    sizes = {"q": 100, "v": 100, "mlp_in": 400, "attn_out": 100}  # 0.02% of 1e6 = 200: mlp_in does not fit
+    trained = {"q": 0.80, "v": 0.85, "mlp_in": 0.90, "attn_out": 0.70}
+    scores = {t: {s: attribution[t] for s in ("projection", "magnitude", "fisher", "attribution", "random")} for t in sizes}
+    probe = {"task": "sst2", "seed": 0, "method": "auto_family_0.1%", "inert": [], "selection": {}, "probe_steps": 40}
+    probe |= {"total_parameters": 1_000_000, "candidate_scores": {t: scores[t] | {"parameters": sizes[t]} for t in sizes}}
+    singles = [{"task": "sst2", "seed": 0, "method": t, "score": trained[t]} for t in trained]
+    rows = {(r["run"], r["score"]): r for r in family_report.score_analysis([probe, *singles], probe_steps=40)}
+    everything = rows[("family of 19", "attribution")]
+    assert (everything["picked"], everything["best"], everything["gap"]) == ("mlp_in", "mlp_in", 0.0)
+    small = rows[("family of 19: the 3 that fit 0.02%", "attribution")]
+    assert (small["picked"], small["best"], round(small["gap"], 6), small["rho"]) == ("q", "v", 5.0, 0.5)
+    assert not [run for run, _ in rows if "0.1%" in run]  # every type fits 0.1%: nothing to restrict
