@@ -300,7 +300,6 @@ def plot(summary: dict, tasks: list[str], path: Path, title: str) -> None:
     fig = Figure(figsize=(7.5 * len(tasks), 6.0))
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
     for ax, task in zip(axes, tasks, strict=True):
-        singles = sorted((m for m in summary[task] if m in FAMILY), key=lambda m: -summary[task][m]["mean"])
         for method, cell in summary[task].items():
             marker, color = style[method_kind(method)]
             size = 14 if marker == "*" else 7
@@ -337,21 +336,21 @@ def place_labels(ax, labels: list[tuple[float, float, str]], markers: list[tuple
     label that fits nowhere takes the offset where it overlaps least.
     """
     ax.autoscale_view()
-    points = 72 / ax.figure.dpi  # display pixels to points
+    points_per_pixel = 72 / ax.figure.dpi
     to_display = ax.transData.transform
     frame = ax.get_window_extent()
     taken = []
     for x, y, std, large in markers:
-        half = (8 if large else 4) / points
+        half = (8 if large else 4) / points_per_pixel
         (px, py), (_, top), (_, bottom) = to_display([(x, y), (x, y + std), (x, y - std)])
         taken += [(px - half, py - half, px + half, py + half), (px - 1, bottom, px + 1, top)]
-    height = 1.3 * size / points
+    height = 1.3 * size / points_per_pixel
     for x, y, text in labels:
         px, py = to_display((x, y))
-        width = 0.62 * size * len(text) / points
+        width = 0.62 * size * len(text) / points_per_pixel
         best = None
-        for dx, dy in _label_offsets(width * points):
-            left, bottom = px + dx / points, py + dy / points
+        for dx, dy in _label_offsets(width * points_per_pixel):
+            left, bottom = px + dx / points_per_pixel, py + dy / points_per_pixel
             box = (left, bottom, left + width, bottom + height)
             overlap = sum(_overlap(box, other) for other in taken) + _outside(box, frame)
             if best is None or overlap < best[0]:
@@ -360,7 +359,7 @@ def place_labels(ax, labels: list[tuple[float, float, str]], markers: list[tuple
                 break
         _, (dx, dy), box = best
         taken.append(box)
-        far = abs(dy) > 8 or dx < -8 - width * points
+        far = abs(dy) > 8 or dx < -8 - width * points_per_pixel
         ax.annotate(
             text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=size, va="bottom",
             arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if far else None,
