@@ -101,7 +101,8 @@ def score_analysis(records: list[dict], probe_steps: int) -> list[dict]:
         if not run.get("candidate_scores"):
             continue
         eligible = [t for t in run["candidate_scores"] if t not in run["inert"]]
-        label = "q, k, v" if len(eligible) + len(run["inert"]) == 3 else f"family of {len(FAMILY)}"
+        over_family = len(eligible) + len(run["inert"]) != 3
+        label = f"family of {len(FAMILY)}" if over_family else "q, k, v"
         if (run.get("selection") or {}).get("scale_probe_learning_rate") is False:
             label += ", probed at the full rate"
         if run["probe_steps"] != probe_steps:
@@ -115,7 +116,7 @@ def score_analysis(records: list[dict], probe_steps: int) -> list[dict]:
         if len(truth) < len(eligible):
             continue  # the ground truth of this run's candidates is not complete yet
         rows += _ranking_rows(run, label, truth)
-        if label.startswith("family"):
+        if over_family:
             for budget in budgets:
                 fitting = {
                     t: v for t, v in truth.items()
@@ -379,7 +380,7 @@ def _overlap(a: tuple, b: tuple) -> float:
 
 
 def _outside(box: tuple, frame) -> float:
-    """How far a box pokes out of the axes frame, weighted to rank below any overlap-free placement."""
+    """How far a box pokes out of the axes frame, weighted so that spilling out ranks worse than overlapping."""
     spill = max(0.0, frame.x0 - box[0]) + max(0.0, box[2] - frame.x1) + max(0.0, frame.y0 - box[1])
     return 1e3 * (spill + max(0.0, box[3] - frame.y1))
 

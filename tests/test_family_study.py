@@ -14,6 +14,8 @@ spec = importlib.util.spec_from_file_location("benchmarks_family", os.path.join(
 family = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = family
 spec.loader.exec_module(family)
+sys.modules.setdefault("family", family)  # family_report imports its sibling by name
+import family_report  # noqa: E402
 
 KEY = ("minilm", "sst2", "v", 0, 0.01, 400)
 
@@ -58,9 +60,6 @@ def test_the_plot_labels_of_clustered_points_do_not_overlap():
     from matplotlib.figure import Figure
     from matplotlib.text import Text
 
-    sys.modules.setdefault("family", family)  # family_report imports its sibling by name
-    import family_report
-
     ax = Figure(figsize=(6, 4)).subplots()
     points = [(3458, 76.0 + 0.05 * i, f"method_{i}") for i in range(6)] + [(10370, 79.5, "mlp_in"), (21890, 79.9, "auto")]
     for x, y, _ in points:
@@ -75,9 +74,6 @@ def test_the_plot_labels_of_clustered_points_do_not_overlap():
 
 
 def test_the_score_analysis_ranks_all_candidates_and_those_that_fit_the_small_budget():
-    sys.modules.setdefault("family", family)
-    import family_report
-
     attribution = {"q": 3.0, "v": 2.0, "mlp_in": 5.0, "attn_out": 1.0}
     sizes = {"q": 100, "v": 100, "mlp_in": 400, "attn_out": 100}  # 0.02% of 1e6 = 200: mlp_in does not fit
     trained = {"q": 0.80, "v": 0.85, "mlp_in": 0.90, "attn_out": 0.70}
