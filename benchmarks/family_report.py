@@ -195,32 +195,21 @@ def method_kind(method: str) -> str:
 
 
 def selections_table(summary: dict, tasks: list[str], records: list[dict]) -> list[str]:
-    """Markdown: what each selection kept, per seed, against the best single type it could have kept.
-
-    Single types are averaged over the selection's own seeds (seeds differ by more than types do);
-    types not yet run on all of them are left out, and the table says how many that leaves.
-    """
+    """Markdown: what each selection kept, per seed, against the best single type it could have kept."""
     lines = [
         "| task | selection | selected (seed order) | score | selected type trained alone (same seed) "
         "| best single type it could keep (same seeds) | gap |",
         "|---|---|---|---|---|---|---|",
     ]
-    single = {(r["task"], r["method"], r["seed"]): 100 * r["score"] for r in records if r["method"] in FAMILY}
+    single = _single_scores(records)
     for task in tasks:
         for m in SELECTIONS:
             if m not in summary[task]:
                 continue
             c = summary[task][m]
-            allowed = eligible_types(m, records, task)
-            means = {
-                t: statistics.mean(single[(task, t, s)] for s in c["seeds"])
-                for t in allowed
-                if all((task, t, s) in single for s in c["seeds"])
-            }
-            best = max(means, key=means.get) if means else None
-            complete = "" if len(means) == len(allowed) else f" (of {len(means)}/{len(allowed)} types run on these seeds)"
-            best_text = f"{best} {means[best]:.1f}{complete}" if best else "–"
-            gap = f"{c['mean'] - means[best]:+.1f}" if best else "–"
+            best = best_single_type(m, c["seeds"], records, task)
+            best_text = f"{best['type']} {best['mean']:.1f}{_incomplete(best)}" if best else "–"
+            gap = f"{c['mean'] - best['mean']:+.1f}" if best else "–"
             alone = ", ".join(
                 f"{single[(task, kept, s)]:.1f}" if (task, kept, s) in single else "–"
                 for kept, s in zip(c["selected"], c["seeds"], strict=True)
@@ -229,6 +218,99 @@ def selections_table(summary: dict, tasks: list[str], records: list[dict]) -> li
                 f"| {task} | {m} | {', '.join(c['selected'])} | {c['mean']:.1f} | {alone} | {best_text} | {gap} |"
             )
     return lines
+
+
+def best_single_type(selection: str, seeds: list[int], records: list[dict], task: str) -> dict | None:
+    """The type trained alone that scores best on average over ``seeds``, among those ``selection`` could keep.
+
+    Single types are averaged over the selection's own seeds (seeds differ by more than types do);
+    types not yet run on all of them are left out, and ``run``/``eligible`` say how many that leaves.
+    """
+    single = _single_scores(records)
+    allowed = eligible_types(selection, records, task)
+    means = {
+        t: statistics.mean(single[(task, t, s)] for s in seeds)
+        for t in allowed
+        if all((task, t, s) in single for s in seeds)
+    }
+    if not means:
+        return None
+    best = max(means, key=means.get)
+    return {"type": best, "mean": means[best], "run": len(means), "eligible": len(allowed)}
+
+
+def _single_scores(records: list[dict]) -> dict:
+    """(task, type, seed) -> score x100 of every single-type run."""
+    return {(r["task"], r["method"], r["seed"]): 100 * r["score"] for r in records if r["method"] in FAMILY}
+
+
+def _incomplete(best: dict) -> str:
+    return (
+        "" if best["run"] == best["eligible"] else f" (of {best['run']}/{best['eligible']} types run on these seeds)"
+    )
+
+
+#: Issue 10's targets that compare a selection with a baseline: (selection, baseline, what it must do).
+BASELINE_TARGETS = (
+    ("auto_family_0.02%", "peft_beft", "at <= 0.02%: at least as good as peft's BEFT tuner"),
+    ("auto_family_0.1%", "bitfit", "at <= 0.1%: at least as good as BitFit"),
+)
+
+
+def targets_table(summary: dict, tasks: list[str], records: list[dict]) -> list[str]:
+    """Markdown: each target of the study, per task, met or not, on the seeds both sides have run.
+
+    A target that the runs so far cannot decide says what it lacks instead of "yes".
+    """
+    lines = ["| task | target | selection | its score | compared with | met |", "|---|---|---|---|---|---|"]
+    for task in tasks:
+        cells = summary[task]
+        for m in (m for m in SELECTIONS if m in cells):
+            best = best_single_type(m, cells[m]["seeds"], records, task)
+            if best is None:
+                lines.append(
+                    f"| {task} | within 1 point of the best single type | {m} | {_cell(cells[m])} | – | not yet (no type run on its seeds) |"
+                )
+                continue
+            gap = cells[m]["mean"] - best["mean"]
+            met = "no" if gap < -1 else "yes" if best["run"] == best["eligible"] else f"so far{_incomplete(best)}"
+            lines.append(
+                f"| {task} | within 1 point of the best single type | {m} | {_cell(cells[m])} "
+                f"| {best['type']} {best['mean']:.1f} (gap {gap:+.1f}) | {met} |"
+            )
+        for m, baseline, target in BASELINE_TARGETS:
+            if m not in cells or baseline not in cells:
+                continue
+            seeds = sorted(set(cells[m]["seeds"]) & set(cells[baseline]["seeds"]))
+            if not seeds:
+                lines.append(
+                    f"| {task} | {target} | {m} | {_cell(cells[m])} | {baseline}: no common seed yet | not yet |"
+                )
+                continue
+            ours, theirs = (_mean_over(records, task, method, seeds) for method in (m, baseline))
+            met = "yes" if ours >= theirs else "no"
+            lines.append(
+                f"| {task} | {target} | {m} | {ours:.1f} (seeds {_seeds(seeds)}) | {baseline} {theirs:.1f} "
+                f"(difference {ours - theirs:+.1f}) | {met} |"
+            )
+        runs = [r for r in records if r["task"] == task and r["method"] in SELECTIONS]
+        if runs:
+            inert = [r for r in runs if set(r["selected"]) & set(r["inert"])]
+            lines.append(
+                f"| {task} | never selects an inert type | all selections | {len(runs)} runs "
+                f"| {len(inert)} kept an inert type | {'no' if inert else 'yes'} |"
+            )
+    return lines
+
+
+def _mean_over(records: list[dict], task: str, method: str, seeds: list[int]) -> float:
+    return statistics.mean(
+        100 * r["score"] for r in records if (r["task"], r["method"]) == (task, method) and r["seed"] in seeds
+    )
+
+
+def _seeds(seeds: list[int]) -> str:
+    return ", ".join(map(str, seeds))
 
 
 def eligible_types(selection: str, records: list[dict], task: str) -> list[str]:
@@ -324,7 +406,10 @@ def plot(summary: dict, tasks: list[str], path: Path, title: str) -> None:
         place_labels(
             ax,
             [(cells[m]["trainable_parameters"], cells[m]["mean"], m) for m in labelled],
-            [(c["trainable_parameters"], c["mean"], c["std"], method_kind(m) == "selection") for m, c in cells.items()],
+            [
+                (c["trainable_parameters"], c["mean"], c["std"], method_kind(m) == "selection")
+                for m, c in cells.items()
+            ],
         )
     fig.savefig(path, dpi=120)
 
@@ -412,6 +497,13 @@ def report(records: list[dict], opts) -> None:
         "## Quality per method",
         "",
         *quality_table(summary, tasks),
+        "",
+        "## Targets",
+        "",
+        'Issue 10\'s targets, each on the seeds both sides have run; "so far" where not every type the selection '
+        "could keep has been trained alone on its seeds yet.",
+        "",
+        *targets_table(summary, tasks, records),
         "",
         "## What the selections kept",
         "",

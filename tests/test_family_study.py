@@ -61,7 +61,10 @@ def test_the_plot_labels_of_clustered_points_do_not_overlap():
     from matplotlib.text import Text
 
     ax = Figure(figsize=(6, 4)).subplots()
-    points = [(3458, 76.0 + 0.05 * i, f"method_{i}") for i in range(6)] + [(10370, 79.5, "mlp_in"), (21890, 79.9, "auto")]
+    points = [(3458, 76.0 + 0.05 * i, f"method_{i}") for i in range(6)] + [
+        (10370, 79.5, "mlp_in"),
+        (21890, 79.9, "auto"),
+    ]
     for x, y, _ in points:
         ax.plot(x, y, "o")
     ax.set_xscale("log")
@@ -77,9 +80,14 @@ def test_the_score_analysis_ranks_all_candidates_and_those_that_fit_the_small_bu
     attribution = {"q": 3.0, "v": 2.0, "mlp_in": 5.0, "attn_out": 1.0}
     sizes = {"q": 100, "v": 100, "mlp_in": 400, "attn_out": 100}  # 0.02% of 1e6 = 200: mlp_in does not fit
     trained = {"q": 0.80, "v": 0.85, "mlp_in": 0.90, "attn_out": 0.70}
-    scores = {t: {s: attribution[t] for s in ("projection", "magnitude", "fisher", "attribution", "random")} for t in sizes}
+    scores = {
+        t: {s: attribution[t] for s in ("projection", "magnitude", "fisher", "attribution", "random")} for t in sizes
+    }
     probe = {"task": "sst2", "seed": 0, "method": "auto_family_0.1%", "inert": [], "selection": {}, "probe_steps": 40}
-    probe |= {"total_parameters": 1_000_000, "candidate_scores": {t: scores[t] | {"parameters": sizes[t]} for t in sizes}}
+    probe |= {
+        "total_parameters": 1_000_000,
+        "candidate_scores": {t: scores[t] | {"parameters": sizes[t]} for t in sizes},
+    }
     singles = [{"task": "sst2", "seed": 0, "method": t, "score": trained[t]} for t in trained]
     rows = {(r["run"], r["score"]): r for r in family_report.score_analysis([probe, *singles], probe_steps=40)}
     everything = rows[("family of 19", "attribution")]
@@ -87,3 +95,37 @@ def test_the_score_analysis_ranks_all_candidates_and_those_that_fit_the_small_bu
     small = rows[("family of 19: the 3 that fit 0.02%", "attribution")]
     assert (small["picked"], small["best"], round(small["gap"], 6), small["rho"]) == ("q", "v", 5.0, 0.5)
     assert not [run for run, _ in rows if "0.1%" in run]  # every type fits 0.1%: nothing to restrict
+
+
+def _run(method, seed, score, **fields):
+    record = {"task": "sst2", "method": method, "seed": seed, "score": score / 100, "lr": 0.01}
+    return record | {"trainable_parameters": 100, "selected": [], "inert": []} | fields
+
+
+def test_the_targets_compare_on_common_seeds_and_say_what_they_cannot_decide_yet():
+    sizes = {"q": 100, "k": 100, "v": 100, "mlp_in": 400}  # 0.02% of 1e6 = 200: mlp_in does not fit
+    probe = {"candidate_scores": {t: {"parameters": n} for t, n in sizes.items()}, "total_parameters": 1_000_000}
+    records = [
+        _run("auto_family_0.02%", 0, 80.0, selected=["v"], inert=["k"], **probe),
+        _run("auto_family_0.02%", 1, 78.0, selected=["k"], inert=["k"], **probe),  # kept an inert type
+        _run("q", 0, 82.0),
+        _run("q", 1, 80.0),  # q: 81.0 on seeds 0-1, beats the selection's 79.0 by 2 points
+        _run("v", 0, 79.0),  # v lacks seed 1: left out of the best-type comparison
+        _run("peft_beft", 1, 77.0),
+        _run("peft_beft", 2, 90.0),  # seed 2: the selection has not run it, so it does not count
+        _run("auto_qkv", 1, 79.5, selected=["q"], inert=["k"], candidate_scores={"q": {}, "k": {}, "v": {}}),
+    ]
+    summary = family_report.summarize(records)
+    rows = [line.split(" | ") for line in family_report.targets_table(summary, ["sst2"], records)[2:]]
+    met = {(row[1], row[2]): (row[4], row[5].rstrip(" |")) for row in rows}
+    assert met[("within 1 point of the best single type", "auto_family_0.02%")] == ("q 81.0 (gap -2.0)", "no")
+    # within a point of q on seed 1, but v has not run seed 1: not decided yet
+    assert met[("within 1 point of the best single type", "auto_qkv")] == (
+        "q 80.0 (gap -0.5)",
+        "so far (of 1/2 types run on these seeds)",
+    )
+    assert met[("at <= 0.02%: at least as good as peft's BEFT tuner", "auto_family_0.02%")] == (
+        "peft_beft 77.0 (difference +1.0)",
+        "yes",
+    )
+    assert met[("never selects an inert type", "all selections")] == ("1 kept an inert type", "no")
