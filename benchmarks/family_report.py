@@ -287,11 +287,14 @@ def targets_table(summary: dict, tasks: list[str], records: list[dict]) -> list[
                     f"| {task} | {target} | {m} | {_cell(cells[m])} | {baseline}: no common seed yet | not yet |"
                 )
                 continue
-            ours, theirs = (_mean_over(records, task, method, seeds) for method in (m, baseline))
-            met = "yes" if ours >= theirs else "no"
+            ours, theirs = (_per_seed(records, task, method) for method in (m, baseline))
+            differences = [ours[s] - theirs[s] for s in seeds]
+            difference = statistics.mean(differences)
+            per_seed = f"; per seed {', '.join(f'{d:+.1f}' for d in differences)}" if len(seeds) > 1 else ""
             lines.append(
-                f"| {task} | {target} | {m} | {ours:.1f} (seeds {_seeds(seeds)}) | {baseline} {theirs:.1f} "
-                f"(difference {ours - theirs:+.1f}) | {met} |"
+                f"| {task} | {target} | {m} | {statistics.mean(ours[s] for s in seeds):.1f} (seeds {_seeds(seeds)}) "
+                f"| {baseline} {statistics.mean(theirs[s] for s in seeds):.1f} (difference {difference:+.1f}{per_seed}) "
+                f"| {'yes' if difference >= 0 else 'no'} |"
             )
         runs = [r for r in records if r["task"] == task and r["method"] in SELECTIONS]
         if runs:
@@ -303,10 +306,9 @@ def targets_table(summary: dict, tasks: list[str], records: list[dict]) -> list[
     return lines
 
 
-def _mean_over(records: list[dict], task: str, method: str, seeds: list[int]) -> float:
-    return statistics.mean(
-        100 * r["score"] for r in records if (r["task"], r["method"]) == (task, method) and r["seed"] in seeds
-    )
+def _per_seed(records: list[dict], task: str, method: str) -> dict[int, float]:
+    """seed -> score x100 of one method's runs on one task."""
+    return {r["seed"]: 100 * r["score"] for r in records if (r["task"], r["method"]) == (task, method)}
 
 
 def _seeds(seeds: list[int]) -> str:
