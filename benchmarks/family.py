@@ -142,7 +142,10 @@ def run_grid(opts) -> None:
         key = (opts.model, task, method, seed, learning_rate(method, overrides), opts.steps)
         if not claim(opts.runs, key):
             continue
-        record = run_one(opts.model, task, method, seed, key[4], opts) | {"hardware": hardware(), "device": device_tag()}
+        record = run_one(opts.model, task, method, seed, key[4], opts) | {
+            "hardware": hardware(),
+            "device": device_tag(),
+        }
         append_jsonl(opts.runs, record)
         brief = ("task", "method", "seed", "lr", "score", "selected", "seconds")
         print(json.dumps({k: record[k] for k in brief}), flush=True)
@@ -154,7 +157,9 @@ def run_workers(count: int, argv: list[str]) -> None:
     workers = [subprocess.Popen(command) for _ in range(count)]
     failed = [i for i, worker in enumerate(workers) if worker.wait() != 0]
     if failed:
-        raise SystemExit(f"workers {failed} of {count} failed (their output is above); finished runs are in the runs file.")
+        raise SystemExit(
+            f"workers {failed} of {count} failed (their output is above); finished runs are in the runs file."
+        )
 
 
 def claim(runs: Path, key: tuple) -> bool:
@@ -214,8 +219,18 @@ def parse_selection_options(items: list[str]) -> dict:
         try:
             options[name] = json.loads(value)
         except json.JSONDecodeError:
-            raise SystemExit(f"--selection-option {item}: the value must be JSON (true, 0.001, \"v\").") from None
+            raise SystemExit(f'--selection-option {item}: the value must be JSON (true, 0.001, "v").') from None
     return options
+
+
+def default_runs(model: str) -> Path:
+    """Where ``--runs`` points by default: the results file of this model on this machine's device."""
+    return RESULTS / f"family_{model}_{device_tag()}_runs.jsonl"
+
+
+def default_out(model: str) -> Path:
+    """The report prefix ``--out`` takes by default."""
+    return RESULTS / f"family_{model}_{device_tag()}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="SelectionConfig options of every selection run (e.g. scale_probe_learning_rate=true; JSON values)",
     )
     p.add_argument(
-        "--runs", type=Path, default=None, help="JSON lines (default: results/family_<model>_<cpu or gpu model>_runs.jsonl)"
+        "--runs",
+        type=Path,
+        default=None,
+        help="JSON lines (default: results/family_<model>_<cpu or gpu model>_runs.jsonl)",
     )
     p.add_argument(
         "--ablation",
@@ -252,13 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="report: runs files of the selections with other --selection-option values, compared in a table",
     )
-    p.add_argument("--out", type=Path, default=None, help="report prefix (default: results/family_<model>_<cpu or gpu model>)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="report prefix (default: results/family_<model>_<cpu or gpu model>)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 per process on a shared 2-core VM)")
     p.add_argument(
-        "--workers", type=int, default=1, help="run: processes claiming jobs in parallel (one per core; ~12 on one GPU)"
+        "--workers",
+        type=int,
+        default=1,
+        help="run: processes claiming jobs in parallel (one per core; ~12 on one GPU)",
     )
     p.add_argument(
-        "--stop-after", type=float, default=None, metavar="SECONDS", help="run: start no new run after this many seconds"
+        "--stop-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="run: start no new run after this many seconds",
     )
     return p
 
@@ -271,8 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     opts.selection_option = parse_selection_options(opts.selection_option)
     if opts.probe_steps >= 1:
         opts.probe_steps = int(opts.probe_steps)  # a count; below 1 a share of the run
-    opts.runs = opts.runs or RESULTS / f"family_{opts.model}_{device_tag()}_runs.jsonl"
-    opts.out = opts.out or RESULTS / f"family_{opts.model}_{device_tag()}"
+    opts.runs = opts.runs or default_runs(opts.model)
+    opts.out = opts.out or default_out(opts.model)
     torch.set_num_threads(opts.threads)
     tf.logging.set_verbosity_error()
     if opts.mode == "run" and opts.workers > 1:

@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from common import ROOT, TASKS, hardware, metric_name, read_jsonl
-from family import BASELINES, FAMILY, METHODS, SELECTIONS
+from family import BASELINES, FAMILY, METHODS, SELECTIONS, build_parser, default_out, default_runs
 
 from beft_trainer.biases import SCALING_TYPES
 
@@ -364,6 +364,22 @@ def _changed_options(records: list[dict], ablation: list[dict], task: str, metho
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(after.items()) if before.get(k) != v) or "(none)"
 
 
+def _grid_arguments(opts, mode: str) -> str:
+    """The options of this report that differ from ``family.py``'s defaults, as its ``mode`` command takes them."""
+    defaults = build_parser().parse_args([mode, "--model", opts.model])
+    arguments = [
+        f"--{name.replace('_', '-')} {getattr(opts, name):g}"
+        for name in ("steps", "probe_steps")
+        if getattr(opts, name) != getattr(defaults, name)
+    ]
+    for name, default in (("runs", default_runs(opts.model)), ("out", default_out(opts.model))):
+        if mode == "report" or name == "runs":
+            path = Path(getattr(opts, name)).resolve()
+            if path != default.resolve():
+                arguments.append(f"--{name} {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    return "".join(f" {a}" for a in arguments)
+
+
 def _ablation_arguments(paths: list[Path]) -> str:
     return f" --ablation {' '.join(str(p.resolve().relative_to(ROOT)) for p in paths)}" if paths else ""
 
@@ -493,8 +509,9 @@ def report(records: list[dict], opts) -> None:
         f"Hardware: {r0.get('hardware', hardware())}. Setting: {setting}. Scores x100, mean ± std over seeds "
         "(n = seeds run so far), full validation split.",
         "",
-        f"Command: `nice python benchmarks/family.py run --model {opts.model}` (one per core), then "
-        f"`python benchmarks/family.py report --model {opts.model}{_ablation_arguments(opts.ablation)}`.",
+        f"Command: `nice python benchmarks/family.py run --model {opts.model}{_grid_arguments(opts, 'run')} "
+        f"--workers 2` (one worker per core), then `python benchmarks/family.py report --model {opts.model}"
+        f"{_grid_arguments(opts, 'report')}{_ablation_arguments(opts.ablation)}`.",
         "",
         "## Quality per method",
         "",

@@ -129,3 +129,13 @@ def test_the_targets_compare_on_common_seeds_and_say_what_they_cannot_decide_yet
         "yes",
     )
     assert met[("never selects an inert type", "all selections")] == ("1 kept an inert type", "no")
+
+
+def test_the_report_names_the_options_its_runs_were_made_with(tmp_path):
+    opts = family.build_parser().parse_args(["report", "--steps", "1000", "--probe-steps", "100"])
+    opts.runs, opts.out = tmp_path / "runs.jsonl", family.default_out("minilm")
+    run, report = (family_report._grid_arguments(opts, mode) for mode in ("run", "report"))
+    assert run == f" --steps 1000 --probe-steps 100 --runs {tmp_path / 'runs.jsonl'}"
+    assert report == run  # the default --out is left out
+    opts.steps, opts.probe_steps, opts.runs = 400, 40, family.default_runs("minilm")
+    assert family_report._grid_arguments(opts, "report") == ""
