@@ -264,38 +264,7 @@ def targets_table(summary: dict, tasks: list[str], records: list[dict]) -> list[
     """
     lines = ["| task | target | selection | its score | compared with | met |", "|---|---|---|---|---|---|"]
     for task in tasks:
-        cells = summary[task]
-        for m in (m for m in SELECTIONS if m in cells):
-            best = best_single_type(m, cells[m]["seeds"], records, task)
-            if best is None:
-                lines.append(
-                    f"| {task} | within 1 point of the best single type | {m} | {_cell(cells[m])} | – | not yet (no type run on its seeds) |"
-                )
-                continue
-            gap = cells[m]["mean"] - best["mean"]
-            met = "no" if gap < -1 else "yes" if best["run"] == best["eligible"] else f"so far{_incomplete(best)}"
-            lines.append(
-                f"| {task} | within 1 point of the best single type | {m} | {_cell(cells[m])} "
-                f"| {best['type']} {best['mean']:.1f} (gap {gap:+.1f}) | {met} |"
-            )
-        for m, baseline, target in BASELINE_TARGETS:
-            if m not in cells or baseline not in cells:
-                continue
-            seeds = sorted(set(cells[m]["seeds"]) & set(cells[baseline]["seeds"]))
-            if not seeds:
-                lines.append(
-                    f"| {task} | {target} | {m} | {_cell(cells[m])} | {baseline}: no common seed yet | not yet |"
-                )
-                continue
-            ours, theirs = (_per_seed(records, task, method) for method in (m, baseline))
-            differences = [ours[s] - theirs[s] for s in seeds]
-            difference = statistics.mean(differences)
-            per_seed = f"; per seed {', '.join(f'{d:+.1f}' for d in differences)}" if len(seeds) > 1 else ""
-            lines.append(
-                f"| {task} | {target} | {m} | {statistics.mean(ours[s] for s in seeds):.1f} (seeds {_seeds(seeds)}) "
-                f"| {baseline} {statistics.mean(theirs[s] for s in seeds):.1f} (difference {difference:+.1f}{per_seed}) "
-                f"| {'yes' if difference >= 0 else 'no'} |"
-            )
+        lines += _best_type_rows(summary[task], task, records) + _baseline_rows(summary[task], task, records)
         runs = [r for r in records if r["task"] == task and r["method"] in SELECTIONS]
         if runs:
             inert = [r for r in runs if set(r["selected"]) & set(r["inert"])]
@@ -304,6 +273,43 @@ def targets_table(summary: dict, tasks: list[str], records: list[dict]) -> list[
                 f"| {len(inert)} kept an inert type | {'no' if inert else 'yes'} |"
             )
     return lines
+
+
+def _best_type_rows(cells: dict, task: str, records: list[dict]) -> list[str]:
+    """Each selection against the best single type it could keep, on its own seeds."""
+    rows = []
+    for m in (m for m in SELECTIONS if m in cells):
+        target = f"| {task} | within 1 point of the best single type | {m} | {_cell(cells[m])} "
+        best = best_single_type(m, cells[m]["seeds"], records, task)
+        if best is None:
+            rows.append(target + "| – | not yet (no type run on its seeds) |")
+            continue
+        gap = cells[m]["mean"] - best["mean"]
+        met = "no" if gap < -1 else "yes" if best["run"] == best["eligible"] else f"so far{_incomplete(best)}"
+        rows.append(target + f"| {best['type']} {best['mean']:.1f} (gap {gap:+.1f}) | {met} |")
+    return rows
+
+
+def _baseline_rows(cells: dict, task: str, records: list[dict]) -> list[str]:
+    """The budgeted selections against the baseline of their size, on the seeds both have run."""
+    rows = []
+    for m, baseline, target in BASELINE_TARGETS:
+        if m not in cells or baseline not in cells:
+            continue
+        seeds = sorted(set(cells[m]["seeds"]) & set(cells[baseline]["seeds"]))
+        if not seeds:
+            rows.append(f"| {task} | {target} | {m} | {_cell(cells[m])} | {baseline}: no common seed yet | not yet |")
+            continue
+        ours, theirs = (_per_seed(records, task, method) for method in (m, baseline))
+        differences = [ours[s] - theirs[s] for s in seeds]
+        difference = statistics.mean(differences)
+        per_seed = f"; per seed {', '.join(f'{d:+.1f}' for d in differences)}" if len(seeds) > 1 else ""
+        rows.append(
+            f"| {task} | {target} | {m} | {statistics.mean(ours[s] for s in seeds):.1f} (seeds {_seeds(seeds)}) "
+            f"| {baseline} {statistics.mean(theirs[s] for s in seeds):.1f} (difference {difference:+.1f}{per_seed}) "
+            f"| {'yes' if difference >= 0 else 'no'} |"
+        )
+    return rows
 
 
 def _per_seed(records: list[dict], task: str, method: str) -> dict[int, float]:
