@@ -269,7 +269,7 @@ def targets_table(summary: dict, tasks: list[str], records: list[dict]) -> list[
         if runs:
             inert = [r for r in runs if set(r["selected"]) & set(r["inert"])]
             lines.append(
-                f"| {task} | never selects an inert type | all selections | {len(runs)} runs "
+                f"| {task} | never selects an inert type | all selections | {len(runs)} run{'' if len(runs) == 1 else 's'} "
                 f"| {len(inert)} kept an inert type | {'no' if inert else 'yes'} |"
             )
     return lines
