@@ -101,7 +101,7 @@ def score_analysis(records: list[dict], probe_steps: int) -> list[dict]:
         if not run.get("candidate_scores"):
             continue
         eligible = [t for t in run["candidate_scores"] if t not in run["inert"]]
-        over_family = len(eligible) + len(run["inert"]) != 3
+        over_family = len(run["candidate_scores"]) != 3
         label = f"family of {len(FAMILY)}" if over_family else "q, k, v"
         if (run.get("selection") or {}).get("scale_probe_learning_rate") is False:
             label += ", probed at the full rate"
@@ -264,7 +264,7 @@ def targets_table(summary: dict, tasks: list[str], records: list[dict]) -> list[
     """
     lines = ["| task | target | selection | its score | compared with | met |", "|---|---|---|---|---|---|"]
     for task in tasks:
-        lines += _best_type_rows(summary[task], task, records) + _baseline_rows(summary[task], task, records)
+        lines += _best_type_rows(summary[task], task, records) + _baseline_rows(summary[task], task)
         runs = [r for r in records if r["task"] == task and r["method"] in SELECTIONS]
         if runs:
             inert = [r for r in runs if set(r["selected"]) & set(r["inert"])]
@@ -290,7 +290,7 @@ def _best_type_rows(cells: dict, task: str, records: list[dict]) -> list[str]:
     return rows
 
 
-def _baseline_rows(cells: dict, task: str, records: list[dict]) -> list[str]:
+def _baseline_rows(cells: dict, task: str) -> list[str]:
     """The budgeted selections against the baseline of their size, on the seeds both have run."""
     rows = []
     for m, baseline, target in BASELINE_TARGETS:
@@ -300,7 +300,9 @@ def _baseline_rows(cells: dict, task: str, records: list[dict]) -> list[str]:
         if not seeds:
             rows.append(f"| {task} | {target} | {m} | {_cell(cells[m])} | {baseline}: no common seed yet | not yet |")
             continue
-        ours, theirs = (_per_seed(records, task, method) for method in (m, baseline))
+        ours, theirs = (
+            dict(zip(cells[method]["seeds"], cells[method]["scores"], strict=True)) for method in (m, baseline)
+        )
         differences = [ours[s] - theirs[s] for s in seeds]
         difference = statistics.mean(differences)
         per_seed = f"; per seed {', '.join(f'{d:+.1f}' for d in differences)}" if len(seeds) > 1 else ""
@@ -310,11 +312,6 @@ def _baseline_rows(cells: dict, task: str, records: list[dict]) -> list[str]:
             f"| {'yes' if difference >= 0 else 'no'} |"
         )
     return rows
-
-
-def _per_seed(records: list[dict], task: str, method: str) -> dict[int, float]:
-    """seed -> score x100 of one method's runs on one task."""
-    return {r["seed"]: 100 * r["score"] for r in records if (r["task"], r["method"]) == (task, method)}
 
 
 def _seeds(seeds: list[int]) -> str:
