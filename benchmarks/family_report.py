@@ -367,24 +367,43 @@ def _changed_options(records: list[dict], ablation: list[dict], task: str, metho
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(after.items()) if before.get(k) != v) or "(none)"
 
 
-def _grid_arguments(opts, mode: str) -> str:
-    """The options of this report that differ from ``family.py``'s defaults, as its ``mode`` command takes them."""
-    defaults = build_parser().parse_args([mode, "--model", opts.model])
-    arguments = [
+def _setting_arguments(opts) -> list[str]:
+    """``--steps`` and ``--probe-steps`` where they differ from ``family.py``'s defaults."""
+    defaults = build_parser().parse_args(["run", "--model", opts.model])
+    return [
         f"--{name.replace('_', '-')} {getattr(opts, name):g}"
         for name in ("steps", "probe_steps")
         if getattr(opts, name) != getattr(defaults, name)
     ]
+
+
+def _grid_arguments(opts, mode: str) -> str:
+    """The options of this report that differ from ``family.py``'s defaults, as its ``mode`` command takes them."""
+    arguments = _setting_arguments(opts)
     for name, default in (("runs", default_runs(opts.model)), ("out", default_out(opts.model))):
         if mode == "report" or name == "runs":
-            path = Path(getattr(opts, name)).resolve()
-            if path != default.resolve():
-                arguments.append(f"--{name} {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+            if Path(getattr(opts, name)).resolve() != default.resolve():
+                arguments.append(f"--{name} {_relative(getattr(opts, name))}")
     return "".join(f" {a}" for a in arguments)
 
 
+def _ablation_command(opts, path: Path, records: list[dict], ablation: list[dict]) -> str:
+    """The ``family.py run`` line that made an ablation's runs: the main grid's setting, its changed options."""
+    changed = _changed_options(records, ablation, ablation[0]["task"], ablation[0]["method"]).replace(", ", " ")
+    setting = "".join(f" {a}" for a in _setting_arguments(opts))
+    return (
+        f"nice python benchmarks/family.py run --model {opts.model}{setting} --runs {_relative(path)} "
+        f"--methods {' '.join(sorted({r['method'] for r in ablation}))} --selection-option {changed}"
+    )
+
+
+def _relative(path: Path) -> Path:
+    path = Path(path).resolve()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def _ablation_arguments(paths: list[Path]) -> str:
-    return f" --ablation {' '.join(str(p.resolve().relative_to(ROOT)) for p in paths)}" if paths else ""
+    return f" --ablation {' '.join(str(_relative(p)) for p in paths)}" if paths else ""
 
 
 def _cell(cell: dict) -> str:
@@ -543,9 +562,7 @@ def report(records: list[dict], opts) -> None:
             "",
             f"## The selections with other options ({path.name})",
             "",
-            f"Command: `nice python benchmarks/family.py run --runs {path.resolve().relative_to(ROOT)} --methods "
-            f"{' '.join(sorted({r['method'] for r in ablation}))} --selection-option "
-            f"{_changed_options(records, ablation, ablation[0]['task'], ablation[0]['method']).replace(', ', ' ')}`.",
+            f"Command: `{_ablation_command(opts, path, records, ablation)}`.",
             "",
             *ablation_table(tasks, records, ablation),
         ]

@@ -139,3 +139,14 @@ def test_the_report_names_the_options_its_runs_were_made_with(tmp_path):
     assert report == run  # the default --out is left out
     opts.steps, opts.probe_steps, opts.runs = 400, 40, family.default_runs("minilm")
     assert family_report._grid_arguments(opts, "report") == ""
+
+
+def test_an_ablation_command_repeats_the_main_grid_setting_and_names_what_it_changed(tmp_path):
+    opts = family.build_parser().parse_args(["report", "--steps", "1000", "--probe-steps", "100"])
+    main = [{"task": "cola", "method": "auto_family_0.02%", "selection": {"budget": 0.0002}}]
+    changed = [{"task": "cola", "method": "auto_family_0.02%", "selection": {"budget": 0.0002, "probe_steps": 200}}]
+    command = family_report._ablation_command(opts, tmp_path / "abl.jsonl", main, changed)
+    assert command == (
+        f"nice python benchmarks/family.py run --model minilm --steps 1000 --probe-steps 100 --runs "
+        f"{tmp_path / 'abl.jsonl'} --methods auto_family_0.02% --selection-option probe_steps=200"
+    )
