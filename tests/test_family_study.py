@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # family.py imports its sibling common.py
 spec = importlib.util.spec_from_file_location("benchmarks_family", os.path.join(ROOT, "benchmarks", "family.py"))
@@ -150,3 +152,20 @@ def test_an_ablation_command_repeats_the_main_grid_setting_and_names_what_it_cha
         f"nice python benchmarks/family.py run --model minilm --steps 1000 --probe-steps 100 --runs "
         f"{tmp_path / 'abl.jsonl'} --methods auto_family_0.02% --selection-option probe_steps=200"
     )
+
+
+def test_a_figure_takes_each_panel_from_its_own_runs_file_and_length(tmp_path):
+    short, long = tmp_path / "short.jsonl", tmp_path / "long.jsonl"
+    for path, task, steps in ((short, "sst2", 400), (long, "cola", 1000)):
+        records = [_run(m, 0, 70.0, task=task, steps=steps, model="minilm") for m in ("v", "bitfit")]
+        records.append(_run("v", 1, 60.0, task=task, steps=steps + 1, model="minilm"))  # another length: left out
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "lead"
+    family.main(["figure", "--panels", f"sst2:400:{short}", f"cola:1000:{long}", "--out", str(out)])
+    assert (tmp_path / "lead.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="holds no rte runs of 400 steps"):
+        family.main(["figure", "--panels", f"rte:400:{short}", "--out", str(out)])
+    with pytest.raises(SystemExit, match="give TASK:STEPS:RUNS"):
+        family.main(["figure", "--panels", f"sst2:{short}", "--out", str(out)])
+    with pytest.raises(SystemExit, match="and --out PREFIX"):
+        family.main(["figure", "--panels", f"sst2:400:{short}"])
