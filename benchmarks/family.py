@@ -235,7 +235,7 @@ def default_out(model: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command line: ``run`` the grid or ``report`` it."""
+    """Command line: ``run`` the grid, ``report`` it, or draw one ``figure`` across grids."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=("run", "report", "figure"))
     p.add_argument("--model", default="minilm", choices=list(MODELS))

@@ -28,6 +28,9 @@ SCORES = (
     "random",
 )
 
+#: Which single types a panel labels (the others pile up at one size).
+SINGLES_LABELLED = "single types: the best three and the worst labelled"
+
 
 def candidate_score(entry: dict, score: str) -> float:
     """One score of one candidate; ``*_mass`` is a per-parameter score times the type's size, and
@@ -452,9 +455,6 @@ def plot(panels: list[tuple[str, str, dict]], path: Path, title: str) -> None:
             ],
         )
     fig.savefig(path, dpi=120)
-
-
-SINGLES_LABELLED = "single types: the best three and the worst labelled"
 
 
 def figure(specs: list[str], path: Path) -> None:
