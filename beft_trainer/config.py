@@ -79,8 +79,9 @@ class SelectionConfig:
         default=50,
         metadata={
             "help": "Optimizer steps during which every candidate type trains: a count (>= 1, e.g. 50) or a share "
-            "of the run's steps (< 1, e.g. 0.2, as TrainingArguments reads warmup_ratio; rounded up). Selecting "
-            "among many close types (the whole family at a small budget) wants ~20% of the run."
+            "of the run's steps (< 1, e.g. 0.2, as TrainingArguments reads warmup_ratio; rounded up). A longer probe "
+            "is not reliably better: over the whole family at 0.02%%, 20%% of the run instead of 10%% gained 0.4 "
+            "points on MiniLM SST-2 and lost 3.4 on CoLA (benchmarks/results/family_minilm_*cpu.md)."
         },
     )
     candidates: list[str] = field(

@@ -543,3 +543,15 @@ def test_the_summary_names_what_the_selection_kept(selected, line):
     lines = summary_lines(results, "accuracy")
     assert lines[1] == line
     assert lines[-1] == "validation accuracy: untuned 0.5000 -> tuned 0.7500"
+
+
+@pytest.mark.parametrize("recipe", [run_glue, run_opt])
+def test_the_help_lists_every_option(recipe, capsys):
+    # argparse %-formats each help text: a bare "%" in a field's help made --help raise a TypeError
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main(["--help"])
+    assert exit_info.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    for option in ("--probe_steps", "--budget", "--scale_probe_learning_rate", "--bias_types", "--method"):
+        assert option in shown
+    assert "the whole family at 0.02%, 20% of the run instead of 10%" in shown  # "%%" reaches the user as "%"
