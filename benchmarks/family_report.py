@@ -93,9 +93,10 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
 def score_analysis(records: list[dict], probe_steps: int) -> list[dict]:
     """Per selection run and score: the type that score ranks first, its gap to the best single type, rho.
 
-    Over every non-inert candidate, and over those that fit each family budget alone (at 0.02% on
+    Over every non-inert candidate, over those that fit each family budget alone (at 0.02% on
     MiniLM: the types of one hidden size, bias and scaling vectors mixed, which the budgeted selection
-    chooses among).
+    chooses among), and over a family probe's bias types (decided as soon as those are trained alone,
+    before the twelve scaling vectors are).
     """
     single = {(r["task"], r["seed"], r["method"]): 100 * r["score"] for r in records if r["method"] in FAMILY}
     budgets = sorted({options["budget"] for options in SELECTIONS.values() if "budget" in options})
@@ -116,6 +117,9 @@ def score_analysis(records: list[dict], probe_steps: int) -> list[dict]:
             continue
         probes.add(probe)
         truth = {t: single[(run["task"], run["seed"], t)] for t in eligible if (run["task"], run["seed"], t) in single}
+        biases = [t for t in eligible if t not in SCALING_TYPES]
+        if over_family and 1 < len(biases) < len(eligible) and all(t in truth for t in biases):
+            rows += _ranking_rows(run, f"{label}: its {len(biases)} bias types", {t: truth[t] for t in biases})
         if len(truth) < len(eligible):
             continue  # the ground truth of this run's candidates is not complete yet
         rows += _ranking_rows(run, label, truth)

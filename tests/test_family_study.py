@@ -169,3 +169,19 @@ def test_a_figure_takes_each_panel_from_its_own_runs_file_and_length(tmp_path):
         family.main(["figure", "--panels", f"sst2:{short}", "--out", str(out)])
     with pytest.raises(SystemExit, match="and --out PREFIX"):
         family.main(["figure", "--panels", f"sst2:400:{short}"])
+
+
+def test_a_family_probe_ranks_its_bias_types_before_its_scaling_vectors_are_trained_alone():
+    sizes = {"q": 100, "v": 100, "mlp_in": 400, "v_scale_in": 100}
+    attribution = {"q": 1.0, "v": 3.0, "mlp_in": 2.0, "v_scale_in": 4.0}
+    scores = {t: {s: attribution[t] for s in family_report.SCORES if "_" not in s} for t in sizes}
+    probe = {"task": "sst2", "seed": 0, "method": "auto_family_0.1%", "inert": [], "selection": {}, "probe_steps": 40}
+    probe |= {
+        "total_parameters": 1_000_000,
+        "candidate_scores": {t: scores[t] | {"parameters": sizes[t]} for t in sizes},
+    }
+    singles = [_run(t, 0, score) for t, score in (("q", 70.0), ("v", 75.0), ("mlp_in", 80.0))]  # v_scale_in: not yet
+    rows = family_report.score_analysis([probe, *singles], probe_steps=40)
+    assert {r["run"] for r in rows} == {"family of 19: its 3 bias types"}
+    attribution_row = next(r for r in rows if r["score"] == "attribution")
+    assert (attribution_row["picked"], attribution_row["best"], attribution_row["gap"]) == ("v", "mlp_in", 5.0)
