@@ -463,6 +463,12 @@ def plot(panels: list[tuple[str, str, dict]], path: Path, title: str) -> None:
 
 def figure(specs: list[str], path: Path) -> None:
     """One panel per ``TASK:STEPS:RUNS`` spec, so one figure shows tasks whose grids ran at different lengths."""
+    panels, models = figure_panels(specs)
+    plot(panels, path, f"{', '.join(sorted(models))}: quality against trainable parameters (mean over seeds run)")
+
+
+def figure_panels(specs: list[str]) -> tuple[list[tuple[str, str, dict]], set[str]]:
+    """``plot``'s panels for ``TASK:STEPS:RUNS`` specs, and the models their runs trained."""
     panels, models = [], set()
     for spec in specs:
         task, steps, runs = parse_panel(spec)
@@ -473,7 +479,7 @@ def figure(specs: list[str], path: Path) -> None:
         seeds = sorted({r["seed"] for r in records})
         heading = f"{task}, {steps} steps, seeds {_seeds(seeds)}\n({SINGLES_LABELLED})"
         panels.append((heading, task, summarize(records)[task]))
-    plot(panels, path, f"{', '.join(sorted(models))}: quality against trainable parameters (mean over seeds run)")
+    return panels, models
 
 
 def parse_panel(spec: str) -> tuple[str, int, Path]:

@@ -161,6 +161,12 @@ def test_a_figure_takes_each_panel_from_its_own_runs_file_and_length(tmp_path):
         records.append(_run("v", 1, 60.0, task=task, steps=steps + 1, model="minilm"))  # another length: left out
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "lead"
+    panels, models = family_report.figure_panels([f"sst2:400:{short}", f"cola:1000:{long}"])
+    assert [(task, heading.split("\n")[0]) for heading, task, _ in panels] == [
+        ("sst2", "sst2, 400 steps, seeds 0"),
+        ("cola", "cola, 1000 steps, seeds 0"),
+    ]
+    assert [cells["v"]["mean"] for _, _, cells in panels] == [70.0, 70.0] and models == {"minilm"}
     family.main(["figure", "--panels", f"sst2:400:{short}", f"cola:1000:{long}", "--out", str(out)])
     assert (tmp_path / "lead.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="holds no rte runs of 400 steps"):
