@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         metavar="TASK:STEPS:RUNS",
-        help="figure: one panel per task, from the runs of that many steps in that runs file; writes --out .png",
+        help="figure: one panel per TASK:STEPS:RUNS, from that task's runs of that many steps in that runs file; "
+        "writes --out .png",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 per process on a shared 2-core VM)")
     p.add_argument(
@@ -310,11 +311,11 @@ def main(argv: list[str] | None = None) -> None:
     if opts.mode == "figure" and (not opts.panels or opts.out is None):
         raise SystemExit("figure: give --panels TASK:STEPS:RUNS [...] and --out PREFIX (writes PREFIX.png).")
     opts.out = opts.out or default_out(opts.model)
-    torch.set_num_threads(opts.threads)
-    tf.logging.set_verbosity_error()
     if opts.mode == "run" and opts.workers > 1:
         run_workers(opts.workers, sys.argv[1:] if argv is None else argv)
     elif opts.mode == "run":
+        torch.set_num_threads(opts.threads)  # process-wide: only where this process trains
+        tf.logging.set_verbosity_error()
         run_grid(opts)
     elif opts.mode == "figure":
         from family_report import figure
