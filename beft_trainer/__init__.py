@@ -61,6 +61,7 @@ from .scores import (
     find_inert,
     fisher_score,
     magnitude_score,
+    movement_score,
     projection_score,
     random_score,
 )
@@ -106,6 +107,7 @@ __all__ = [
     "load_mixed_adapters",
     "magnitude_score",
     "merge_adapter",
+    "movement_score",
     "plot_report",
     "projection_score",
     "random_score",

@@ -95,7 +95,8 @@ class SelectionConfig:
     score: str | None = field(
         default=None,
         metadata={
-            "help": "The score that selects: projection (BEFT), magnitude (mean absolute change), "
+            "help": "The score that selects: projection (BEFT), magnitude (mean absolute change), movement (total "
+            "absolute change: magnitude times size), "
             "fisher (mean squared gradient while probing), attribution (training loss a type's updates removed "
             "while probing, to first order: comparable across kinds and sizes) or random (a baseline). "
             "Default: projection when every candidate is a bias type and there is no budget (the paper); "

@@ -18,11 +18,12 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 #: The scores drawn side by side for every type (``random`` joins them when it decided).
-PLOTTED_SCORES = ("projection", "magnitude", "fisher", "attribution")
+PLOTTED_SCORES = ("projection", "magnitude", "movement", "fisher", "attribution")
 
 _SCORE_COLORS = {
     "projection": "#1f77b4",
     "magnitude": "#ff7f0e",
+    "movement": "#d62728",
     "fisher": "#2ca02c",
     "attribution": "#9467bd",
     "random": "#7f7f7f",

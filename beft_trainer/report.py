@@ -10,7 +10,14 @@ from typing import Any
 import torch
 
 from .biases import SCALING_TYPES, BiasLayout
-from .scores import attribution_score, fisher_score, magnitude_score, projection_score, random_score
+from .scores import (
+    attribution_score,
+    fisher_score,
+    magnitude_score,
+    movement_score,
+    projection_score,
+    random_score,
+)
 
 #: File name of the report in ``args.output_dir``.
 REPORT_NAME = "beft_selection.json"
@@ -18,7 +25,7 @@ REPORT_NAME = "beft_selection.json"
 PLOT_NAME = "beft_selection.png"
 
 #: The scores computed for every candidate, whichever one decides.
-REPORTED_SCORES = ("projection", "magnitude", "fisher", "attribution", "random")
+REPORTED_SCORES = ("projection", "magnitude", "movement", "fisher", "attribution", "random")
 
 
 @dataclass
@@ -65,6 +72,7 @@ class SelectionReport:
             results = {
                 "projection": projection_score(pre, post),
                 "magnitude": magnitude_score(pre, post),
+                "movement": movement_score(pre, post),
                 "fisher": fisher_score([squared_grads[n] for n in names], [grad_counts[n] for n in names]),
                 "attribution": attribution_score([(attribution or {}).get(n, 0.0) for n in names]),
                 "random": random_score(bias_type, len(names), seed),

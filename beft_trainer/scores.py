@@ -1,7 +1,7 @@
 """Importance scores of a bias type, as pure functions of tensors.
 
 Each score takes one entry per layer and returns ``(type_score, per_layer_scores)``; the type
-score is the mean over layers. Higher means more important.
+score is the mean over layers, except ``movement``'s, a total. Higher means more important.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from .errors import BeftConfigError
 
 #: Score names accepted by ``BiasSelectionCallback(score=...)``.
-SCORE_NAMES: tuple[str, ...] = ("projection", "magnitude", "fisher", "attribution", "random")
+SCORE_NAMES: tuple[str, ...] = ("projection", "magnitude", "movement", "fisher", "attribution", "random")
 
 LayerScores = tuple[float, list[float]]
 
@@ -42,6 +42,18 @@ def magnitude_score(pre: Sequence[torch.Tensor], post: Sequence[torch.Tensor]) -
         float((after.double() - before.double()).abs().mean()) for before, after in zip(pre, post, strict=True)
     ]
     return _mean(per_layer), per_layer
+
+
+def movement_score(pre: Sequence[torch.Tensor], post: Sequence[torch.Tensor]) -> LayerScores:
+    """The total absolute change ``sum(|b_post - b_pre|)`` per layer, and over the type (a sum, not a mean).
+
+    Magnitude times size: additive over types, so a budget can add the movement of several types
+    of different sizes, and a wider type that moves as much per scalar weighs more.
+    """
+    per_layer = [
+        float((after.double() - before.double()).abs().sum()) for before, after in zip(pre, post, strict=True)
+    ]
+    return sum(per_layer), per_layer
 
 
 def fisher_score(squared_grad_sums: Sequence[torch.Tensor], num_batches: Sequence[int]) -> LayerScores:

@@ -20,9 +20,9 @@ from beft_trainer.biases import SCALING_TYPES
 SCORES = (
     "projection",
     "magnitude",
+    "movement",
     "fisher",
     "attribution",
-    "magnitude_mass",
     "fisher_mass",
     "attribution_per_parameter",
     "random",
@@ -34,7 +34,10 @@ SINGLES_LABELLED = "single types: the best three and the worst labelled"
 
 def candidate_score(entry: dict, score: str) -> float:
     """One score of one candidate; ``*_mass`` is a per-parameter score times the type's size, and
-    ``*_per_parameter`` a type's total divided by it."""
+    ``*_per_parameter`` a type's total divided by it. Runs from before ``movement`` was a score get
+    its definition, magnitude times size (every vector of a type has the same size)."""
+    if score == "movement" and score not in entry:
+        return entry["magnitude"] * entry["parameters"]
     if score.endswith("_mass"):
         return entry[score.removesuffix("_mass")] * entry["parameters"]
     if score.endswith("_per_parameter"):

@@ -11,6 +11,7 @@ from beft_trainer import (
     attribution_score,
     fisher_score,
     magnitude_score,
+    movement_score,
     projection_score,
     random_score,
 )
@@ -39,6 +40,16 @@ def test_magnitude_and_fisher():
     assert per_layer == [3.0, 2.0] and mean == 2.5
     with pytest.raises(BeftConfigError):
         fisher_score([torch.ones(2)], [0])
+
+
+def test_movement_is_the_total_absolute_change_so_types_of_different_sizes_add_up():
+    pre = [torch.zeros(2), torch.ones(4)]
+    post = [torch.tensor([1.0, -3.0]), torch.tensor([1.5, 1.0, 0.0, 1.0])]
+    total, per_layer = movement_score(pre, post)
+    assert per_layer == [4.0, 1.5] and total == 5.5
+    # magnitude times size: the mean |change| of a type of 2 layers x 3 scalars, times its 6 scalars
+    wide_pre, wide_post = [torch.zeros(3)] * 2, [torch.full((3,), 0.5), torch.full((3,), -0.5)]
+    assert movement_score(wide_pre, wide_post)[0] == magnitude_score(wide_pre, wide_post)[0] * 6
 
 
 def test_attribution_averages_the_per_layer_loss_removed():

@@ -77,7 +77,7 @@ def test_probe_steps_count_optimizer_steps_under_gradient_accumulation(tmp_path)
     assert_exact_selection_run(str(tmp_path), world_size=1)
 
 
-@pytest.mark.parametrize("score", ["magnitude", "fisher", "attribution", "random"])
+@pytest.mark.parametrize("score", ["magnitude", "movement", "fisher", "attribution", "random"])
 def test_every_score_decides_when_asked(score, tmp_path):
     selection = BiasSelectionCallback(probe_steps=3, score=score, top_k=2, rewind=False)
     trainer = BeftTrainer(
