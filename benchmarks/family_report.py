@@ -315,7 +315,10 @@ def _baseline_rows(cells: dict, task: str) -> list[str]:
         )
         differences = [ours[s] - theirs[s] for s in seeds]
         difference = statistics.mean(differences)
-        per_seed = f"; per seed {', '.join(f'{d:+.1f}' for d in differences)}" if len(seeds) > 1 else ""
+        per_seed = ""
+        if len(seeds) > 1:
+            standard_error = statistics.stdev(differences) / len(differences) ** 0.5
+            per_seed = f" ± {standard_error:.1f} s.e.; per seed {', '.join(f'{d:+.1f}' for d in differences)}"
         rows.append(
             f"| {task} | {target} | {m} | {statistics.mean(ours[s] for s in seeds):.1f} (seeds {_seeds(seeds)}) "
             f"| {baseline} {statistics.mean(theirs[s] for s in seeds):.1f} (difference {difference:+.1f}{per_seed}) "
