@@ -100,8 +100,9 @@ class SelectionConfig:
             "fisher (mean squared gradient while probing), attribution (training loss a type's updates removed "
             "while probing, to first order: comparable across kinds and sizes) or random (a baseline). "
             "Default: projection when every candidate is a bias type and there is no budget (the paper); "
-            "attribution when scaling vectors are candidates or a budget is set (projection cannot compare a "
-            "vector that starts at 1 with one that starts at 0)."
+            "movement when scaling vectors are candidates or a budget is set (projection cannot compare a "
+            "vector that starts at 1 with one that starts at 0; of the scores that can, movement's sets trained "
+            "best in the family study, benchmarks/results/family_minilm_*cpu.md)."
         },
     )
     top_k: int | None = field(
@@ -169,7 +170,7 @@ class SelectionConfig:
             )
         if self.score is None:
             mixed = any(t in SCALING_TYPES for t in self.candidates) or self.budget is not None
-            self.score = "attribution" if mixed else "projection"
+            self.score = "movement" if mixed else "projection"
         if self.score not in SCORE_NAMES:
             raise BeftConfigError(f"{owner}: Unknown score {self.score!r}; choose one of {', '.join(SCORE_NAMES)}.")
         if self.top_k is not None:

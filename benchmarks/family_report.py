@@ -6,13 +6,16 @@ partial grid: every table says how many seeds it rests on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
 import statistics
 from pathlib import Path
 
 from common import ROOT, TASKS, hardware, metric_name, read_jsonl
 from family import BASELINES, FAMILY, METHODS, SELECTIONS, build_parser, default_out, default_runs
 
+from beft_trainer import SelectionConfig
 from beft_trainer.biases import SCALING_TYPES
 
 #: Scores stored in each selection run's report, plus totals over a type's parameters: the
@@ -361,7 +364,7 @@ def ablation_table(tasks: list[str], records: list[dict], ablation: list[dict]) 
             if not (changed and same_seeds):
                 continue
             main = summarize(same_seeds)[task][m]
-            options = _changed_options(records, ablation, task, m)
+            options = ", ".join(_changed_options(records, ablation, task, m)) or "(none)"
             diff = changed["mean"] - main["mean"]
             lines.append(
                 f"| {task} | {m} | {options} | {', '.join(main['selected'])} | {_cell(main)} | "
@@ -370,14 +373,15 @@ def ablation_table(tasks: list[str], records: list[dict], ablation: list[dict]) 
     return lines
 
 
-def _changed_options(records: list[dict], ablation: list[dict], task: str, method: str) -> str:
-    """``option=value`` for every SelectionConfig option the ablation runs set differently."""
+def _changed_options(records: list[dict], ablation: list[dict], task: str, method: str) -> list[str]:
+    """``option=value`` (a JSON value) for every SelectionConfig option the ablation runs set differently."""
 
     def options(runs):
         return next(r["selection"] for r in runs if r["task"] == task and r["method"] == method)
 
     before, after = options(records), options(ablation)
-    return ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(after.items()) if before.get(k) != v) or "(none)"
+    defaults = {f.name: f.default for f in dataclasses.fields(SelectionConfig)}
+    return [f"{k}={json.dumps(v)}" for k, v in sorted(after.items()) if before.get(k, defaults.get(k)) != v]
 
 
 def _setting_arguments(opts) -> list[str]:
@@ -401,12 +405,25 @@ def _grid_arguments(opts, mode: str) -> str:
 
 
 def _ablation_command(opts, path: Path, records: list[dict], ablation: list[dict]) -> str:
-    """The ``family.py run`` line that made an ablation's runs: the main grid's setting, its changed options."""
-    changed = _changed_options(records, ablation, ablation[0]["task"], ablation[0]["method"]).replace(", ", " ")
+    """The ``family.py run`` lines that made an ablation's runs: the main grid's setting, the options changed.
+
+    One line per set of changed options: a selection whose main-grid options differ from another's
+    (the family's score against q/k/v's default) needs its own. Joined by `` && ``.
+    """
+    methods_by_change: dict[tuple[str, ...], list[str]] = {}
+    for task, method in sorted({(r["task"], r["method"]) for r in ablation if r["method"] in SELECTIONS}):
+        if not any(r["task"] == task and r["method"] == method for r in records):
+            continue  # not in the main grid: nothing to compare with
+        change = tuple(_changed_options(records, ablation, task, method))
+        if method not in methods_by_change.setdefault(change, []):
+            methods_by_change[change].append(method)
     setting = "".join(f" {a}" for a in _setting_arguments(opts))
-    return (
+    return " && ".join(
         f"nice python benchmarks/family.py run --model {opts.model}{setting} --runs {_relative(path)} "
-        f"--methods {' '.join(sorted({r['method'] for r in ablation}))} --selection-option {changed}"
+        f"--methods {' '.join(sorted(methods))}"
+        # quoted: a JSON string's quotes must reach family.py (score="attribution")
+        + (f" --selection-option {' '.join(map(shlex.quote, change))}" if change else "")
+        for change, methods in methods_by_change.items()
     )
 
 

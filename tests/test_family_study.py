@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -146,13 +147,24 @@ def test_the_report_names_the_options_its_runs_were_made_with(tmp_path):
 
 def test_an_ablation_command_repeats_the_main_grid_setting_and_names_what_it_changed(tmp_path):
     opts = family.build_parser().parse_args(["report", "--steps", "1000", "--probe-steps", "100"])
-    main = [{"task": "cola", "method": "auto_family_0.02%", "selection": {"budget": 0.0002}}]
-    changed = [{"task": "cola", "method": "auto_family_0.02%", "selection": {"budget": 0.0002, "probe_steps": 200}}]
+    main = [{"task": "cola", "method": "auto_family_0.02%", "selection": {"budget": 0.0002, "score": "movement"}}]
+    changed = [
+        {
+            "task": "cola",
+            "method": "auto_family_0.02%",
+            "selection": {"budget": 0.0002, "probe_steps": 200, "score": "attribution"},
+        }
+    ]
     command = family_report._ablation_command(opts, tmp_path / "abl.jsonl", main, changed)
     assert command == (
         f"nice python benchmarks/family.py run --model minilm --steps 1000 --probe-steps 100 --runs "
-        f"{tmp_path / 'abl.jsonl'} --methods auto_family_0.02% --selection-option probe_steps=200"
+        f"{tmp_path / 'abl.jsonl'} --methods auto_family_0.02% --selection-option probe_steps=200 "
+        """'score="attribution"'"""
     )
+    # what the shell passes on parses back to the changed options (the JSON string keeps its quotes)
+    arguments = shlex.split(command)[3:]
+    parsed = family.build_parser().parse_args(arguments)
+    assert family.parse_selection_options(parsed.selection_option) == {"probe_steps": 200, "score": "attribution"}
 
 
 def test_a_figure_takes_each_panel_from_its_own_runs_file_and_length(tmp_path):
@@ -192,3 +204,26 @@ def test_a_family_probe_ranks_its_bias_types_before_its_scaling_vectors_are_trai
     assert {r["run"] for r in rows} == {"family of 19: its 3 bias types"}
     attribution_row = next(r for r in rows if r["score"] == "attribution")
     assert (attribution_row["picked"], attribution_row["best"], attribution_row["gap"]) == ("v", "mlp_in", 5.0)
+
+
+def test_selections_whose_options_changed_differently_get_a_command_each(tmp_path):
+    opts = family.build_parser().parse_args(["report"])
+    qkv, family_budget = {"candidates": ["q", "k", "v"]}, {"budget": 0.001, "score": "movement"}
+    main = [
+        {"task": "sst2", "method": "auto_qkv", "selection": qkv},
+        {"task": "sst2", "method": "auto_family_0.1%", "selection": family_budget},
+    ]
+    full_rate = {"scale_probe_learning_rate": False}
+    ablation = [
+        {"task": "sst2", "method": "auto_qkv", "selection": qkv | full_rate},
+        {"task": "sst2", "method": "auto_family_0.1%", "selection": family_budget | full_rate | {"score": "attribution"}},
+        {"task": "sst2", "method": "auto_family_0.02%", "selection": full_rate},  # not in the main grid
+    ]
+    commands = family_report._ablation_command(opts, tmp_path / "abl.jsonl", main, ablation).split(" && ")
+    assert [c.split(" --methods ")[1] for c in commands] == [
+        "auto_family_0.1% --selection-option scale_probe_learning_rate=false 'score=\"attribution\"'",
+        "auto_qkv --selection-option scale_probe_learning_rate=false",
+    ]
+    # an option the main grid left at its default is not a change when the ablation spells the default out
+    spelled_out = [{"task": "sst2", "method": "auto_qkv", "selection": qkv | {"scale_probe_learning_rate": True}}]
+    assert family_report._changed_options(main, spelled_out, "sst2", "auto_qkv") == []

@@ -110,12 +110,12 @@ def test_a_budget_nothing_fits_says_the_sizes():
     [
         ({}, "projection"),
         ({"candidates": "q,v,attn_out"}, "projection"),
-        ({"candidates": "v,v_scale_in"}, "attribution"),
-        ({"budget": 0.001}, "attribution"),
+        ({"candidates": "v,v_scale_in"}, "movement"),
+        ({"budget": 0.001}, "movement"),
         ({"candidates": "v,v_scale_in", "score": "fisher"}, "fisher"),
     ],
 )
-def test_default_score_is_projection_for_biases_and_attribution_across_kinds_or_under_a_budget(options, expected):
+def test_default_score_is_projection_for_biases_and_movement_across_kinds_or_under_a_budget(options, expected):
     assert SelectionConfig(**options).score == expected
 
 
