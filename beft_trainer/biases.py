@@ -204,8 +204,8 @@ def add_missing_biases(model: nn.Module, bias_types: Sequence[str] = ("q", "k", 
     """Give bias-free q/k/v projections (Llama, Mistral) a zero-initialised bias.
 
     The output is unchanged at initialisation. The projection score is degenerate for such
-    biases (``b_pre = 0`` makes every moved layer score 1), so select with ``attribution``, ``magnitude`` or
-    ``fisher``. Returns the number of biases added.
+    biases (``b_pre = 0`` makes every moved layer score 1), so select with ``movement``, ``attribution``,
+    ``magnitude`` or ``fisher``. Returns the number of biases added.
     """
     model_type = model_type_of(model)
     layer_prefix, _ = ARCHITECTURES.get(model_type, (r"layers", {}))

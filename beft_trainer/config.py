@@ -276,7 +276,7 @@ class BeftConfig:
         default=False,
         metadata={
             "help": "Add zero-initialised q/k/v biases to bias-free models (Llama, Mistral). "
-            "The projection score is degenerate at b_pre = 0: select with 'attribution', 'magnitude' or 'fisher'."
+            "The projection score is degenerate at b_pre = 0: select with 'movement', 'attribution', 'magnitude' or 'fisher'."
         },
     )
 
