@@ -354,16 +354,14 @@ def ablation_table(tasks: list[str], records: list[dict], ablation: list[dict]) 
         "| difference (same seeds) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    changed_summary = summarize(ablation)
     for task in tasks:
         for m in SELECTIONS:
-            changed = changed_summary.get(task, {}).get(m)
-            # The main grid's runs of the same seeds only: seeds differ by more than the options do.
-            seeds = set(changed["seeds"]) if changed else set()
-            same_seeds = [r for r in records if r["task"] == task and r["method"] == m and r["seed"] in seeds]
-            if not (changed and same_seeds):
+            # Both sides on their common seeds only: seeds differ by more than the options do.
+            runs = [[r for r in side if r["task"] == task and r["method"] == m] for side in (records, ablation)]
+            seeds = set.intersection(*({r["seed"] for r in side} for side in runs))
+            if not seeds:
                 continue
-            main = summarize(same_seeds)[task][m]
+            main, changed = (summarize([r for r in side if r["seed"] in seeds])[task][m] for side in runs)
             options = ", ".join(_changed_options(records, ablation, task, m)) or "(none)"
             diff = changed["mean"] - main["mean"]
             lines.append(

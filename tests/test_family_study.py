@@ -227,3 +227,13 @@ def test_selections_whose_options_changed_differently_get_a_command_each(tmp_pat
     # an option the main grid left at its default is not a change when the ablation spells the default out
     spelled_out = [{"task": "sst2", "method": "auto_qkv", "selection": qkv | {"scale_probe_learning_rate": True}}]
     assert family_report._changed_options(main, spelled_out, "sst2", "auto_qkv") == []
+
+
+def test_an_ablation_is_compared_on_the_seeds_both_sides_have_run():
+    main = [_run("auto_family_0.02%", 0, 88.0, selected=["q_scale_in"], selection={"score": "movement"})]
+    ablation = [
+        _run("auto_family_0.02%", seed, score, selected=["v"], selection={"score": "attribution"})
+        for seed, score in ((0, 91.0), (1, 89.0))  # seed 1: the main grid has not run it
+    ]
+    row = family_report.ablation_table(["sst2"], main, ablation)[2].split(" | ")
+    assert (row[4], row[6], row[7]) == ("88.0 ± 0.0 (n=1)", "91.0 ± 0.0 (n=1)", "+3.0 |")
