@@ -102,7 +102,8 @@ class SelectionConfig:
             "Default: projection when every candidate is a bias type and there is no budget (the paper); "
             "movement when scaling vectors are candidates or a budget is set (projection cannot compare a "
             "vector that starts at 1 with one that starts at 0; of the scores that can, movement's sets trained "
-            "best in the family study, benchmarks/results/family_minilm_*cpu.md)."
+            "best at 0.1%% in the family study, benchmarks/results/family_*cpu.md). For a budget of one or two "
+            "types pass attribution: it ranks types of one size better."
         },
     )
     top_k: int | None = field(
