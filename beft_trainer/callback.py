@@ -60,12 +60,19 @@ class BiasSelectionCallback(TrainerCallback):
         self.probe = ProbeStatistics()
         #: ``probe_steps`` as a count for this run (a share resolves against max_steps at train begin).
         self.probe_step_count: int | None = None
+        self._budget_score: str | None = None
 
     def __getattr__(self, name: str) -> Any:
         # The options read as attributes (callback.probe_steps), from the one config.
         if name != "config" and name in SelectionConfig.option_names():
             return getattr(self.config, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def score(self) -> str | None:
+        """The score that decides: ``config.score``, or under a budget without one the default for this
+        model (``SelectionConfig.resolve_score``), known from train begin."""
+        return self.config.score or self._budget_score
 
     def bind(self, trainer) -> None:
         """Attach to a ``BeftTrainer`` (it calls this itself) and check the candidates exist."""
@@ -222,7 +229,9 @@ class BiasSelectionCallback(TrainerCallback):
         return select_within_budget(scores, sizes, excluded, budget, self.config.max_types)
 
     def _check_budget(self) -> None:
-        budget = self.config.budget_parameters(self.trainer.total_parameters())
+        """Refuse a budget below every candidate; settle the budget's default score for this model."""
+        total = self.trainer.total_parameters()
+        budget = self.config.budget_parameters(total)
         if budget is None:
             return
         sizes = {t: self.trainer.count_parameters([t]) for t in self.candidates}
@@ -231,6 +240,7 @@ class BiasSelectionCallback(TrainerCallback):
                 f"budget={self.config.budget} allows {budget:,} parameters, but the smallest candidate has "
                 f"{min(sizes.values()):,} ({', '.join(f'{t}={n:,}' for t, n in sizes.items())}): raise the budget."
             )
+        self._budget_score = self.config.resolve_score(min(sizes.values()), total)
 
     def _find_inert(self, args, squared_grads: dict[str, torch.Tensor]) -> dict[str, str]:
         # Collective (every rank calls it): the per-token sums are summed over processes first,

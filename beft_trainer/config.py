@@ -19,6 +19,9 @@ from .scores import SCORE_NAMES
 
 __all__ = ["BeftConfig", "SelectionConfig"]
 
+#: Under a budget that holds at most this many of the smallest candidates, the default score is attribution.
+SMALL_BUDGET_TYPES = 2
+
 
 def parse_type_list(value: str | Sequence[str] | None, option: str) -> tuple[str, ...] | None:
     """``"q,v"``, ``("q", "v")`` or ``["q,v"]`` (a command line) as ``("q", "v")``; ``None`` stays ``None``.
@@ -100,10 +103,11 @@ class SelectionConfig:
             "fisher (mean squared gradient while probing), attribution (training loss a type's updates removed "
             "while probing, to first order: comparable across kinds and sizes) or random (a baseline). "
             "Default: projection when every candidate is a bias type and there is no budget (the paper); "
-            "movement when scaling vectors are candidates or a budget is set (projection cannot compare a "
-            "vector that starts at 1 with one that starts at 0; of the scores that can, movement's sets trained "
-            "best at 0.1%% in the family study, benchmarks/results/family_*cpu.md). For a budget of one or two "
-            "types pass attribution: it ranks types of one size better."
+            "movement when scaling vectors are candidates (projection cannot compare a vector that starts at 1 "
+            "with one that starts at 0). Under a budget, decided when the model is known: attribution when the "
+            "budget holds at most two of the smallest candidates (it ranks types of one size better: movement "
+            "then ranks them by how far Adam moved them, and q/k scaling vectors move far but train worst), "
+            "movement otherwise (its sets trained best at 0.1%%; benchmarks/results/family_*cpu.md)."
         },
     )
     top_k: int | None = field(
@@ -169,10 +173,9 @@ class SelectionConfig:
                 f"{owner} needs at least two candidates to choose from, got {self.candidates}; to train "
                 f"one type without probing, use BeftConfig(bias_types={self.candidates})."
             )
-        if self.score is None:
-            mixed = any(t in SCALING_TYPES for t in self.candidates) or self.budget is not None
-            self.score = "movement" if mixed else "projection"
-        if self.score not in SCORE_NAMES:
+        if self.score is None and self.budget is None:
+            self.score = "movement" if any(t in SCALING_TYPES for t in self.candidates) else "projection"
+        if self.score is not None and self.score not in SCORE_NAMES:
             raise BeftConfigError(f"{owner}: Unknown score {self.score!r}; choose one of {', '.join(SCORE_NAMES)}.")
         if self.top_k is not None:
             self.top_k = _require_int(owner, "top_k", self.top_k, 1)
@@ -226,6 +229,18 @@ class SelectionConfig:
         if self.budget is None:
             return None
         return int(self.budget) if self.budget >= 1 else int(self.budget * total_parameters)
+
+    def resolve_score(self, smallest_candidate: int, total_parameters: int) -> str:
+        """The score that decides: ``score``, or under a budget without one the default for this model.
+
+        ``smallest_candidate`` is the parameter count of the smallest candidate type. A budget that holds
+        at most ``SMALL_BUDGET_TYPES`` of them keeps types of (nearly) one size, which attribution ranks
+        better; a larger one keeps a mix of sizes, whose sum movement judged better.
+        """
+        if self.score is not None:
+            return self.score
+        budget = self.budget_parameters(total_parameters)
+        return "attribution" if budget < (SMALL_BUDGET_TYPES + 1) * smallest_candidate else "movement"
 
     def shaping_settings(self) -> dict[str, Any]:
         """The settings stored with a checkpoint (JSON-ready)."""

@@ -186,7 +186,7 @@ class BeftTrainer(Trainer):
             self.pretrained_biases,
             head,
             selected=[g for g in self.active_groups if g not in HEAD_GROUPS],
-            score=selection.config.score if selection is not None else None,
+            score=selection.score if selection is not None else None,
             added_biases=self.beft_config.add_missing_biases,
             scaling_types=[t for t in self.bias_layout.types if t in SCALING_TYPES],
             base_fingerprint=self.base_fingerprint,

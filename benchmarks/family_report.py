@@ -179,6 +179,40 @@ def score_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def separation_table(records: list[dict]) -> list[str]:
+    """Markdown: how far each score spreads the smallest candidates of a family probe (needs no single runs).
+
+    A budget that holds one or two types chooses among the types of the smallest size; a score that
+    gives them all about the same value chooses by noise there. Per score, over distinct probes: the
+    top type's value over the median, and the coefficient of variation (std / mean).
+    """
+    spreads: dict[str, list[tuple[float, float]]] = {}
+    probes = set()
+    for run in records:
+        scores = run.get("candidate_scores") or {}
+        full_rate = (run.get("selection") or {}).get("scale_probe_learning_rate") is False
+        probe = (run["task"], run["seed"], run["probe_steps"], full_rate)
+        if len(scores) <= 3 or probe in probes:
+            continue  # q/k/v probes have one size; selections that differ by budget or score share a probe
+        probes.add(probe)
+        smallest = min(entry["parameters"] for entry in scores.values())
+        types = [t for t, entry in scores.items() if entry["parameters"] == smallest and t not in run["inert"]]
+        for score in SCORES:
+            values = [candidate_score(scores[t], score) for t in types]
+            mean = statistics.mean(values)
+            if mean > 0:
+                spread = (max(values) / statistics.median(values), statistics.pstdev(values) / mean)
+                spreads.setdefault(score, []).append(spread)
+    lines = [
+        "| score | probes | top over median | coefficient of variation |",
+        "|---|---|---|---|",
+    ]
+    for score, values in spreads.items():
+        top, cv = (statistics.mean(v[i] for v in values) for i in (0, 1))
+        lines.append(f"| {score} | {len(values)} | {top:.2f} | {cv:.2f} |")
+    return lines
+
+
 def quality_table(summary: dict, tasks: list[str]) -> list[str]:
     """Markdown: one row per method in ``METHODS`` order, one column per task."""
     lines = [
@@ -619,6 +653,15 @@ def report(records: list[dict], opts) -> None:
         "first among the non-inert candidates, compared with the single-type runs of the same task and seed.",
         "",
         *(score_table(rows) if rows else ["(no selection run has its candidates' single-type runs complete yet)"]),
+        "",
+        "## How far each score separates the smallest types",
+        "",
+        "A budget that holds one or two types chooses among the candidates of the smallest size (here the "
+        "hidden-size vectors). Over each family probe's non-inert candidates of that size (every probe of this "
+        "file and its ablations, once per seed): the top value over the median, and std / mean. Adam moves every "
+        "vector by about the learning rate per step, so movement (and magnitude) hardly tell them apart.",
+        "",
+        *separation_table(records + [r for runs in ablations.values() for r in runs]),
     ]
     for path, ablation in ablations.items():
         lines += [

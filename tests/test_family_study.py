@@ -100,6 +100,23 @@ def test_the_score_analysis_ranks_all_candidates_and_those_that_fit_the_small_bu
     assert not [run for run, _ in rows if "0.1%" in run]  # every type fits 0.1%: nothing to restrict
 
 
+def test_the_separation_table_measures_the_spread_among_the_smallest_types_once_per_probe():
+    movement = {"q": 10.0, "v": 11.0, "attn_out": 9.0, "mlp_in": 99.0}  # mlp_in is larger: left out
+    attribution = {"q": 1.0, "v": 8.0, "attn_out": 2.0, "mlp_in": 50.0}
+    sizes = {"q": 100, "v": 100, "attn_out": 100, "mlp_in": 400, "k": 100}
+    scores = {t: {"movement": movement.get(t, 0.0), "attribution": attribution.get(t, 0.0)} for t in sizes}
+    for entry in scores.values():
+        entry |= {s: 1.0 for s in ("projection", "magnitude", "fisher", "random")}
+    probe = {"task": "sst2", "seed": 0, "method": "auto_family_0.1%", "inert": ["k"], "probe_steps": 40}
+    probe |= {"selection": {}, "candidate_scores": {t: scores[t] | {"parameters": sizes[t]} for t in sizes}}
+    same_probe = probe | {"method": "auto_family_0.02%", "selection": {"budget": 0.0002}}
+    table = family_report.separation_table([probe, same_probe])[2:]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table}
+    assert rows["movement"] == ["1", "1.10", "0.08 |"]  # 11 over 10; std 0.816 / mean 10
+    assert rows["attribution"] == ["1", "4.00", "0.84 |"]  # 8 over 2; std 3.09 / mean 3.67
+    assert rows["magnitude"] == ["1", "1.00", "0.00 |"]
+
+
 def _run(method, seed, score, **fields):
     record = {"task": "sst2", "method": method, "seed": seed, "score": score / 100, "lr": 0.01}
     return record | {"trainable_parameters": 100, "selected": [], "inert": []} | fields

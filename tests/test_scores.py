@@ -111,12 +111,27 @@ def test_a_budget_nothing_fits_says_the_sizes():
         ({}, "projection"),
         ({"candidates": "q,v,attn_out"}, "projection"),
         ({"candidates": "v,v_scale_in"}, "movement"),
-        ({"budget": 0.001}, "movement"),
+        ({"budget": 0.001}, None),  # decided when the model's sizes are known
         ({"candidates": "v,v_scale_in", "score": "fisher"}, "fisher"),
     ],
 )
-def test_default_score_is_projection_for_biases_and_movement_across_kinds_or_under_a_budget(options, expected):
+def test_default_score_is_projection_for_biases_and_movement_across_kinds(options, expected):
     assert SelectionConfig(**options).score == expected
+
+
+@pytest.mark.parametrize(
+    ("budget", "score", "expected"),
+    [
+        (4_000, None, "attribution"),  # one type of 2,304 fits: MiniLM at 0.02%
+        (6_911, None, "attribution"),  # two fit, not three
+        (6_912, None, "movement"),  # three fit
+        (0.001, None, "movement"),  # 22,713 of MiniLM's 22.7M: nine fit
+        (4_000, "movement", "movement"),  # a score given is kept
+    ],
+)
+def test_a_budget_for_two_types_defaults_to_attribution_and_a_larger_one_to_movement(budget, score, expected):
+    config = SelectionConfig(candidates="v,v_scale_in,mlp_in", budget=budget, score=score)
+    assert config.resolve_score(smallest_candidate=2_304, total_parameters=22_713_986) == expected
 
 
 @pytest.mark.parametrize("option", ["scale_learning_rate", "scale_probe_learning_rate"])

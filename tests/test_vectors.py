@@ -102,22 +102,24 @@ def test_gpt2_conv1d_layers_take_scaling_vectors():
     assert torch.allclose(_logits(model), before, rtol=0, atol=1e-6)  # Conv1D's addmm vs linear + add: rounding
 
 
-def test_a_budget_keeps_the_best_set_of_types_that_fits(tmp_path):
-    selection = BiasSelectionCallback(probe_steps=3, candidates=FAMILY, budget=70, exclude_inert=False)
+@pytest.mark.parametrize(("budget", "default_score"), [(70, "attribution"), (100, "movement")])
+def test_a_budget_keeps_the_best_set_of_types_that_fits(budget, default_score, tmp_path):
+    selection = BiasSelectionCallback(probe_steps=3, candidates=FAMILY, budget=budget, exclude_inert=False)
     trainer = BeftTrainer(
         tiny_bert(), training_args(tmp_path, max_steps=5), train_dataset=TokenDataset(), callbacks=[selection]
     )
     trainer.train()
     sizes = {t: selection.report.scores[t]["parameters"] for t in FAMILY}
     assert sizes == {"v": 32, "v_scale_in": 32, "v_scale_out": 32, "mlp_out_scale_in": 64, "attn_out": 32}
-    assert selection.report.budget == 70 and sum(sizes[t] for t in selection.selected) <= 70
-    assert selection.report.score == "movement"  # the default when scaling vectors are candidates
-    scores = selection.report.type_scores("movement")
+    assert selection.report.budget == budget and sum(sizes[t] for t in selection.selected) <= budget
+    # the smallest type has 32 parameters: 70 holds two of them (attribution), 100 three (movement)
+    assert selection.report.score == selection.score == default_score
+    scores = selection.report.type_scores(default_score)
     fitting = [
         set(subset)
         for k in (1, 2, 3)
         for subset in itertools.combinations(FAMILY, k)
-        if sum(sizes[t] for t in subset) <= 70
+        if sum(sizes[t] for t in subset) <= budget
     ]
     assert set(selection.selected) == max(fitting, key=lambda subset: sum(scores[t] for t in subset))
 
