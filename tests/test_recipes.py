@@ -523,6 +523,28 @@ def test_run_glue_every_seed_method(method, tiny_bert_dir, toy_data_dir, tmp_pat
 
 
 @pytest.mark.parametrize(
+    ("method", "trained_modules"),
+    [("lora", {"attn.q", "attn.v"}), ("ia3", {"attn.k", "attn.v", "output.dense"}), ("peft_beft", {"attn.v"})],
+)
+def test_peft_methods_find_their_targets_where_peft_has_no_default(method, trained_modules):
+    from helpers import tiny_model
+
+    from beft_trainer.recipes_support.methods import MethodArguments, peft_target_modules, wrap_with_peft
+
+    assert peft_target_modules(tiny_model("bert"), method) == {}  # peft's own default
+    model = wrap_with_peft(tiny_model("mpnet"), MethodArguments(method=method), "SEQ_CLS")  # peft alone raises
+    adapted = set()  # (layer, module) of every trained adapter parameter
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        adapter = [i for i, part in enumerate(parts) if part.startswith(("lora_", "ia3_", "beft_"))]
+        if param.requires_grad and adapter:
+            layer = parts.index("layer") + 1
+            adapted.add((parts[layer], ".".join(parts[layer + 1 : adapter[0]])))
+    expected = {m if m.startswith("output") else f"attention.{m}" for m in trained_modules}
+    assert adapted == {(layer, module) for layer in ("0", "1") for module in expected}
+
+
+@pytest.mark.parametrize(
     ("selected", "line"),
     [
         (["v"], "selected bias type: v"),

@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import Trainer
 
-from ..biases import ALL_BIASES, VECTOR_TYPES
+from ..biases import ALL_BIASES, VECTOR_TYPES, find_biases, model_type_of
 from ..callback import BiasSelectionCallback
 from ..config import BeftConfig, SelectionConfig
 from ..errors import BeftConfigError
@@ -160,11 +160,52 @@ def _type_names(bias_types: str | tuple[str, ...]) -> str:
     return bias_types if isinstance(bias_types, str) else ",".join(bias_types)
 
 
+#: The projections (as vector types) LoRA, IA3 and peft's BEFT tuner target where peft has no default for an
+#: architecture: peft's own defaults elsewhere (BERT: LoRA query/value, IA3 key/value/feed-forward output, BEFT value).
+PEFT_TARGET_TYPES = {"lora": ("q", "v"), "ia3": ("k", "v", "mlp_out"), "peft_beft": ("v",)}
+#: IA3's feed-forward modules (scaled on their input) among its targets.
+IA3_FEEDFORWARD_TYPES = ("mlp_out",)
+
+
+def peft_target_modules(model, kind: str) -> dict[str, list[str]]:
+    """``target_modules`` (and IA3's ``feedforward_modules``) for a model whose architecture peft has no default for.
+
+    Empty where peft has one. Elsewhere the modules come from the projections beft_trainer knows for the
+    architecture (``find_biases``): the modules that own the biases of ``PEFT_TARGET_TYPES[kind]``.
+    """
+    from peft.utils import constants
+
+    defaults = {
+        "lora": constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+        "ia3": constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+        "peft_beft": constants.TRANSFORMERS_MODELS_TO_BEFT_TARGET_MODULES_MAPPING,
+    }
+    model_type = model_type_of(model)
+    if kind not in defaults or model_type in defaults[kind]:
+        return {}
+    layout = find_biases(model)
+    missing = [t for t in PEFT_TARGET_TYPES[kind] if not layout.vectors.get(t)]
+    if missing:
+        raise BeftConfigError(
+            f"--method {kind}: peft has no default target modules for {model_type!r}, and its {', '.join(missing)} "
+            "projections have no bias to find them by; use another --method."
+        )
+
+    def modules(types: tuple[str, ...]) -> list[str]:
+        return [name.removesuffix(".bias") for name in layout.names(types)]
+
+    targets = {"target_modules": modules(PEFT_TARGET_TYPES[kind])}
+    if kind == "ia3":
+        targets["feedforward_modules"] = modules(IA3_FEEDFORWARD_TYPES)
+    return targets
+
+
 def wrap_with_peft(model, method_args: MethodArguments, task_type: str):
     """Wrap ``model`` with the peft method of ``--method``; ``task_type`` is peft's, e.g. ``SEQ_CLS``.
 
     Target modules are peft's per-architecture defaults (LoRA, IA3 and peft's BEFT tuner pick the
-    attention projections, IA3 also the feed-forward output).
+    attention projections, IA3 also the feed-forward output), or ``peft_target_modules`` where peft
+    has none (MPNet).
     """
     try:
         import peft
@@ -173,16 +214,17 @@ def wrap_with_peft(model, method_args: MethodArguments, task_type: str):
             f"--method {method_args.method} needs peft: pip install 'beft-trainer[peft]'."
         ) from error
     kind, tokens = method_args.parsed.kind, method_args.num_virtual_tokens
+    targets = peft_target_modules(model, kind)
     configs = {
         "lora": lambda: peft.LoraConfig(
             task_type=task_type, r=method_args.lora_r, lora_alpha=method_args.lora_alpha,
-            lora_dropout=method_args.lora_dropout,
+            lora_dropout=method_args.lora_dropout, **targets,
         ),
         "prefix": lambda: peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=tokens),
         "prompt_tuning": lambda: peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=tokens),
         "p_tuning": lambda: peft.PromptEncoderConfig(task_type=task_type, num_virtual_tokens=tokens),
-        "ia3": lambda: peft.IA3Config(task_type=task_type),
-        "peft_beft": lambda: peft.BeftConfig(task_type=task_type),
+        "ia3": lambda: peft.IA3Config(task_type=task_type, **targets),
+        "peft_beft": lambda: peft.BeftConfig(task_type=task_type, **targets),
     }  # fmt: skip
     return peft.get_peft_model(model, configs[kind]())
 
