@@ -255,8 +255,8 @@ def selections_table(summary: dict, tasks: list[str], records: list[dict]) -> li
                 continue
             c = summary[task][m]
             best = best_single_type(m, c["seeds"], records, task)
-            best_text = f"{best['type']} {best['mean']:.1f}{_incomplete(best)}" if best else "–"
-            gap = f"{c['mean'] - best['mean']:+.1f}" if best else "–"
+            best_text = f"{best['type']} {best['mean']:.1f}{_on_seeds(c, best)}{_incomplete(best)}" if best else "–"
+            gap = f"{_mean_on(c, best['seeds']) - best['mean']:+.1f}" if best else "–"
             alone = ", ".join(
                 f"{single[(task, kept, s)]:.1f}" if (task, kept, s) in single else "–"
                 for kept, s in zip(c["selected"], c["seeds"], strict=True)
@@ -268,22 +268,34 @@ def selections_table(summary: dict, tasks: list[str], records: list[dict]) -> li
 
 
 def best_single_type(selection: str, seeds: list[int], records: list[dict], task: str) -> dict | None:
-    """The type trained alone that scores best on average over ``seeds``, among those ``selection`` could keep.
+    """The type trained alone that scores best on average, among those ``selection`` could keep.
 
-    Single types are averaged over the selection's own seeds (seeds differ by more than types do);
-    types not yet run on all of them are left out, and ``run``/``eligible`` say how many that leaves.
+    Compared on common seeds (seeds differ by more than types do): the most of the selection's
+    ``seeds`` that some eligible type has run, ``seeds`` in the result. Types not run on all of them
+    are left out, and ``run``/``eligible`` say how many that leaves.
     """
     single = _single_scores(records)
     allowed = eligible_types(selection, records, task)
-    means = {
-        t: statistics.mean(single[(task, t, s)] for s in seeds)
-        for t in allowed
-        if all((task, t, s) in single for s in seeds)
-    }
-    if not means:
+    covered = {t: [s for s in seeds if (task, t, s) in single] for t in allowed}
+    common = max(covered.values(), key=len, default=[])
+    if not common:
         return None
+    means = {
+        t: statistics.mean(single[(task, t, s)] for s in common) for t in allowed if len(covered[t]) == len(common)
+    }
     best = max(means, key=means.get)
-    return {"type": best, "mean": means[best], "run": len(means), "eligible": len(allowed)}
+    return {"type": best, "mean": means[best], "run": len(means), "eligible": len(allowed), "seeds": common}
+
+
+def _mean_on(cell: dict, seeds: list[int]) -> float:
+    """A method's mean score over ``seeds`` (all of which it has run)."""
+    scores = dict(zip(cell["seeds"], cell["scores"], strict=True))
+    return statistics.mean(scores[s] for s in seeds)
+
+
+def _on_seeds(cell: dict, best: dict) -> str:
+    """`` (seeds 0, 1)`` where the comparison with ``best`` leaves some of the cell's seeds out."""
+    return "" if best["seeds"] == cell["seeds"] else f" (seeds {_seeds(best['seeds'])})"
 
 
 def _single_scores(records: list[dict]) -> dict:
@@ -323,7 +335,7 @@ def targets_table(summary: dict, tasks: list[str], records: list[dict]) -> list[
 
 
 def _best_type_rows(cells: dict, task: str, records: list[dict]) -> list[str]:
-    """Each selection against the best single type it could keep, on its own seeds."""
+    """Each selection against the best single type it could keep, on the seeds both have run."""
     rows = []
     for m in (m for m in SELECTIONS if m in cells):
         target = f"| {task} | within 1 point of the best single type | {m} | {_cell(cells[m])} "
@@ -331,9 +343,10 @@ def _best_type_rows(cells: dict, task: str, records: list[dict]) -> list[str]:
         if best is None:
             rows.append(target + "| – | not yet (no type run on its seeds) |")
             continue
-        gap = cells[m]["mean"] - best["mean"]
+        gap = _mean_on(cells[m], best["seeds"]) - best["mean"]
         met = "no" if gap < -1 else "yes" if best["run"] == best["eligible"] else f"so far{_incomplete(best)}"
-        rows.append(target + f"| {best['type']} {best['mean']:.1f} (gap {gap:+.1f}) | {met} |")
+        where = _on_seeds(cells[m], best).strip(" ()")
+        rows.append(target + f"| {best['type']} {best['mean']:.1f} (gap {gap:+.1f}{'; ' + where if where else ''}) | {met} |")
     return rows
 
 

@@ -135,6 +135,9 @@ def test_the_targets_compare_on_common_seeds_and_say_what_they_cannot_decide_yet
         _run("peft_beft", 1, 77.0),
         _run("peft_beft", 2, 90.0),  # seed 2: the selection has not run it, so it does not count
         _run("auto_qkv", 1, 79.5, selected=["q"], inert=["k"], candidate_scores={"q": {}, "k": {}, "v": {}}),
+        *(_run("auto_family_0.1%", s, x, selected=["q"], inert=["k"], **probe) for s, x in ((0, 85.0), (1, 83.0), (2, 70.0))),
+        _run("mlp_in", 0, 84.0),
+        _run("mlp_in", 1, 84.0),  # no type has run seed 2: the 0.1% selection is compared on seeds 0-1
     ]
     summary = family_report.summarize(records)
     rows = [line.split(" | ") for line in family_report.targets_table(summary, ["sst2"], records)[2:]]
@@ -144,6 +147,10 @@ def test_the_targets_compare_on_common_seeds_and_say_what_they_cannot_decide_yet
     assert met[("within 1 point of the best single type", "auto_qkv")] == (
         "q 80.0 (gap -0.5)",
         "so far (of 1/2 types run on these seeds)",
+    )
+    assert met[("within 1 point of the best single type", "auto_family_0.1%")] == (
+        "mlp_in 84.0 (gap +0.0; seeds 0, 1)",
+        "so far (of 2/3 types run on these seeds)",
     )
     assert met[("at <= 0.02%: at least as good as peft's BEFT tuner", "auto_family_0.02%")] == (
         "peft_beft 76.5 (difference +2.5 ± 1.5 s.e.; per seed +4.0, +1.0)",  # s.e. = stdev(4, 1) / sqrt(2)
