@@ -545,6 +545,28 @@ def test_peft_methods_find_their_targets_where_peft_has_no_default(method, train
 
 
 @pytest.mark.parametrize(
+    ("model_type", "message"),
+    [
+        ("llama", "its q, v projections have no bias to find them by"),  # bias-free projections
+        ("gpt2", "neither peft nor beft-trainer knows the projections of 'gpt2'"),
+    ],
+)
+def test_peft_methods_without_any_known_targets_are_refused_in_one_line(model_type, message, monkeypatch):
+    from helpers import tiny_model
+    from peft.utils import constants
+
+    from beft_trainer import BeftConfigError
+    from beft_trainer.biases import ARCHITECTURES
+    from beft_trainer.recipes_support.methods import MethodArguments, wrap_with_peft
+
+    monkeypatch.delitem(constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, model_type)
+    if model_type == "gpt2":
+        monkeypatch.delitem(ARCHITECTURES, "gpt2")
+    with pytest.raises(BeftConfigError, match=message):
+        wrap_with_peft(tiny_model(model_type), MethodArguments(method="lora"), "SEQ_CLS")
+
+
+@pytest.mark.parametrize(
     ("selected", "line"),
     [
         (["v"], "selected bias type: v"),

@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import Trainer
 
-from ..biases import ALL_BIASES, VECTOR_TYPES, find_biases, model_type_of
+from ..biases import ALL_BIASES, ARCHITECTURES, VECTOR_TYPES, find_biases, model_type_of
 from ..callback import BiasSelectionCallback
 from ..config import BeftConfig, SelectionConfig
 from ..errors import BeftConfigError
@@ -183,6 +183,11 @@ def peft_target_modules(model, kind: str) -> dict[str, list[str]]:
     model_type = model_type_of(model)
     if kind not in defaults or model_type in defaults[kind]:
         return {}
+    if model_type not in ARCHITECTURES:
+        raise BeftConfigError(
+            f"--method {kind}: neither peft nor beft-trainer knows the projections of {model_type!r} "
+            f"(beft-trainer knows {', '.join(sorted(ARCHITECTURES))}); use another --method."
+        )
     layout = find_biases(model)
     missing = [t for t in PEFT_TARGET_TYPES[kind] if not layout.vectors.get(t)]
     if missing:
