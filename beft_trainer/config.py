@@ -105,8 +105,8 @@ class SelectionConfig:
             "Default: projection when every candidate is a bias type and there is no budget (the paper); "
             "movement when scaling vectors are candidates (projection cannot compare a vector that starts at 1 "
             "with one that starts at 0). Under a budget, decided when the model is known: attribution when the "
-            "budget holds at most two of the smallest candidates (it ranks types of one size better: movement "
-            "then ranks them by how far Adam moved them, and q/k scaling vectors move far but train worst), "
+            "budget holds at most two of the smallest candidates (Adam moves every vector by about the learning "
+            "rate per step, so movement hardly tells types of one size apart; attribution ranks them better), "
             "movement otherwise (its sets trained best at 0.1%%; benchmarks/results/family_*cpu.md)."
         },
     )
