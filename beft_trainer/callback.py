@@ -22,7 +22,14 @@ from .errors import BeftConfigError
 from .plot import plot_report
 from .probe import ProbeStatistics
 from .report import PLOT_NAME, REPORT_NAME, SelectionReport, write_report
-from .scores import find_inert, gradient_coherence, rank_types, rounding_floor, select_within_budget
+from .scores import (
+    default_budget_score,
+    find_inert,
+    gradient_coherence,
+    rank_types,
+    rounding_floor,
+    select_within_budget,
+)
 from .vectors import is_scaling_parameter
 
 logger = logging.getLogger(__name__)
@@ -70,8 +77,7 @@ class BiasSelectionCallback(TrainerCallback):
 
     @property
     def score(self) -> str | None:
-        """The score that decides: ``config.score``, or under a budget without one the default for this
-        model (``SelectionConfig.resolve_score``), known from train begin."""
+        """The deciding score: ``config.score``, or a budget's default for this model (set at train begin)."""
         return self.config.score or self._budget_score
 
     def bind(self, trainer) -> None:
@@ -230,8 +236,7 @@ class BiasSelectionCallback(TrainerCallback):
 
     def _check_budget(self) -> None:
         """Refuse a budget below every candidate; settle the budget's default score for this model."""
-        total = self.trainer.total_parameters()
-        budget = self.config.budget_parameters(total)
+        budget = self.config.budget_parameters(self.trainer.total_parameters())
         if budget is None:
             return
         sizes = {t: self.trainer.count_parameters([t]) for t in self.candidates}
@@ -240,7 +245,7 @@ class BiasSelectionCallback(TrainerCallback):
                 f"budget={self.config.budget} allows {budget:,} parameters, but the smallest candidate has "
                 f"{min(sizes.values()):,} ({', '.join(f'{t}={n:,}' for t, n in sizes.items())}): raise the budget."
             )
-        self._budget_score = self.config.resolve_score(min(sizes.values()), total)
+        self._budget_score = default_budget_score(budget, min(sizes.values()))
 
     def _find_inert(self, args, squared_grads: dict[str, torch.Tensor]) -> dict[str, str]:
         # Collective (every rank calls it): the per-token sums are summed over processes first,

@@ -19,9 +19,6 @@ from .scores import SCORE_NAMES
 
 __all__ = ["BeftConfig", "SelectionConfig"]
 
-#: Under a budget that holds at most this many of the smallest candidates, the default score is attribution.
-SMALL_BUDGET_TYPES = 2
-
 
 def parse_type_list(value: str | Sequence[str] | None, option: str) -> tuple[str, ...] | None:
     """``"q,v"``, ``("q", "v")`` or ``["q,v"]`` (a command line) as ``("q", "v")``; ``None`` stays ``None``.
@@ -229,18 +226,6 @@ class SelectionConfig:
         if self.budget is None:
             return None
         return int(self.budget) if self.budget >= 1 else int(self.budget * total_parameters)
-
-    def resolve_score(self, smallest_candidate: int, total_parameters: int) -> str:
-        """The score that decides: ``score``, or under a budget without one the default for this model.
-
-        ``smallest_candidate`` is the parameter count of the smallest candidate type. A budget that holds
-        at most ``SMALL_BUDGET_TYPES`` of them keeps types of (nearly) one size, which attribution ranks
-        better; a larger one keeps a mix of sizes, whose sum movement judged better.
-        """
-        if self.score is not None:
-            return self.score
-        budget = self.budget_parameters(total_parameters)
-        return "attribution" if budget < (SMALL_BUDGET_TYPES + 1) * smallest_candidate else "movement"
 
     def shaping_settings(self) -> dict[str, Any]:
         """The settings stored with a checkpoint (JSON-ready)."""

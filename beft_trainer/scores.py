@@ -18,6 +18,20 @@ SCORE_NAMES: tuple[str, ...] = ("projection", "magnitude", "movement", "fisher",
 
 LayerScores = tuple[float, list[float]]
 
+#: Under a budget that holds at most this many of the smallest candidates, the default score is attribution.
+SMALL_BUDGET_TYPES = 2
+
+
+def default_budget_score(budget: int, smallest_candidate: int) -> str:
+    """The score a budget of ``budget`` parameters selects by when none is given.
+
+    One that holds at most ``SMALL_BUDGET_TYPES`` of the smallest candidate keeps types of about
+    that size, among which movement hardly differs (Adam moves every vector by about the learning
+    rate per step) and attribution ranks better; a larger one keeps a mix of sizes, whose sets
+    movement judged better (benchmarks/results/family_*cpu.md).
+    """
+    return "attribution" if budget < (SMALL_BUDGET_TYPES + 1) * smallest_candidate else "movement"
+
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0

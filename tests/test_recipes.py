@@ -6,6 +6,7 @@ Tiny random models use the real all-MiniLM-L6-v2 tokenizer (offline, from its Py
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import random
@@ -220,12 +221,28 @@ def test_run_glue_bitfit_full_and_peft_baselines(tiny_bert_dir, toy_data_dir, tm
     total = sum(p.numel() for p in model.parameters())
     every_bias = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias")
     counts = {}
-    for method in ("bitfit", "full", "lora", "prefix"):
+    for method in ("bitfit", "full", "lora"):
         args = ["--model_name_or_path", tiny_bert_dir, "--data_dir", toy_data_dir, "--method", method]
         counts[method] = run_glue.main(args + common_args(tmp_path / method, max_steps=2))["trainable_parameters"]
     assert counts["bitfit"]["trainable"] == every_bias + HIDDEN * LABELS  # every bias + the classifier weight
     assert counts["full"]["trainable"] == counts["full"]["total"] == total
-    assert 0 < counts["lora"]["trainable"] < total and 0 < counts["prefix"]["trainable"] < counts["prefix"]["total"]
+    assert 0 < counts["lora"]["trainable"] < total
+
+
+def test_run_glue_prefix_tuning_trains_where_peft_can_and_says_why_where_not(tiny_bert_dir, toy_data_dir, tmp_path, capsys):
+    model = tf.AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    argv = ["--model_name_or_path", tiny_bert_dir, "--data_dir", toy_data_dir, "--method", "prefix"]
+    argv += common_args(tmp_path / "prefix", max_steps=2)
+    if "past_key_values" in inspect.signature(model.bert.forward).parameters:  # transformers < 5.24
+        counts = run_glue.main(argv)["trainable_parameters"]
+        assert 0 < counts["trainable"] < counts["total"]
+        return
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_glue.main(argv)
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
+    assert exit_info.value.code == 2 and error.startswith("run_glue.py: error: --method prefix: peft's prefix")
+    assert "past_key_values" in error and "prompt_tuning" in error
 
 
 def test_run_glue_regression_from_csv_files(tiny_bert_dir, tmp_path):

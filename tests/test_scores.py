@@ -15,7 +15,7 @@ from beft_trainer import (
     projection_score,
     random_score,
 )
-from beft_trainer.scores import rank_types, select_within_budget
+from beft_trainer.scores import default_budget_score, rank_types, select_within_budget
 
 
 def test_projection_is_zero_without_movement_and_matches_the_formula():
@@ -112,6 +112,7 @@ def test_a_budget_nothing_fits_says_the_sizes():
         ({"candidates": "q,v,attn_out"}, "projection"),
         ({"candidates": "v,v_scale_in"}, "movement"),
         ({"budget": 0.001}, None),  # decided when the model's sizes are known
+        ({"budget": 0.0002, "score": "movement"}, "movement"),  # a score given is kept
         ({"candidates": "v,v_scale_in", "score": "fisher"}, "fisher"),
     ],
 )
@@ -120,18 +121,16 @@ def test_default_score_is_projection_for_biases_and_movement_across_kinds(option
 
 
 @pytest.mark.parametrize(
-    ("budget", "score", "expected"),
+    ("budget", "expected"),
     [
-        (4_000, None, "attribution"),  # one type of 2,304 fits: MiniLM at 0.02%
-        (6_911, None, "attribution"),  # two fit, not three
-        (6_912, None, "movement"),  # three fit
-        (0.001, None, "movement"),  # 22,713 of MiniLM's 22.7M: nine fit
-        (4_000, "movement", "movement"),  # a score given is kept
+        (4_542, "attribution"),  # one type of 2,304 fits: MiniLM at 0.02%
+        (6_911, "attribution"),  # two fit, not three
+        (6_912, "movement"),  # three fit
+        (22_713, "movement"),  # MiniLM at 0.1%: nine fit
     ],
 )
-def test_a_budget_for_two_types_defaults_to_attribution_and_a_larger_one_to_movement(budget, score, expected):
-    config = SelectionConfig(candidates="v,v_scale_in,mlp_in", budget=budget, score=score)
-    assert config.resolve_score(smallest_candidate=2_304, total_parameters=22_713_986) == expected
+def test_a_budget_for_two_types_defaults_to_attribution_and_a_larger_one_to_movement(budget, expected):
+    assert default_budget_score(budget, smallest_candidate=2_304) == expected
 
 
 @pytest.mark.parametrize("option", ["scale_learning_rate", "scale_probe_learning_rate"])

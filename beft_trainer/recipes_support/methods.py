@@ -205,6 +205,22 @@ def peft_target_modules(model, kind: str) -> dict[str, list[str]]:
     return targets
 
 
+def require_prefix_support(model) -> None:
+    """Refuse prefix tuning where peft cannot run it: it passes ``past_key_values`` to the model (or its
+    backbone), which transformers 5.24 renamed ``cache``."""
+    import inspect
+
+    import transformers
+
+    forwards = (model.forward, getattr(model, "base_model", model).forward)
+    if not any("past_key_values" in inspect.signature(forward).parameters for forward in forwards):
+        raise BeftConfigError(
+            f"--method prefix: peft's prefix tuning passes past_key_values, which {type(model).__name__} of "
+            f"transformers {transformers.__version__} no longer takes; use --method prompt_tuning or p_tuning "
+            "(or transformers<5.24)."
+        )
+
+
 def wrap_with_peft(model, method_args: MethodArguments, task_type: str):
     """Wrap ``model`` with the peft method of ``--method``; ``task_type`` is peft's, e.g. ``SEQ_CLS``.
 
@@ -219,6 +235,8 @@ def wrap_with_peft(model, method_args: MethodArguments, task_type: str):
             f"--method {method_args.method} needs peft: pip install 'beft-trainer[peft]'."
         ) from error
     kind, tokens = method_args.parsed.kind, method_args.num_virtual_tokens
+    if kind == "prefix":
+        require_prefix_support(model)
     targets = peft_target_modules(model, kind)
     configs = {
         "lora": lambda: peft.LoraConfig(
