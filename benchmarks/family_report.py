@@ -117,11 +117,9 @@ def score_analysis(records: list[dict], probe_steps: int) -> list[dict]:
             label += ", probed at the full rate"
         if run["probe_steps"] != probe_steps:
             label += f", {run['probe_steps']} probing steps"
-        # Selections that differ only by budget share one probe (same seed, candidates, probe steps, rate).
-        probe = (run["task"], run["seed"], label, run["probe_steps"])
-        if probe in probes:
+        if probe_key(run) in probes:
             continue
-        probes.add(probe)
+        probes.add(probe_key(run))
         truth = {t: single[(run["task"], run["seed"], t)] for t in eligible if (run["task"], run["seed"], t) in single}
         biases = [t for t in eligible if t not in SCALING_TYPES]
         if over_family and 1 < len(biases) < len(eligible) and all(t in truth for t in biases):
@@ -138,6 +136,13 @@ def score_analysis(records: list[dict], probe_steps: int) -> list[dict]:
                 if 1 < len(fitting) < len(truth):
                     rows += _ranking_rows(run, f"{label}: the {len(fitting)} that fit {100 * budget:g}%", fitting)
     return rows
+
+
+def probe_key(run: dict) -> tuple:
+    """What identifies a selection run's probe: selections that differ only by budget or score share one
+    (same task, seed, candidates, probing steps and probing rate), and their stored scores are the same."""
+    full_rate = (run.get("selection") or {}).get("scale_probe_learning_rate") is False
+    return run["task"], run["seed"], len(run["candidate_scores"]), run["probe_steps"], full_rate
 
 
 def _ranking_rows(run: dict, label: str, truth: dict[str, float]) -> list[dict]:
@@ -190,11 +195,9 @@ def separation_table(records: list[dict]) -> list[str]:
     probes = set()
     for run in records:
         scores = run.get("candidate_scores") or {}
-        full_rate = (run.get("selection") or {}).get("scale_probe_learning_rate") is False
-        probe = (run["task"], run["seed"], run["probe_steps"], full_rate)
-        if len(scores) <= 3 or probe in probes:
-            continue  # q/k/v probes have one size; selections that differ by budget or score share a probe
-        probes.add(probe)
+        if len(scores) <= 3 or probe_key(run) in probes:
+            continue  # q/k/v probes have one size
+        probes.add(probe_key(run))
         smallest = min(entry["parameters"] for entry in scores.values())
         types = [t for t, entry in scores.items() if entry["parameters"] == smallest and t not in run["inert"]]
         for score in SCORES:
@@ -255,7 +258,8 @@ def selections_table(summary: dict, tasks: list[str], records: list[dict]) -> li
                 continue
             c = summary[task][m]
             best = best_single_type(m, c["seeds"], records, task)
-            best_text = f"{best['type']} {best['mean']:.1f}{_on_seeds(c, best)}{_incomplete(best)}" if best else "–"
+            note = f" ({_seed_note(c, best)})" if best and _seed_note(c, best) else ""
+            best_text = f"{best['type']} {best['mean']:.1f}{note}{_incomplete(best)}" if best else "–"
             gap = f"{_mean_on(c, best['seeds']) - best['mean']:+.1f}" if best else "–"
             alone = ", ".join(
                 f"{single[(task, kept, s)]:.1f}" if (task, kept, s) in single else "–"
@@ -293,9 +297,9 @@ def _mean_on(cell: dict, seeds: list[int]) -> float:
     return statistics.mean(scores[s] for s in seeds)
 
 
-def _on_seeds(cell: dict, best: dict) -> str:
-    """`` (seeds 0, 1)`` where the comparison with ``best`` leaves some of the cell's seeds out."""
-    return "" if best["seeds"] == cell["seeds"] else f" (seeds {_seeds(best['seeds'])})"
+def _seed_note(cell: dict, best: dict) -> str:
+    """``seeds 0, 1`` where the comparison with ``best`` leaves some of the cell's seeds out, else empty."""
+    return "" if best["seeds"] == cell["seeds"] else f"seeds {_seeds(best['seeds'])}"
 
 
 def _single_scores(records: list[dict]) -> dict:
@@ -345,8 +349,8 @@ def _best_type_rows(cells: dict, task: str, records: list[dict]) -> list[str]:
             continue
         gap = _mean_on(cells[m], best["seeds"]) - best["mean"]
         met = "no" if gap < -1 else "yes" if best["run"] == best["eligible"] else f"so far{_incomplete(best)}"
-        where = _on_seeds(cells[m], best).strip(" ()")
-        rows.append(target + f"| {best['type']} {best['mean']:.1f} (gap {gap:+.1f}{'; ' + where if where else ''}) | {met} |")
+        note = f"; {_seed_note(cells[m], best)}" if _seed_note(cells[m], best) else ""
+        rows.append(target + f"| {best['type']} {best['mean']:.1f} (gap {gap:+.1f}{note}) | {met} |")
     return rows
 
 
@@ -370,8 +374,8 @@ def _baseline_rows(cells: dict, task: str) -> list[str]:
             standard_error = statistics.stdev(differences) / len(differences) ** 0.5
             per_seed = f" ± {standard_error:.1f} s.e.; per seed {', '.join(f'{d:+.1f}' for d in differences)}"
         rows.append(
-            f"| {task} | {target} | {m} | {statistics.mean(ours[s] for s in seeds):.1f} (seeds {_seeds(seeds)}) "
-            f"| {baseline} {statistics.mean(theirs[s] for s in seeds):.1f} (difference {difference:+.1f}{per_seed}) "
+            f"| {task} | {target} | {m} | {_mean_on(cells[m], seeds):.1f} (seeds {_seeds(seeds)}) "
+            f"| {baseline} {_mean_on(cells[baseline], seeds):.1f} (difference {difference:+.1f}{per_seed}) "
             f"| {'yes' if difference >= 0 else 'no'} |"
         )
     return rows

@@ -8,9 +8,11 @@ fixed BEFT tuner) are baselines on a plain ``transformers.Trainer``.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import transformers
 from transformers import Trainer
 
 from ..biases import ALL_BIASES, ARCHITECTURES, VECTOR_TYPES, find_biases, model_type_of
@@ -208,10 +210,6 @@ def peft_target_modules(model, kind: str) -> dict[str, list[str]]:
 def require_prefix_support(model) -> None:
     """Refuse prefix tuning where peft cannot run it: it passes ``past_key_values`` to the model (or its
     backbone), which transformers 5.24 renamed ``cache``."""
-    import inspect
-
-    import transformers
-
     forwards = (model.forward, getattr(model, "base_model", model).forward)
     if not any("past_key_values" in inspect.signature(forward).parameters for forward in forwards):
         raise BeftConfigError(
