@@ -274,18 +274,20 @@ def selections_table(summary: dict, tasks: list[str], records: list[dict]) -> li
 def best_single_type(selection: str, seeds: list[int], records: list[dict], task: str) -> dict | None:
     """The type trained alone that scores best on average, among those ``selection`` could keep.
 
-    Compared on common seeds (seeds differ by more than types do): the most of the selection's
-    ``seeds`` that some eligible type has run, ``seeds`` in the result. Types not run on all of them
-    are left out, and ``run``/``eligible`` say how many that leaves.
+    Compared on common seeds (seeds differ by more than types do): the selection's ``seeds`` that
+    every eligible type has run where there are any (the complete ground truth), else the most of them
+    that some eligible type has run; ``seeds`` in the result. Types not run on all of them are left
+    out, and ``run``/``eligible`` say how many that leaves.
     """
     single = _single_scores(records)
     allowed = eligible_types(selection, records, task)
     covered = {t: [s for s in seeds if (task, t, s) in single] for t in allowed}
-    common = max(covered.values(), key=len, default=[])
+    complete = [s for s in seeds if all(s in covered[t] for t in allowed)]
+    common = complete or max(covered.values(), key=len, default=[])
     if not common:
         return None
     means = {
-        t: statistics.mean(single[(task, t, s)] for s in common) for t in allowed if len(covered[t]) == len(common)
+        t: statistics.mean(single[(task, t, s)] for s in common) for t in allowed if set(common) <= set(covered[t])
     }
     best = max(means, key=means.get)
     return {"type": best, "mean": means[best], "run": len(means), "eligible": len(allowed), "seeds": common}

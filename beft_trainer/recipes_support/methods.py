@@ -15,10 +15,10 @@ from typing import Any
 import transformers
 from transformers import Trainer
 
-from ..biases import ALL_BIASES, ARCHITECTURES, VECTOR_TYPES, find_biases, model_type_of
+from ..biases import ALL_BIASES, VECTOR_TYPES, find_biases, model_type_of
 from ..callback import BiasSelectionCallback
 from ..config import BeftConfig, SelectionConfig
-from ..errors import BeftConfigError
+from ..errors import BeftConfigError, BiasTypeError
 from ..trainer import BeftTrainer
 
 #: Named methods; any comma list of ``VECTOR_TYPES`` names is a method too (a fixed set).
@@ -185,12 +185,13 @@ def peft_target_modules(model, kind: str) -> dict[str, list[str]]:
     model_type = model_type_of(model)
     if kind not in defaults or model_type in defaults[kind]:
         return {}
-    if model_type not in ARCHITECTURES:
+    try:
+        layout = find_biases(model)
+    except BiasTypeError as error:
         raise BeftConfigError(
-            f"--method {kind}: neither peft nor beft-trainer knows the projections of {model_type!r} "
-            f"(beft-trainer knows {', '.join(sorted(ARCHITECTURES))}); use another --method."
-        )
-    layout = find_biases(model)
+            f"--method {kind}: neither peft nor beft-trainer knows the projections of {model_type!r} ({error}); "
+            "use another --method."
+        ) from error
     missing = [t for t in PEFT_TARGET_TYPES[kind] if not layout.vectors.get(t)]
     if missing:
         raise BeftConfigError(
