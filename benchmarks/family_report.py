@@ -15,7 +15,7 @@ from pathlib import Path
 from common import ROOT, TASKS, hardware, metric_name, read_jsonl
 from family import BASELINES, FAMILY, METHODS, SELECTIONS, build_parser, default_out, default_runs
 
-from beft_trainer import SelectionConfig
+from beft_trainer import BeftConfig, SelectionConfig
 from beft_trainer.biases import SCALING_TYPES
 
 #: Scores stored in each selection run's report, plus totals over a type's parameters: the
@@ -401,38 +401,55 @@ def eligible_types(selection: str, records: list[dict], task: str) -> list[str]:
 
 
 def ablation_table(tasks: list[str], records: list[dict], ablation: list[dict]) -> list[str]:
-    """Markdown: each selection run again with other SelectionConfig options, against the main grid's runs."""
+    """Markdown: each method run again with other SelectionConfig or BeftConfig options, against the main grid's runs."""
     lines = [
-        "| task | selection | options changed | main grid: selected (seed order) | score | changed: selected | score "
+        "| task | method | options changed | main grid: selected (seed order) | score | changed: selected | score "
         "| difference (same seeds) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for task in tasks:
-        for m in SELECTIONS:
+        for m in METHODS:
             # Both sides on their common seeds only: seeds differ by more than the options do.
             runs = [[r for r in side if r["task"] == task and r["method"] == m] for side in (records, ablation)]
             seeds = set.intersection(*({r["seed"] for r in side} for side in runs))
             if not seeds:
                 continue
             main, changed = (summarize([r for r in side if r["seed"] in seeds])[task][m] for side in runs)
-            options = ", ".join(_changed_options(records, ablation, task, m)) or "(none)"
+            options = ", ".join(o for change in _changes(records, ablation, task, m).values() for o in change)
             diff = changed["mean"] - main["mean"]
             lines.append(
-                f"| {task} | {m} | {options} | {', '.join(main['selected'])} | {_cell(main)} | "
-                f"{', '.join(changed['selected'])} | {_cell(changed)} | {diff:+.1f} |"
+                f"| {task} | {m} | {options or '(none)'} | {_selected(main)} | {_cell(main)} | "
+                f"{_selected(changed)} | {_cell(changed)} | {diff:+.1f} |"
             )
     return lines
 
 
-def _changed_options(records: list[dict], ablation: list[dict], task: str, method: str) -> list[str]:
-    """``option=value`` (a JSON value) for every SelectionConfig option the ablation runs set differently."""
+def _selected(cell: dict) -> str:
+    return ", ".join(cell["selected"]) if cell["selected"] else "–"
+
+
+#: The options an ablation may change: the record's key -> the run's flag, the class whose defaults they override.
+OPTION_SETS = {"selection": ("--selection-option", SelectionConfig), "config": ("--config-option", BeftConfig)}
+
+
+def _changed_options(
+    records: list[dict], ablation: list[dict], task: str, method: str, key: str = "selection"
+) -> list[str]:
+    """``option=value`` (a JSON value) for every option of ``OPTION_SETS[key]`` the ablation runs set differently."""
 
     def options(runs):
-        return next(r["selection"] for r in runs if r["task"] == task and r["method"] == method)
+        return next(r.get(key) or {} for r in runs if r["task"] == task and r["method"] == method)
 
     before, after = options(records), options(ablation)
-    defaults = {f.name: f.default for f in dataclasses.fields(SelectionConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(OPTION_SETS[key][1])}
     return [f"{k}={json.dumps(v)}" for k, v in sorted(after.items()) if before.get(k, defaults.get(k)) != v]
+
+
+def _changes(records: list[dict], ablation: list[dict], task: str, method: str) -> dict[str, tuple[str, ...]]:
+    """Every option the ablation runs of ``method`` changed, by the flag that sets it."""
+    return {
+        flag: tuple(_changed_options(records, ablation, task, method, key)) for key, (flag, _) in OPTION_SETS.items()
+    }
 
 
 def _setting_arguments(opts) -> list[str]:
@@ -461,11 +478,11 @@ def _ablation_command(opts, path: Path, records: list[dict], ablation: list[dict
     One line per set of changed options: a selection whose main-grid options differ from another's
     (the family's score against q/k/v's default) needs its own. Joined by `` && ``.
     """
-    methods_by_change: dict[tuple[str, ...], list[str]] = {}
-    for task, method in sorted({(r["task"], r["method"]) for r in ablation if r["method"] in SELECTIONS}):
+    methods_by_change: dict[tuple, list[str]] = {}
+    for task, method in sorted({(r["task"], r["method"]) for r in ablation}):
         if not any(r["task"] == task and r["method"] == method for r in records):
             continue  # not in the main grid: nothing to compare with
-        change = tuple(_changed_options(records, ablation, task, method))
+        change = tuple(_changes(records, ablation, task, method).items())
         if method not in methods_by_change.setdefault(change, []):
             methods_by_change[change].append(method)
     setting = "".join(f" {a}" for a in _setting_arguments(opts))
@@ -473,7 +490,7 @@ def _ablation_command(opts, path: Path, records: list[dict], ablation: list[dict
         f"nice python benchmarks/family.py run --model {opts.model}{setting} --runs {_relative(path)} "
         f"--methods {' '.join(sorted(methods))}"
         # quoted: a JSON string's quotes must reach family.py (score="attribution")
-        + (f" --selection-option {' '.join(map(shlex.quote, change))}" if change else "")
+        + "".join(f" {flag} {' '.join(map(shlex.quote, options))}" for flag, options in change if options)
         for change, methods in methods_by_change.items()
     )
 
@@ -685,7 +702,7 @@ def report(records: list[dict], opts) -> None:
     for path, ablation in ablations.items():
         lines += [
             "",
-            f"## The selections with other options ({path.name})",
+            f"## Runs with other options ({path.name})",
             "",
             f"Command: `{_ablation_command(opts, path, records, ablation)}`.",
             "",

@@ -259,3 +259,34 @@ def test_an_ablation_is_compared_on_the_seeds_both_sides_have_run():
     ]
     row = family_report.ablation_table(["sst2"], main, ablation)[2].split(" | ")
     assert (row[4], row[6], row[7]) == ("88.0 ± 0.0 (n=1)", "91.0 ± 0.0 (n=1)", "+3.0 |")
+
+
+def test_config_options_reach_the_librarys_methods_and_are_refused_elsewhere_in_one_line(tmp_path):
+    from helpers import tiny_model, training_args
+
+    opts = family.build_parser().parse_args(["run", "--methods", "v", "--config-option", 'head_modules=["classifier"]'])
+    opts.config_option = family.parse_config_options(opts.config_option, opts.methods)
+    trainer = family.build_trainer("v", tiny_model("bert"), training_args(tmp_path), opts)
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    value_biases = {f"bert.encoder.layer.{i}.attention.self.value.bias" for i in (0, 1)}
+    assert trained == value_biases | {"classifier.weight", "classifier.bias"}  # the pooler bias left out
+    for items, methods, message in (
+        (['head_modules=["classifier"]'], ["v", "lora"], "lora do not read BeftConfig"),
+        (["bias_types=v"], ["v"], "OPTION among head_modules"),  # --methods says what trains
+        (["train_head=yes"], ["v"], "the value must be JSON"),
+        (['train_head="yes"'], ["v"], "train_head"),  # BeftConfig's own check, before any run
+    ):
+        with pytest.raises(SystemExit, match=message):
+            family.parse_config_options(items, methods)
+
+
+def test_a_single_type_run_again_with_a_config_option_is_compared_and_its_command_repeats_it(tmp_path):
+    main = [_run("v", seed, score) for seed, score in ((0, 76.0), (1, 75.0))]
+    ablation = [_run("v", 0, 77.5, config={"head_modules": ["classifier"]})]
+    row = family_report.ablation_table(["sst2"], main, ablation)[2].split(" | ")
+    assert row[1:] == ["v", 'head_modules=["classifier"]', "–", "76.0 ± 0.0 (n=1)", "–", "77.5 ± 0.0 (n=1)", "+1.5 |"]
+    opts = family.build_parser().parse_args(["report"])
+    command = family_report._ablation_command(opts, tmp_path / "abl.jsonl", main, ablation)
+    assert command.endswith("--methods v --config-option 'head_modules=[\"classifier\"]'")
+    parsed = family.build_parser().parse_args(shlex.split(command)[3:])
+    assert family.parse_config_options(parsed.config_option, parsed.methods) == {"head_modules": ["classifier"]}
