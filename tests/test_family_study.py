@@ -290,3 +290,14 @@ def test_a_single_type_run_again_with_a_config_option_is_compared_and_its_comman
     assert command.endswith("--methods v --config-option 'head_modules=[\"classifier\"]'")
     parsed = family.build_parser().parse_args(shlex.split(command)[3:])
     assert family.parse_config_options(parsed.config_option, parsed.methods) == {"head_modules": ["classifier"]}
+
+
+def test_the_best_single_type_is_found_on_seeds_every_type_ran_even_when_they_ran_different_seeds():
+    probe = {"candidate_scores": {"q": {"parameters": 100}, "v": {"parameters": 100}}, "total_parameters": 10**6}
+    records = [
+        *(_run("auto_family_0.1%", s, 80.0, selected=["q"], **probe) for s in (0, 1, 2)),
+        *(_run("q", s, x) for s, x in ((0, 70.0), (1, 90.0))),
+        *(_run("v", s, x) for s, x in ((0, 75.0), (2, 60.0))),  # as many seeds as q, another one
+    ]
+    best = family_report.best_single_type("auto_family_0.1%", [0, 1, 2], records, "sst2")
+    assert best == {"type": "v", "mean": 75.0, "run": 2, "eligible": 2, "seeds": [0]}
