@@ -351,8 +351,8 @@ def _best_type_rows(cells: dict, task: str, records: list[dict]) -> list[str]:
             continue
         gap = _mean_on(cells[m], best["seeds"]) - best["mean"]
         met = "no" if gap < -1 else "yes" if best["run"] == best["eligible"] else f"so far{_incomplete(best)}"
-        note = f"; {_seed_note(cells[m], best)}" if _seed_note(cells[m], best) else ""
-        rows.append(target + f"| {best['type']} {best['mean']:.1f} (gap {gap:+.1f}{note}) | {met} |")
+        note = _seed_note(cells[m], best)
+        rows.append(target + f"| {best['type']} {best['mean']:.1f} (gap {gap:+.1f}{'; ' + note if note else ''}) | {met} |")
     return rows
 
 
