@@ -29,7 +29,7 @@ def assert_exact_selection_run(out_dir: str, world_size: int) -> None:
     for record, tensors in runs:
         _assert_rank(record, tensors)
     _assert_attribution_is_shared(runs)
-    _assert_adapter_reproduces(out_dir, runs[0][1])
+    _assert_adapter_reproduces(out_dir, runs[0][1], runs[0][0].get("bf16_representable", False))
     # Every rank ends with the same model.
     first = runs[0][1]
     for _, tensors in runs[1:]:
@@ -80,13 +80,14 @@ def _assert_frozen_state_zeroed(record: dict, tensors: dict[str, torch.Tensor]) 
                     assert not state.any(), f"frozen {name}: {key} was not zeroed at the switch"
 
 
-def _assert_adapter_reproduces(out_dir: str, tensors: dict[str, torch.Tensor]) -> None:
+def _assert_adapter_reproduces(out_dir: str, tensors: dict[str, torch.Tensor], bf16_representable: bool) -> None:
     """The adapter saved by save_model() turns a fresh base model into the trained one, exactly."""
     from helpers import tiny_bert
+    from scripts.exactness_run import bf16_representable as round_to_bf16
 
     from beft_trainer import load_adapter
 
-    model = tiny_bert()
+    model = round_to_bf16(tiny_bert()) if bf16_representable else tiny_bert()
     load_adapter(model, os.path.join(out_dir, "model"))
     for name, param in model.named_parameters():
         assert torch.equal(param.detach().float(), tensors[f"final/{name}"]), f"adapter does not reproduce {name}"

@@ -27,14 +27,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _environment() -> dict[str, str]:
+def _environment(gpu: bool = False) -> dict[str, str]:
+    """The launch environment: offline, one thread, and no GPU unless ``gpu`` (the CPU cases stay on gloo)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env.update(PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    # Keep PYTHONPATH's entries: a GPU machine may hold DeepSpeed in a --target folder named there.
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
-def _launch(command: list[str], timeout: int = 400) -> None:
-    result = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def _launch(command: list[str], timeout: int = 400, gpu: bool = False) -> None:
+    result = subprocess.run(
+        command, env=_environment(gpu), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
@@ -51,8 +58,9 @@ def _torchrun(nproc: int, *script_args: str) -> list[str]:
 
 
 def _deepspeed(nproc: int, *script_args: str) -> list[str]:
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    return [launcher, f"--num_gpus={nproc}", f"--master_port={_free_port()}", SCRIPT, *script_args]
+    # The launcher's module, not its console script: a --target install of DeepSpeed has no script on PATH.
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return [*launcher, f"--num_gpus={nproc}", f"--master_port={_free_port()}", SCRIPT, *script_args]
 
 
 @pytest.mark.distributed

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from helpers import TokenDataset, tiny_bert, training_args  # noqa: E402
 
-from beft_trainer import BeftTrainer, BiasSelectionCallback  # noqa: E402
+from beft_trainer import BeftConfig, BeftTrainer, BiasSelectionCallback  # noqa: E402
 from beft_trainer.distributed import rank, read_full_fp32, read_optimizer_state  # noqa: E402
 from beft_trainer.vectors import prepare_model  # noqa: E402
 
@@ -67,6 +67,14 @@ class SnapshotAfterSwitch(TrainerCallback):
                     self.adam_state[f"{key}/{name}"] = value
 
 
+def bf16_representable(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every parameter rounded to bf16 and kept fp32, so a cast to bf16 loses nothing."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.to(torch.bfloat16).float())
+    return model
+
+
 def naive_freeze(trainer: BeftTrainer, group_names, rewind: bool = False) -> None:
     """The freeze that is NOT enough: flip requires_grad, leave the optimizer alone (negative control)."""
     params = dict(trainer.model.named_parameters())
@@ -84,20 +92,31 @@ def run(
     naive: bool = False,
     offload: bool = False,
     candidates: tuple[str, ...] = ("q", "k", "v"),
+    cuda: bool = False,
 ) -> None:
-    """Train, then write this rank's record and tensors to ``out``."""
+    """Train, then write this rank's record and tensors to ``out``.
+
+    ``cuda``: on the GPU under bf16 autocast, from weights that bf16 represents exactly (DeepSpeed's bf16
+    engine and ``frozen_dtype="auto"`` store them in bf16, so the pretrained values stay comparable), with
+    bf16 frozen weights when DeepSpeed is not in charge of them.
+    """
     if naive:
         BeftTrainer.freeze_groups = naive_freeze
-    model = tiny_bert()
+    model = bf16_representable(tiny_bert()) if cuda else tiny_bert()
     prepare_model(model, scaling_types=candidates)  # scaling vectors exist (as ones) in the initial snapshot
     init = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     extra = {"deepspeed": zero_config(zero_stage, offload)} if zero_stage else {}
+    if cuda:
+        extra |= {"use_cpu": False, "bf16": True}
     args = training_args(
         out, max_steps=max_steps, per_device_train_batch_size=4, gradient_accumulation_steps=grad_accum, **extra
     )
+    config = BeftConfig(frozen_dtype="auto") if cuda and not zero_stage else None
     selection = BiasSelectionCallback(probe_steps=probe_steps, candidates=candidates)
     snap = SnapshotAfterSwitch(probe_steps, [])
-    trainer = BeftTrainer(model, args, train_dataset=TokenDataset(size=64), callbacks=[selection, snap])
+    trainer = BeftTrainer(
+        model, args, train_dataset=TokenDataset(size=64), beft_config=config, callbacks=[selection, snap]
+    )
     snap.bias_names = trainer.bias_layout.names(selection.candidates)
     trainer.train()
     final = {n: read_full_fp32(p) for n, p in trainer.model.named_parameters()}
@@ -116,6 +135,9 @@ def run(
         "head": trainer.parameter_groups.get("head", []) + trainer.parameter_groups.get("head_decay", []),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "global_step": trainer.state.global_step,
+        "bf16_representable": cuda,
+        "frozen_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters() if not p.requires_grad}),
+        "device": str(next(trainer.model.parameters()).device.type),
     }
     with open(os.path.join(out, f"rank{r}.json"), "w") as f:
         json.dump(record, f)
@@ -131,10 +153,21 @@ def main() -> None:
     parser.add_argument("--naive_freeze", action="store_true", help="negative control: flip requires_grad only")
     parser.add_argument("--offload", action="store_true", help="parameters and optimizer state in CPU memory")
     parser.add_argument("--candidates", default="q,k,v", help="comma list of candidate vector types")
+    parser.add_argument("--cuda", action="store_true", help="on the GPU, bf16 autocast (see run())")
     parser.add_argument("--local_rank", type=int, default=-1)
     cli = parser.parse_args()
     candidates = tuple(cli.candidates.split(","))
-    run(cli.out, cli.zero_stage, cli.probe_steps, cli.max_steps, cli.grad_accum, cli.naive_freeze, cli.offload, candidates)
+    run(
+        cli.out,
+        cli.zero_stage,
+        cli.probe_steps,
+        cli.max_steps,
+        cli.grad_accum,
+        cli.naive_freeze,
+        cli.offload,
+        candidates,
+        cli.cuda,
+    )
 
 
 if __name__ == "__main__":
