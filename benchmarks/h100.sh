@@ -70,13 +70,13 @@ case "${1:-}" in
     ;;
   6.7b-and-zero3)  # OPT-6.7B's rows, its DeepSpeed rows and one tuned ZeRO-3 variant, then OPT-125m
     install .carry/whl .carry/py; environment
-    "${speed[@]}" --sizes 6.7b --stop-after "$(left 300)" --worker-timeout 150 --methods forward v_bf16 ds_zero3 \
+    "${speed[@]}" --sizes 6.7b --stop-after "$(left 330)" --worker-timeout 150 --methods forward v_bf16 ds_zero3 \
         ds_zero3_offload beft_run fixed_v_run lora peft_beft probe bitfit full \
         --runs "$OUT/speed_memory_h100_6.7b_runs.jsonl" 2>&1 | tail -30
-    "${speed[@]}" --sizes 6.7b --stop-after "$(left 360)" --worker-timeout 100 --methods ds_zero3 \
+    "${speed[@]}" --sizes 6.7b --stop-after "$(left 410)" --worker-timeout 100 --methods ds_zero3 \
         --ds-config benchmarks/ds_variants/zero3_prefetch.json \
         --runs "$OUT/speed_memory_h100_6.7b_runs.jsonl" 2>&1 | tail -5
-    "${speed[@]}" --sizes 125m --stop-after "$(left 450)" --worker-timeout 60 --methods forward full v_bf16 \
+    "${speed[@]}" --sizes 125m --stop-after "$(left 520)" --worker-timeout 60 --methods forward full v_bf16 \
         beft_run fixed_v_run lora peft_beft probe bitfit v \
         --runs "$OUT/speed_memory_h100_125m_runs.jsonl" 2>&1 | tail -20
     ;;
