@@ -51,6 +51,7 @@ case "${1:-}" in
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "not zero" \
         > "$OUT/gpu_tests.log" 2>&1 &
     runs="$OUT/family_minilm_h100_runs.jsonl"
+    cp benchmarks/results/family_minilm_h100_runs.jsonl "$runs" 2>/dev/null  # resume: the finished runs are skipped
     study=(env BEFT_STUDY_MODEL=.carry/minilm BEFT_STUDY_DATA=.carry/data/glue python3 benchmarks/family.py run
            --steps 1000 --probe-steps 100 --seeds 0 1 2 --runs "$runs" --workers 14)
     # Issue 13's rows and issue 10's selections and baselines first, on every seed; then the single types.
