@@ -19,7 +19,7 @@ from .biases import SCALING_TYPES
 from .config import SelectionConfig
 from .distributed import broadcast_from_main, rank, read_full_fp32, settle_zero3, world_size
 from .errors import BeftConfigError
-from .plot import plot_report
+from .plot import plot_in_background
 from .probe import ProbeStatistics
 from .report import PLOT_NAME, REPORT_NAME, SelectionReport, write_report
 from .scores import (
@@ -68,6 +68,7 @@ class BiasSelectionCallback(TrainerCallback):
         #: ``probe_steps`` as a count for this run (a share resolves against max_steps at train begin).
         self.probe_step_count: int | None = None
         self._budget_score: str | None = None
+        self._plotting = None  # the thread drawing the report's plot (joined at train end)
 
     def __getattr__(self, name: str) -> Any:
         # The options read as attributes (callback.probe_steps), from the one config.
@@ -150,6 +151,8 @@ class BiasSelectionCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.probe.stop()
+        if self._plotting is not None:
+            self._plotting.join()
 
     def _forget_probing_best(self, state) -> None:
         # With load_best_model_at_end a probing checkpoint would bring back every candidate type
@@ -269,10 +272,7 @@ class BiasSelectionCallback(TrainerCallback):
         control.should_log = should_log  # Trainer.log clears it, which would drop this step's loss
         if state.is_world_process_zero:
             write_report(report, os.path.join(args.output_dir, REPORT_NAME))
-            try:
-                plot_report(report, os.path.join(args.output_dir, PLOT_NAME))
-            except Exception as error:  # a plot must never cost the run
-                logger.warning("Could not plot the selection report: %s", error)
+            self._plotting = plot_in_background(report, os.path.join(args.output_dir, PLOT_NAME))
         logger.info(report.summary())
 
     # -- resume -------------------------------------------------------------------------------

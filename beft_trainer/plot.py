@@ -8,8 +8,10 @@ type is highlighted, inert types are hatched and labelled.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import threading
 from typing import TYPE_CHECKING
 
 from .report import SelectionReport, read_report
@@ -17,6 +19,7 @@ from .report import SelectionReport, read_report
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+logger = logging.getLogger(__name__)
 #: The scores drawn side by side for every type (``random`` joins them when it decided).
 PLOTTED_SCORES = ("projection", "magnitude", "movement", "fisher", "attribution")
 
@@ -66,6 +69,25 @@ def plot_report(report: SelectionReport | str | os.PathLike, png_path: str | os.
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
     report_figure(report).savefig(png_path, dpi=110)
     return png_path
+
+
+def plot_in_background(report: SelectionReport, png_path: str | os.PathLike) -> threading.Thread:
+    """Draw ``report`` to ``png_path`` in a thread and return it (join it before relying on the file).
+
+    The selection callback draws its plot this way: importing matplotlib and drawing took ~1 s inside
+    the switch step (on an H100, 0.9 s against a 59 ms step at OPT-1.3B), time the training steps
+    after the switch need not wait for. A failure is logged, never raised: a plot must never cost the run.
+    """
+    thread = threading.Thread(target=_plot_quietly, args=(report, png_path), name="beft-selection-plot")
+    thread.start()
+    return thread
+
+
+def _plot_quietly(report: SelectionReport, png_path: str | os.PathLike) -> None:
+    try:
+        plot_report(report, png_path)
+    except Exception as error:  # noqa: BLE001 - any failure of matplotlib or the file system
+        logger.warning("Could not plot the selection report: %s", error)
 
 
 def _title(report: SelectionReport) -> str:

@@ -201,6 +201,56 @@ def test_summary_is_logged_at_info(tmp_path, caplog):
     assert (tmp_path / "beft_selection.png").stat().st_size > 10_000
 
 
+def test_the_plot_is_drawn_beside_training_and_finished_by_train_end(tmp_path, monkeypatch):
+    import threading
+
+    import beft_trainer.plot as plot
+
+    release, outcome, steps_after_switch = threading.Event(), {}, []
+
+    def slow_plot(report, png_path):  # finishes only once training went on for two steps: never if drawn inline
+        outcome["released"] = release.wait(timeout=10)
+        return plot_report(report, png_path)
+
+    class StepsAfterTheSwitch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if selection.selected is not None and len(steps_after_switch) < 2:
+                steps_after_switch.append(state.global_step)
+                if len(steps_after_switch) == 2:
+                    release.set()
+
+    plot_report = plot.plot_report
+    monkeypatch.setattr(plot, "plot_report", slow_plot)
+    selection = BiasSelectionCallback(probe_steps=2)
+    trainer = BeftTrainer(
+        tiny_bert(),
+        training_args(tmp_path, max_steps=6),
+        train_dataset=TokenDataset(),
+        callbacks=[selection, StepsAfterTheSwitch()],
+    )
+    trainer.train()
+    assert outcome == {"released": True}, "the switch step waited for the plot"
+    assert steps_after_switch == [2, 3]
+    assert (tmp_path / "beft_selection.png").stat().st_size > 10_000  # joined before train() returned
+
+
+def test_a_failing_plot_is_logged_and_the_run_finishes(tmp_path, monkeypatch, caplog):
+    import beft_trainer.plot as plot
+
+    def broken(report, png_path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(plot, "plot_report", broken)
+    selection = BiasSelectionCallback(probe_steps=2)
+    trainer = BeftTrainer(
+        tiny_bert(), training_args(tmp_path, max_steps=4), train_dataset=TokenDataset(), callbacks=[selection]
+    )
+    with caplog.at_level(logging.WARNING, logger="beft_trainer.plot"):
+        trainer.train()
+    assert selection.selected and trainer.state.global_step == 4
+    assert any("Could not plot the selection report: disk full" in r.getMessage() for r in caplog.records)
+
+
 class _StepRecorder(TrainerCallback):
     """Records, independently of the probe, each step's gradient (summed over micro-batches) and values."""
 
