@@ -5,6 +5,7 @@
 # The GPU image has torch, accelerate and peft but not DeepSpeed, datasets or this repository's
 # transformers; prepare on the CPU machine what travels (see benchmarks/README.md, "On a lent GPU"):
 #
+#   mkdir -p .git/info                               # a fresh clone may lack it; gpu-carry.sh writes there
 #   bash ../shared/tools/gpu-carry.sh deepspeed      # .carry/whl   (5.8 MB)
 #   bash ../shared/tools/gpu-carry.sh minilm         # .carry/minilm (46 MB)
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .carry/py transformers==5.24.0 peft==0.21.2
@@ -13,6 +14,9 @@
 #   bash benchmarks/h100.sh family   # carry .carry/minilm .carry/q .carry/py: tests without DeepSpeed + MiniLM grid
 #   bash benchmarks/h100.sh zero-and-1.3b    # carry .carry/whl .carry/py: DeepSpeed GPU tests, OPT-1.3B speed/memory
 #   bash benchmarks/h100.sh 6.7b-and-zero3   # carry .carry/whl .carry/py: OPT-6.7B, ZeRO-3 (+offload, a variant), 125m
+#   bash benchmarks/h100.sh speed-rest       # carry .carry/whl .carry/py: what those two calls did not reach (resumes)
+#
+# Each call's files come back from $OUT: copy the runs files to benchmarks/results/ before the next call.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -81,6 +85,18 @@ case "${1:-}" in
         beft_run fixed_v_run lora peft_beft probe bitfit v \
         --runs "$OUT/speed_memory_h100_125m_runs.jsonl" 2>&1 | tail -20
     ;;
+  speed-rest)  # the rows the first session's device time did not reach, resuming the committed runs files
+    install .carry/whl .carry/py; environment
+    for size in 125m 1.3b 6.7b; do
+        cp "benchmarks/results/speed_memory_h100_${size}_runs.jsonl" "$OUT/" 2>/dev/null
+    done
+    "${speed[@]}" --sizes 6.7b --stop-after "$(left 240)" --worker-timeout 150 --methods lora peft_beft probe bitfit \
+        full --runs "$OUT/speed_memory_h100_6.7b_runs.jsonl" 2>&1 | tail -8
+    "${speed[@]}" --sizes 1.3b --stop-after "$(left 360)" --worker-timeout 100 --methods ds_zero3 ds_zero3_offload \
+        --runs "$OUT/speed_memory_h100_1.3b_runs.jsonl" 2>&1 | tail -4
+    "${speed[@]}" --sizes 125m --stop-after "$(left 480)" --worker-timeout 60 --methods forward full v_bf16 \
+        beft_run fixed_v_run lora peft_beft probe bitfit v --runs "$OUT/speed_memory_h100_125m_runs.jsonl" 2>&1 | tail -8
+    ;;
   *)
-    echo "usage: bash benchmarks/h100.sh family | zero-and-1.3b | 6.7b-and-zero3" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/h100.sh family | zero-and-1.3b | 6.7b-and-zero3 | speed-rest" >&2; exit 2 ;;
 esac
