@@ -462,6 +462,13 @@ def _setting_arguments(opts) -> list[str]:
     ]
 
 
+def _run_command(opts, device: str) -> str:
+    """How the grid ran: one worker per core on the CPU; on a lent GPU, benchmarks/h100.sh's device calls."""
+    if device != "cpu":
+        return "`bash benchmarks/h100.sh family` (device calls of 14 workers each, resuming the runs file)"
+    return f"`nice python benchmarks/family.py run --model {opts.model}{_grid_arguments(opts, 'run')} --workers 2` (one worker per core)"
+
+
 def _grid_arguments(opts, mode: str) -> str:
     """The options of this report that differ from ``family.py``'s defaults, as its ``mode`` command takes them."""
     arguments = _setting_arguments(opts)
@@ -664,9 +671,8 @@ def report(records: list[dict], opts) -> None:
         f"Hardware: {r0.get('hardware', hardware())}. Setting: {setting}. Scores x100, mean ± std over seeds "
         "(n = seeds run so far), full validation split.",
         "",
-        f"Command: `nice python benchmarks/family.py run --model {opts.model}{_grid_arguments(opts, 'run')} "
-        f"--workers 2` (one worker per core), then `python benchmarks/family.py report --model {opts.model}"
-        f"{_grid_arguments(opts, 'report')}{_ablation_arguments(opts.ablation)}`.",
+        f"Command: {_run_command(opts, r0.get('device', 'cpu'))}, then `python benchmarks/family.py report --model "
+        f"{opts.model}{_grid_arguments(opts, 'report')}{_ablation_arguments(opts.ablation)}`.",
         "",
         "## Quality per method",
         "",
