@@ -134,7 +134,7 @@ class BiasSelectionCallback(TrainerCallback):
             values = self._candidate_values()
             self.probe.end_step(values)
             if state.global_step >= self.probe_step_count:
-                self._select(args, state, values)
+                self._select(args, state, {n: v.cpu() for n, v in values.items()})
                 self._publish(args, state, control)
 
     def on_save(self, args, state, control, **kwargs):
@@ -172,7 +172,7 @@ class BiasSelectionCallback(TrainerCallback):
 
     def _candidate_values(self) -> dict[str, torch.Tensor]:
         settle_zero3(self.trainer.model_wrapped)
-        return {n: read_full_fp32(p) for n, p in self._candidate_params().items()}
+        return {n: read_full_fp32(p, keep_device=True) for n, p in self._candidate_params().items()}
 
     # -- the decision -------------------------------------------------------------------------
 

@@ -42,16 +42,21 @@ def settle_zero3(engine: Any) -> None:
         release()
 
 
-def read_full_fp32(param: torch.Tensor) -> torch.Tensor:
-    """The full fp32 value of ``param`` on CPU: the master copy under ZeRO, else the tensor."""
+def read_full_fp32(param: torch.Tensor, keep_device: bool = False) -> torch.Tensor:
+    """The full fp32 value of ``param``: the master copy under ZeRO, else the tensor.
+
+    On CPU, or with ``keep_device`` on the device that holds it (no copy to the host: on a GPU each
+    such copy waits for every queued kernel, which the probe would otherwise do per vector per step).
+    """
+    move = (lambda t: t) if keep_device else (lambda t: t.cpu())
     if _has_fp32_master(param):
         from deepspeed.utils import safe_get_full_fp32_param
 
         value = safe_get_full_fp32_param(param)
         if value is not None:
-            return value.detach().float().cpu().clone()
+            return move(value.detach().float()).clone()
     with gathered([param]):
-        return param.detach().float().cpu().clone()
+        return move(param.detach().float()).clone()
 
 
 def write_full_fp32(param: torch.Tensor, value: torch.Tensor) -> None:

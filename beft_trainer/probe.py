@@ -63,11 +63,14 @@ class ProbeStatistics:
             if name not in self.squared_grads:
                 self.squared_grads[name] = torch.zeros(shapes[name], dtype=torch.float32, device=param.device)
                 self.grad_counts[name] = 0
-            self.attribution.setdefault(name, torch.zeros(1, dtype=torch.float64))
+            self.attribution.setdefault(name, torch.zeros(1, dtype=torch.float64, device=param.device))
             self._hooks.append(param.register_hook(self._accumulator(name)))
 
     def start_step(self, values: dict[str, torch.Tensor]) -> None:
-        """Remember the full fp32 values the next optimizer step starts from (``read_full_fp32``)."""
+        """Remember the full fp32 values the next optimizer step starts from (``read_full_fp32``).
+
+        Every per-step statistic stays on the parameters' device: no copy to the host while probing.
+        """
         self._before = values
         self._step_grads = {}
 
@@ -76,8 +79,9 @@ class ProbeStatistics:
         for name, after in values.items():
             grad = self._step_grads.get(name)
             if grad is not None and name in self._before:
-                change = after.double() - self._before[name].double()
-                self.attribution[name] -= (grad.double().cpu().view_as(change) * change).sum().view(1)
+                change = after.to(grad.device, torch.float64) - self._before[name].to(grad.device, torch.float64)
+                credit = (grad.double().view_as(change) * change).sum().view(1)
+                self.attribution[name] -= credit.to(self.attribution[name].device)
         self.start_step(values)
 
     def track_tokens(self, model: torch.nn.Module, names: list[str]) -> None:
@@ -92,14 +96,15 @@ class ProbeStatistics:
             by_module.setdefault(name.rpartition(".")[0], []).append(name)
         for module_name, tracked in by_module.items():
             module = model.get_submodule(module_name)
-            slices, offset = {}, 0
+            slices, offset, device = {}, 0, None
             for leaf, param in module.named_parameters(recurse=False):
                 if leaf == "bias" or leaf.startswith("bias_"):
                     size = int(torch.Size(getattr(param, "ds_shape", param.shape)).numel())
                     slices[f"{module_name}.{leaf}"] = slice(offset, offset + size)
                     offset += size
+                    device = param.device
             for name in tracked:
-                self.token_squared.setdefault(name, torch.zeros(1, dtype=torch.float32))
+                self.token_squared.setdefault(name, torch.zeros(1, dtype=torch.float32, device=device))
             wanted = {name: slices[name] for name in tracked}
             self._hooks.append(module.register_forward_hook(self._token_hook(wanted)))
 
@@ -110,7 +115,8 @@ class ProbeStatistics:
 
         def accumulate(grad: torch.Tensor) -> None:
             for name, part in slices.items():
-                self.token_squared[name] += grad[..., part].detach().float().pow(2).sum().cpu()
+                total = self.token_squared[name]
+                total += grad[..., part].detach().float().pow(2).sum().to(total.device)
 
         return on_output
 
@@ -194,6 +200,8 @@ class ProbeStatistics:
                 elif key.startswith(_COUNT_PREFIX):
                     name = key.removeprefix(_COUNT_PREFIX)
                     self.grad_counts[name] = self.grad_counts.get(name, 0) + int(value)
+        self.token_squared = {n: t.to(devices.get(n, t.device)) for n, t in self.token_squared.items()}
+        self.attribution = {n: t.to(devices.get(n, t.device)) for n, t in self.attribution.items()}
 
 
 def _saved_ranks(folder: str) -> list[int]:

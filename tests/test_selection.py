@@ -270,6 +270,36 @@ class _StepRecorder(TrainerCallback):
         self.grads.append({})
 
 
+def test_probing_copies_nothing_to_the_host_until_the_switch(tmp_path, monkeypatch):
+    """On a GPU every copy to the host waits for the queued kernels: the probe keeps its per-step
+    statistics on the parameters' device and reads them back once, at the switch."""
+    import sys
+
+    step = {"now": 0}
+    copies: list[tuple[int, str]] = []
+    to_host = torch.Tensor.cpu
+
+    def counted_cpu(tensor, *args, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("beft_trainer"):
+            copies.append((step["now"], caller))
+        return to_host(tensor, *args, **kwargs)
+
+    class Steps(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            step["now"] = state.global_step + 1
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counted_cpu)
+    selection = BiasSelectionCallback(probe_steps=4)
+    trainer = BeftTrainer(
+        tiny_bert(), training_args(tmp_path, max_steps=6), train_dataset=TokenDataset(), callbacks=[Steps(), selection]
+    )
+    trainer.train()
+    assert selection.selected
+    assert [c for c in copies if 1 <= c[0] < 4] == [], "the probe copied to the host while probing"
+    assert any(c[0] == 4 for c in copies), "the switch reads the statistics back: the counter must see it"
+
+
 def test_attribution_is_the_loss_each_vector_removed_to_first_order(tmp_path):
     """-sum_t g_t . (theta_t - theta_(t-1)) per vector, with g_t summed over accumulated micro-batches."""
     model = tiny_bert()
