@@ -41,6 +41,7 @@ crash or a worker past --worker-timeout is a failed row.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -58,6 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import RESULTS, append_jsonl, default_learning_rate, hardware, make_trainer, read_jsonl  # noqa: E402
 
+from beft_trainer.plan import DS_CONFIGS, FIT_SHARE, GIB  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 #: name -> (hidden, layers, heads, ffn). Real OPT shapes, except the "-Nl" ones with fewer layers.
 SIZES = {
@@ -69,8 +72,8 @@ SIZES = {
     "1.3b": (2048, 24, 32, 8192),
     "6.7b": (4096, 32, 32, 16384),
 }
-#: DeepSpeed rows -> their default config (``--ds-config`` replaces it).
-DS_METHODS = {"ds_zero3": "ds_configs/zero3.json", "ds_zero3_offload": "ds_configs/zero3_offload.json"}
+#: DeepSpeed rows -> their default config, the shipped ones ``beft plan`` proposes (``--ds-config`` replaces it).
+DS_METHODS = {f"ds_{backend}": config for backend, config in DS_CONFIGS.items()}
 RUN_METHODS = ("beft_run", "fixed_v_run")
 METHODS = (
     "forward", "full", "lora", "peft_beft", "bitfit", "probe", "v", "v_amp", "v_bf16", *RUN_METHODS,
@@ -92,12 +95,10 @@ LIBRARY_METHOD = {
 }
 #: Bytes per parameter of fp32 weights, gradients and Adam's two moments (full fine-tuning).
 FULL_STATE_BYTES = 16
-#: A row is run when its estimate is at most this share of the GPU's memory (the rest: activations, context).
-FIT_SHARE = 0.9
 VOCAB = 50272
 KEY_FIELDS = ("size", "method", "repeat", "config")
 SETTING_FIELDS = ("device", "bf16", "batch_size", "seq_len", "warmup", "steps", "run_steps", "probe_steps", "threads")
-GIB, MIB = 2**30, 2**20
+MIB = 2**20
 
 
 def settings_parser() -> argparse.ArgumentParser:
@@ -209,6 +210,7 @@ def make_model(size: str, method: str, opts):
     return model
 
 
+@functools.cache
 def parameter_count(size: str) -> int:
     """Parameters of the plain classifier (counted on the meta device, nothing allocated)."""
     import torch
@@ -658,11 +660,10 @@ def run_grid(opts) -> None:
     done = {row_key(r) for r in read_jsonl(opts.runs) if r["status"] != "failed" or not opts.retry_failed}
     todo = [row for row in plan_rows(opts) if row_key(row) not in done]
     print(f"{len(todo)} rows to run ({len(done)} already in {opts.runs}).", flush=True)
-    for row in todo:
+    for index, row in enumerate(todo):
         if opts.stop_after is not None and time.monotonic() - start > opts.stop_after:
-            print(f"--stop-after {opts.stop_after:g} s: stopping, {len(todo)} rows not started.", flush=True)
+            print(f"--stop-after {opts.stop_after:g} s: stopping, {len(todo) - index} rows not started.", flush=True)
             break
-        todo = todo[1:]
         clock = time.monotonic()
         result = run_worker(row["size"], row["method"], row["config"], opts)
         record = row | settings(opts) | result | {"worker_s": round(time.monotonic() - clock, 1)}

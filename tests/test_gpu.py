@@ -8,6 +8,8 @@ pretrained values stay comparable after DeepSpeed's bf16 engine or ``frozen_dtyp
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from exactness import assert_exact_selection_run, load_runs
@@ -24,8 +26,6 @@ pytestmark = [
 
 
 def _plain_gpu_run(out) -> None:
-    import sys
-
     _launch([sys.executable, SCRIPT, "--out", str(out), "--cuda"], gpu=True)
 
 
