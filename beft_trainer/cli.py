@@ -68,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="peft adapter folder to write")
     export.add_argument(
         "--base-model",
-        help="base model folder or alias, needed when the head has a backbone bias (BERT's pooler); "
-        "default: the base model recorded in the adapter, if it is a local folder",
+        help="base model folder or alias, needed when the head has a backbone bias (BERT's pooler named in "
+        "head_modules); default: the base model recorded in the adapter, if it is a local folder",
     )
     export.add_argument(
         "--overwrite", action="store_true", help="replace the adapter files of a non-empty OUT_DIR (default: refuse)"
@@ -215,9 +215,10 @@ def _export_peft(args: argparse.Namespace) -> int:
     check_out_dir(args.out_dir, args.overwrite)  # before loading a base model: refuse early
     metadata = adapter.metadata
     base_model = None
-    if metadata.backbone_prefix is not None and any(
+    backbone_head = metadata.backbone_prefix is not None and any(
         n.startswith(metadata.backbone_prefix + ".") for n in metadata.head
-    ):
+    )
+    if backbone_head or args.base_model:  # a given --base-model is checked even where the export needs none
         base_model = _export_base_model(args.base_model, metadata)
     out_dir = export_peft(adapter, args.out_dir, base_model=base_model, overwrite=args.overwrite)
     size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME))
@@ -227,7 +228,7 @@ def _export_peft(args: argparse.Namespace) -> int:
 
 
 def _export_base_model(requested: str | None, metadata):
-    """The base model peft's delta of a backbone head bias (BERT's pooler) is computed against."""
+    """The base model peft's delta of a backbone head bias (BERT's pooler) is computed against, or the one asked for."""
     import transformers
 
     name = requested or metadata.base_model

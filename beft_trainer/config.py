@@ -260,8 +260,8 @@ class BeftConfig:
     head_modules: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Module names of the task head, trained in full (e.g. classifier). "
-            "Default: detected (parameters outside the backbone, plus BERT's pooler bias)."
+            "help": "The task head, trained in full: module names (e.g. classifier) or parameter names "
+            "(e.g. bert.pooler.dense.bias). Default: detected (the parameters outside the backbone)."
         },
     )
     train_head: bool = field(default=True, metadata={"help": "Train the task head alongside the biases."})

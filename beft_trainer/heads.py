@@ -8,10 +8,6 @@ from torch import nn
 
 from .errors import BeftConfigError
 
-#: Backbone parameters that are part of the head by default, as in the BEFT/BitFit code:
-#: BERT's pooler feeds the classifier, and its bias trains with it.
-_BACKBONE_HEAD_SUFFIXES = ("pooler.dense.bias",)
-
 
 def _backbone_prefix(model: nn.Module) -> str | None:
     prefix = getattr(model, "base_model_prefix", "")
@@ -23,10 +19,12 @@ def _backbone_prefix(model: nn.Module) -> str | None:
 def find_head_parameters(model: nn.Module, head_modules: Sequence[str] | None = None) -> list[str]:
     """Names of the head parameters of ``model``.
 
-    With ``head_modules`` (module names such as ``("classifier",)``), every parameter of those
-    modules. Otherwise the parameters outside the backbone (``classifier``, ``score``,
-    ``pre_classifier``...) except the output embeddings of a language model, plus the pooler
-    bias of BERT-like encoders.
+    With ``head_modules``, every parameter of each named module (``"classifier"``) and each named
+    parameter (``"bert.pooler.dense.bias"``, the head of the BEFT/BitFit papers' code with
+    ``"classifier"``). Otherwise the parameters outside the backbone (``classifier``, ``score``,
+    ``pre_classifier``...) except the output embeddings of a language model. BERT's pooler is part
+    of the backbone: its bias trains only where a bias type or ``head_modules`` names it (the
+    small-budget settings train better without it, see README).
     """
     names = [name for name, _ in model.named_parameters()]
     if head_modules is not None:
@@ -37,19 +35,20 @@ def find_head_parameters(model: nn.Module, head_modules: Sequence[str] | None = 
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     lm_head = {id(p) for p in output_embeddings.parameters()} if output_embeddings is not None else set()
     params = dict(model.named_parameters())
-    head = [n for n in names if not n.startswith(prefix) and id(params[n]) not in lm_head]
-    head += [n for n in names if n.startswith(prefix) and n[len(prefix) :] in _BACKBONE_HEAD_SUFFIXES]
-    return head
+    return [n for n in names if not n.startswith(prefix) and id(params[n]) not in lm_head]
 
 
 def _parameters_of_modules(model: nn.Module, names: list[str], head_modules: Sequence[str]) -> list[str]:
     modules = dict(model.named_modules())
     selected: list[str] = []
-    for module_name in head_modules:
-        if module_name not in modules:
+    for entry in head_modules:
+        if entry in names:
+            selected.append(entry)
+        elif entry in modules:
+            selected += [n for n in names if n.startswith(entry + ".")]
+        else:
             raise BeftConfigError(
-                f"head_modules names {module_name!r}, which is not a module of {type(model).__name__}. "
-                f"Top-level modules: {', '.join(n for n, _ in model.named_children())}."
+                f"head_modules names {entry!r}, which is neither a module nor a parameter of "
+                f"{type(model).__name__}. Top-level modules: {', '.join(n for n, _ in model.named_children())}."
             )
-        selected += [n for n in names if n.startswith(module_name + ".")]
-    return selected
+    return list(dict.fromkeys(selected))

@@ -21,12 +21,14 @@ logger = logging.getLogger(__name__)
 #: File name of the run's settings inside each checkpoint folder.
 RUN_SETTINGS_NAME = "beft_run.json"
 def run_settings(
-    group_names: list[str], beft_config: BeftConfig, selection: SelectionConfig | None
+    group_names: list[str], beft_config: BeftConfig, selection: SelectionConfig | None, head: list[str]
 ) -> dict[str, Any]:
-    """The settings a checkpoint records: the parameter groups, ``BeftConfig`` and the selection options."""
+    """The settings a checkpoint records: the parameter groups, the head's parameter names, ``BeftConfig``
+    and the selection options."""
     bias_types = beft_config.bias_types
     return {
         "parameter_groups": list(group_names),
+        "head_parameters": sorted(head),
         "beft_config": {
             "bias_types": bias_types if isinstance(bias_types, str) else list(bias_types or []),
             "head_modules": list(beft_config.head_modules) if beft_config.head_modules is not None else None,
@@ -75,7 +77,10 @@ def check_resume(checkpoint: str, settings: dict[str, Any]) -> None:
     if not isinstance(recorded, dict):
         raise ResumeError(f"{path} is not a settings object; resume from another checkpoint.")
     before, now = _flatten(recorded), _flatten(settings)
-    changed = [key for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)]
+    unrecorded = sorted(now.keys() - before.keys())
+    if unrecorded:
+        logger.warning("%s (an older beft-trainer) does not record %s: not compared.", path, ", ".join(unrecorded))
+    changed = [key for key in sorted(before.keys()) if before.get(key) != now.get(key)]
     if changed:
         details = "; ".join(f"{key}: checkpoint {before.get(key)!r}, this run {now.get(key)!r}" for key in changed)
         raise ResumeError(

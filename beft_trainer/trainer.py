@@ -222,7 +222,8 @@ class BeftTrainer(Trainer):
     def run_settings(self) -> dict[str, Any]:
         """What shaped this run (parameter groups, BeftConfig, selection options), stored with each checkpoint."""
         selection = self.selection_callback.config if self.selection_callback is not None else None
-        return run_settings(list(self.parameter_groups), self.beft_config, selection)
+        head = head_parameter_names(self.parameter_groups)
+        return run_settings(list(self.parameter_groups), self.beft_config, selection, head)
 
     def _get_learning_rate(self) -> float:
         """Override: the rate of the first group that still trains (the first group may be frozen)."""

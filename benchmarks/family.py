@@ -136,6 +136,44 @@ def run_key(record: dict) -> tuple:
     return (record["model"], record["task"], record["method"], record["seed"], record["lr"], record["steps"])
 
 
+def _non_default(options: dict | None, config_class) -> dict:
+    """``options`` without the values ``config_class`` takes by default (spelled out or not, the same run)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    return {k: v for k, v in (options or {}).items() if k not in defaults or defaults[k] != v}
+
+
+def check_one_setting(records: list[dict], path: Path) -> None:
+    """Refuse runs of one method on one task made with two settings in one file: the report would average them as one."""
+    settings: dict[tuple, str] = {}
+    for r in records:
+        key = (r["model"], r["task"], r["method"], r["steps"])
+        options = {"config": _non_default(r.get("config"), BeftConfig), "selection": _non_default(r.get("selection"), SelectionConfig)}
+        setting = json.dumps(options, sort_keys=True)
+        if settings.setdefault(key, setting) != setting:
+            raise SystemExit(
+                f"{path}: {r['method']} on {r['task']} ({r['steps']} steps) with {setting}, where the file's runs have "
+                f"{settings[key]}: one setting per runs file, pass another --runs."
+            )
+
+
+def check_runs_setting(opts) -> None:
+    """The grid's runs would join the file's runs of the same methods only with the same options."""
+    existing = read_jsonl(opts.runs) if Path(opts.runs).exists() else []
+    planned = [
+        {
+            "model": opts.model,
+            "task": task,
+            "method": method,
+            "steps": opts.steps,
+            "config": opts.config_option or None,
+            "selection": selection_options(method, opts.selection_option),
+        }
+        for task in opts.tasks
+        for method in opts.methods
+    ]
+    check_one_setting(existing + planned, opts.runs)
+
+
 def run_grid(opts) -> None:
     """Every (task, seed, method) not yet in ``--runs``: seed-major, then task, so partial grids are balanced.
 
@@ -345,6 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     if opts.mode == "figure" and (not opts.panels or opts.out is None):
         raise SystemExit("figure: give --panels TASK:STEPS:RUNS [...] and --out PREFIX (writes PREFIX.png).")
     opts.out = opts.out or default_out(opts.model)
+    if opts.mode == "run":
+        check_runs_setting(opts)  # before any worker starts
     if opts.mode == "run" and opts.workers > 1:
         run_workers(opts.workers, sys.argv[1:] if argv is None else argv)
     elif opts.mode == "run":

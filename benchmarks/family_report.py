@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 
 from common import ROOT, TASKS, hardware, metric_name, read_jsonl
-from family import BASELINES, FAMILY, METHODS, SELECTIONS, build_parser, default_out, default_runs
+from family import BASELINES, FAMILY, METHODS, SELECTIONS, build_parser, check_one_setting, default_out, default_runs
 
 from beft_trainer import BeftConfig, SelectionConfig
 from beft_trainer.biases import SCALING_TYPES
@@ -428,6 +428,9 @@ def _selected(cell: dict) -> str:
     return ", ".join(cell["selected"]) if cell["selected"] else "–"
 
 
+#: BERT's pooler bias: in the head of the papers' code and of beft-trainer before 2026-11-24.
+POOLER_BIAS = "bert.pooler.dense.bias"
+
 #: The options an ablation may change: the record's key -> the run's flag, the class whose defaults they override.
 OPTION_SETS = {"selection": ("--selection-option", SelectionConfig), "config": ("--config-option", BeftConfig)}
 
@@ -442,7 +445,14 @@ def _changed_options(
 
     before, after = options(records), options(ablation)
     defaults = {f.name: f.default for f in dataclasses.fields(OPTION_SETS[key][1])}
-    return [f"{k}={json.dumps(v)}" for k, v in sorted(after.items()) if before.get(k, defaults.get(k)) != v]
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k, defaults.get(k)) != after.get(k, defaults.get(k)))
+    return [f"{k}={json.dumps(after.get(k, defaults.get(k)))}" for k in changed]
+
+
+def _config_options(runs: list[dict], task: str, method: str) -> tuple[str, ...]:
+    """Every ``--config-option`` the runs of ``method`` on ``task`` were made with (one setting per runs file)."""
+    config = next((r.get("config") or {} for r in runs if r["task"] == task and r["method"] == method), {})
+    return tuple(f"{k}={json.dumps(v)}" for k, v in sorted(config.items()))
 
 
 def _changes(records: list[dict], ablation: list[dict], task: str, method: str) -> dict[str, tuple[str, ...]]:
@@ -462,11 +472,47 @@ def _setting_arguments(opts) -> list[str]:
     ]
 
 
-def _run_command(opts, device: str) -> str:
-    """How the grid ran: one worker per core on the CPU; on a lent GPU, benchmarks/h100.sh's device calls."""
+def _run_command(opts, device: str, records: list[dict]) -> str:
+    """How the grid ran: one worker per core on the CPU (a command per ``--config-option`` setting of its
+    methods); on a lent GPU, benchmarks/h100.sh's device calls."""
     if device != "cpu":
         return "`bash benchmarks/h100.sh family` (device calls of 14 workers each, resuming the runs file)"
-    return f"`nice python benchmarks/family.py run --model {opts.model}{_grid_arguments(opts, 'run')} --workers 2` (one worker per core)"
+    methods_by_config = _methods_by_config(records)
+    base = f"nice python benchmarks/family.py run --model {opts.model}{_grid_arguments(opts, 'run')}"
+    if list(methods_by_config) == [()]:
+        return f"`{base} --workers 2` (one worker per core)"
+    commands = [
+        f"`{base} --methods {' '.join(methods)}"
+        + (f" --config-option {' '.join(map(shlex.quote, config))}" if config else "")
+        + " --workers 2`"
+        for config, methods in methods_by_config.items()
+    ]
+    return ", ".join(commands) + " (one worker per core)"
+
+
+def _config_note(records: list[dict]) -> list[str]:
+    """A paragraph naming the BeftConfig options of the runs that were not made with the defaults."""
+    notes = [
+        f"{', '.join(methods)}: `{' '.join(config)}`" for config, methods in _methods_by_config(records).items() if config
+    ]
+    if not notes:
+        return []
+    head = (
+        " `head_modules` naming BERT's pooler bias is the head of the BEFT/BitFit papers' code and beft-trainer's "
+        "default until 2026-11-24 (today's default head is the classifier alone)."
+    )
+    pooler = any(POOLER_BIAS in ((r.get("config") or {}).get("head_modules") or []) for r in records)
+    return [f"BeftConfig options of these runs (others: the defaults): {'; '.join(notes)}.{head if pooler else ''}", ""]
+
+
+def _methods_by_config(records: list[dict]) -> dict[tuple[str, ...], list[str]]:
+    """The grid's methods by the ``--config-option`` options their runs were made with."""
+    methods_by_config: dict[tuple[str, ...], list[str]] = {}
+    for method in METHODS:
+        runs = [r for r in records if r["method"] == method]
+        if runs:
+            methods_by_config.setdefault(_config_options(runs, runs[0]["task"], method), []).append(method)
+    return methods_by_config
 
 
 def _grid_arguments(opts, mode: str) -> str:
@@ -489,7 +535,8 @@ def _ablation_command(opts, path: Path, records: list[dict], ablation: list[dict
     for task, method in sorted({(r["task"], r["method"]) for r in ablation}):
         if not any(r["task"] == task and r["method"] == method for r in records):
             continue  # not in the main grid: nothing to compare with
-        change = tuple(_changes(records, ablation, task, method).items())
+        # The ablation's whole config, not only what changed: its runs cannot rely on the main grid's options.
+        change = tuple((_changes(records, ablation, task, method) | {"--config-option": _config_options(ablation, task, method)}).items())
         if method not in methods_by_change.setdefault(change, []):
             methods_by_change[change].append(method)
     setting = "".join(f" {a}" for a in _setting_arguments(opts))
@@ -658,6 +705,8 @@ def report(records: list[dict], opts) -> None:
     summary = summarize(records)
     tasks = [t for t in TASKS if t in summary]
     ablations = {path: [r for r in read_jsonl(path) if r["steps"] == opts.steps] for path in opts.ablation}
+    for path, runs in [(opts.runs, records), *ablations.items()]:
+        check_one_setting(runs, path)
     rows = score_analysis(records + [r for runs in ablations.values() for r in runs], opts.probe_steps)
     r0 = records[0]
     setting = (
@@ -671,7 +720,8 @@ def report(records: list[dict], opts) -> None:
         f"Hardware: {r0.get('hardware', hardware())}. Setting: {setting}. Scores x100, mean ± std over seeds "
         "(n = seeds run so far), full validation split.",
         "",
-        f"Command: {_run_command(opts, r0.get('device', 'cpu'))}, then `python benchmarks/family.py report --model "
+        *_config_note(records),
+        f"Command: {_run_command(opts, r0.get('device', 'cpu'), records)}, then `python benchmarks/family.py report --model "
         f"{opts.model}{_grid_arguments(opts, 'report')}{_ablation_arguments(opts.ablation)}`.",
         "",
         "## Quality per method",

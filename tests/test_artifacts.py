@@ -80,6 +80,19 @@ def selected_run(tmp_path_factory):
     return trainer, tmp_path / "adapter", logits(trainer.model)
 
 
+#: The head of the BEFT/BitFit papers' code: the classifier and BERT's pooler bias, a backbone bias.
+POOLER_HEAD = ("classifier", "bert.pooler.dense.bias")
+
+
+@pytest.fixture(scope="module")
+def pooler_head_run(tmp_path_factory):
+    """A selection run whose head holds a backbone bias (BERT's pooler), its adapter folder and logits."""
+    tmp_path = tmp_path_factory.mktemp("pooler")
+    trainer = train(tmp_path, tiny_bert(), head_modules=POOLER_HEAD)
+    trainer.save_adapter(tmp_path / "adapter")
+    return trainer, tmp_path / "adapter", logits(trainer.model)
+
+
 def test_round_trip_is_bit_identical(selected_run):
     trainer, folder, expected = selected_run
     base = tiny_bert()
@@ -99,7 +112,7 @@ def test_adapter_holds_selected_type_and_head_only(selected_run):
     selected = read_report(os.path.join(trainer.args.output_dir, REPORT_NAME)).selected
     assert metadata.selected == selected == list(metadata.bias_groups)
     assert set(adapter.deltas) == set(trainer.bias_layout.names(selected))
-    assert set(adapter.head) == {"classifier.weight", "classifier.bias", "bert.pooler.dense.bias"}
+    assert set(adapter.head) == {"classifier.weight", "classifier.bias"}  # the pooler is the backbone's
     assert metadata.parameter_count == trainer.count_parameters() == adapter.parameter_count
     assert metadata.file_size == os.path.getsize(folder / ADAPTER_WEIGHTS_NAME) < 4096
     assert metadata.model_type == "bert" and metadata.score == "projection" and metadata.num_labels == 2
@@ -513,13 +526,16 @@ def test_nothing_is_unpickled(selected_run, monkeypatch):
 # -- peft -------------------------------------------------------------------------------------
 
 
-def test_peft_export_loads_with_same_outputs(tmp_path, selected_run):
+@pytest.mark.parametrize("run", ["selected_run", "pooler_head_run"])
+def test_peft_export_loads_with_same_outputs(tmp_path, request, run):
     peft = pytest.importorskip("peft")
-    _, folder, expected = selected_run
-    out = export_peft(folder, tmp_path / "peft", base_model=tiny_bert())
+    _, folder, expected = request.getfixturevalue(run)
+    # Only a backbone head bias (the pooler's) is exported as a delta and so needs the base model.
+    out = export_peft(folder, tmp_path / "peft", base_model=tiny_bert() if run == "pooler_head_run" else None)
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "BEFT" and config["task_type"] == "SEQ_CLS"
-    assert "bert.pooler.dense" in config["target_modules"] and config["modules_to_save"] == ["classifier"]
+    assert ("bert.pooler.dense" in config["target_modules"]) == (run == "pooler_head_run")
+    assert config["modules_to_save"] == ["classifier"]
     peft_model = peft.PeftModel.from_pretrained(tiny_bert(), out)
     torch.testing.assert_close(logits(peft_model), expected, rtol=0, atol=1e-6)
     # peft adds the delta after the layer, or to the bias once merged: float rounding apart, the same.
@@ -538,10 +554,17 @@ def test_peft_export_from_trainer(tmp_path):
         torch.testing.assert_close(param, trained[name], rtol=2.5e-7, atol=1e-9)
 
 
-def test_peft_export_needs_base_model_for_pooler(tmp_path, selected_run):
-    _, folder, _ = selected_run
+def test_peft_export_needs_base_model_for_pooler(tmp_path, pooler_head_run):
+    _, folder, _ = pooler_head_run
     with pytest.raises(PeftExportError, match="pooler.*base_model="):
         export_peft(folder, tmp_path / "peft")
+    with pytest.raises(AdapterError, match="not the base model"):
+        export_peft(folder, tmp_path / "peft", base_model=tiny_bert(seed=1))
+
+
+def test_peft_export_checks_a_given_base_model_even_where_it_needs_none(tmp_path, selected_run):
+    pytest.importorskip("peft")
+    _, folder, _ = selected_run
     with pytest.raises(AdapterError, match="not the base model"):
         export_peft(folder, tmp_path / "peft", base_model=tiny_bert(seed=1))
 
@@ -584,7 +607,7 @@ def test_minilm_value_adapter_round_trip(tmp_path):
     )
     trainer.train()
     metadata = trainer.save_adapter(tmp_path / "a")
-    assert metadata.parameter_count == 6 * 384 + 2 * 384 + 2 + 384
+    assert metadata.parameter_count == 6 * 384 + 2 * 384 + 2  # v biases and the classifier, as peft.BeftConfig
     assert metadata.file_size < 32_000
     torch.manual_seed(123)  # a different random head: the adapter must replace it
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
@@ -603,8 +626,9 @@ def test_bitfit_adapter_keeps_head_biases_as_head_and_reloads_exactly(tmp_path):
     trainer.train()
     trainer.save_model(str(tmp_path / "out"))
     stored = load_file(str(tmp_path / "out" / ADAPTER_WEIGHTS_NAME))
-    # Random at init, so stored in full, never as a delta against a fresh base.
-    assert "head/classifier.bias" in stored and "head/bert.pooler.dense.bias" in stored
+    # The classifier is random at init, so stored in full, never as a delta against a fresh base;
+    # the pooler bias is the backbone's, a BitFit delta like every other bias.
+    assert "head/classifier.bias" in stored and "bias/bert.pooler.dense.bias" in stored
     assert "bias/classifier.bias" not in stored and "bias/bert.embeddings.LayerNorm.bias" in stored
     fresh = tiny_bert()
     load_adapter(fresh, str(tmp_path / "out"))

@@ -99,7 +99,7 @@ def test_unknown_architecture_is_a_clear_error():
 @pytest.mark.parametrize(
     ("model_type", "expected"),
     [
-        ("bert", ["classifier.weight", "classifier.bias", "bert.pooler.dense.bias"]),
+        ("bert", ["classifier.weight", "classifier.bias"]),  # the pooler is the backbone's
         (
             "roberta",
             [
@@ -132,5 +132,11 @@ def test_explicit_head_modules_and_unknown_module():
     assert find_head_parameters(model, ["classifier"]) == ["classifier.weight", "classifier.bias"]
     from beft_trainer import BeftConfigError
 
-    with pytest.raises(BeftConfigError, match="not a module"):
+    with pytest.raises(BeftConfigError, match="neither a module nor a parameter"):
         find_head_parameters(model, ["score"])
+
+
+def test_head_modules_may_name_parameters_once_each():
+    model = tiny_model("bert")
+    paper_head = ["classifier", "bert.pooler.dense.bias", "classifier.bias"]
+    assert find_head_parameters(model, paper_head) == ["classifier.weight", "classifier.bias", "bert.pooler.dense.bias"]

@@ -10,7 +10,7 @@ import torch
 import transformers as tf
 from helpers import TokenDataset, tiny_bert, training_args
 
-from beft_trainer import BeftTrainer, BiasSelectionCallback
+from beft_trainer import BeftConfig, BeftTrainer, BiasSelectionCallback
 from beft_trainer.cli import main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,7 +65,7 @@ def test_inspect_local_model(trained, capsys):
     assert set(rows) == biases | scalings
     assert rows["v"][1:4] == ["bias", "2", "32"] and rows["ln"][1:4] == ["bias", "4", "64"]  # 2 LayerNorms a layer
     assert rows["mlp_in_scale_in"][1:4] == ["scale", "2", "32"] and rows["mlp_in_scale_out"][1:4] == ["scale", "2", "64"]
-    assert "classifier.weight [2, 16]" in out and "bert.pooler.dense.bias [16]" in out
+    assert "classifier.weight [2, 16]" in out and "bert.pooler.dense.bias" not in out  # the pooler: backbone
     assert "candidates for BiasSelectionCallback: q, k, v, attn_out, mlp_in, mlp_out, ln, q_scale_in," in out
 
 
@@ -102,11 +102,26 @@ def test_export_peft_errors(trained, tmp_path, capsys):
         main(["export-peft", str(root / "out"), str(tmp_path / "peft"), "--base-model", str(tmp_path / "other")]) == 1
     )
     assert "not the base model" in capsys.readouterr().err
-    config = json.loads((root / "out" / "beft_adapter.json").read_text())
+
+
+def test_export_peft_needs_the_base_model_only_for_a_backbone_head_bias(trained, tmp_path, capsys):
+    root, _ = trained
+    assert main(["export-peft", str(root / "out"), str(tmp_path / "default")]) == 0  # classifier only: no delta
+    paper_head = BeftConfig(head_modules=("classifier", "bert.pooler.dense.bias"))
+    trainer = BeftTrainer(
+        tf.AutoModelForSequenceClassification.from_pretrained(root / "base"),
+        training_args(tmp_path / "pooler", max_steps=2),
+        train_dataset=TokenDataset(),
+        beft_config=paper_head,
+    )
+    trainer.train()
+    trainer.save_adapter()
+    config = json.loads((tmp_path / "pooler" / "beft_adapter.json").read_text())
     moved = tmp_path / "moved"
     moved.mkdir()
-    (moved / "adapter.safetensors").write_bytes((root / "out" / "adapter.safetensors").read_bytes())
+    (moved / "adapter.safetensors").write_bytes((tmp_path / "pooler" / "adapter.safetensors").read_bytes())
     (moved / "beft_adapter.json").write_text(json.dumps(config | {"base_model": "org/hub-model"}))
+    capsys.readouterr()
     assert main(["export-peft", str(moved), str(tmp_path / "peft")]) == 1
     assert "--base-model" in capsys.readouterr().err
 

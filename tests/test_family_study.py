@@ -264,12 +264,13 @@ def test_an_ablation_is_compared_on_the_seeds_both_sides_have_run():
 def test_config_options_reach_the_librarys_methods_and_are_refused_elsewhere_in_one_line(tmp_path):
     from helpers import tiny_model, training_args
 
-    opts = family.build_parser().parse_args(["run", "--methods", "v", "--config-option", 'head_modules=["classifier"]'])
+    paper_head = 'head_modules=["classifier", "bert.pooler.dense.bias"]'
+    opts = family.build_parser().parse_args(["run", "--methods", "v", "--config-option", paper_head])
     opts.config_option = family.parse_config_options(opts.config_option, opts.methods)
     trainer = family.build_trainer("v", tiny_model("bert"), training_args(tmp_path), opts)
     trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     value_biases = {f"bert.encoder.layer.{i}.attention.self.value.bias" for i in (0, 1)}
-    assert trained == value_biases | {"classifier.weight", "classifier.bias"}  # the pooler bias left out
+    assert trained == value_biases | {"classifier.weight", "classifier.bias", "bert.pooler.dense.bias"}
     for items, methods, message in (
         (['head_modules=["classifier"]'], ["v", "lora"], "lora do not read BeftConfig"),
         (["bias_types=v"], ["v"], "OPTION among head_modules"),  # --methods says what trains
@@ -301,3 +302,58 @@ def test_the_best_single_type_is_found_on_seeds_every_type_ran_even_when_they_ra
     ]
     best = family_report.best_single_type("auto_family_0.1%", [0, 1, 2], records, "sst2")
     assert best == {"type": "v", "mean": 75.0, "run": 2, "eligible": 2, "seeds": [0]}
+
+
+PAPER_HEAD = {"head_modules": ["classifier", "bert.pooler.dense.bias"]}
+
+
+def test_a_runs_file_holds_one_setting_per_method_and_the_grid_refuses_to_mix_in_another(tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    old = _run("v", 0, 76.0, model="minilm", steps=400, config=PAPER_HEAD, selection=None)
+    runs.write_text(json.dumps(old) + "\n")
+
+    def grid(*options):
+        opts = family.build_parser().parse_args(["run", "--methods", "v", "--runs", str(runs), *options])
+        opts.config_option = family.parse_config_options(opts.config_option, opts.methods)
+        return opts
+
+    family.check_runs_setting(grid("--config-option", json_option(PAPER_HEAD)))  # the file's setting: runs on
+    with pytest.raises(SystemExit, match=r"v on sst2 \(400 steps\) with .*config\": \{\}.* one setting per runs file"):
+        family.main(["run", "--methods", "v", "--runs", str(runs)])  # today's default head: refused before any run
+    spelled_out = old | {"seed": 1, "selection": {"scale_probe_learning_rate": True}}  # a default: the same setting
+    family.check_one_setting([old, spelled_out], runs)
+    mixed = [old, old | {"seed": 1, "config": None}]
+    with pytest.raises(SystemExit, match="one setting per runs file"):
+        family_report.report(mixed, family.build_parser().parse_args(["report", "--runs", str(runs)]))
+
+
+def json_option(config: dict) -> str:
+    return "".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+
+
+def test_the_grid_command_repeats_each_methods_config_options(tmp_path):
+    records = [_run("v", 0, 76.0, config=PAPER_HEAD), _run("lora", 0, 80.0, config=None)]
+    opts = family.build_parser().parse_args(["report"])
+    opts.runs, opts.out = family.default_runs("minilm"), family.default_out("minilm")  # as main() sets them
+    command = family_report._run_command(opts, "cpu", records)
+    v_command, lora_command = (c.strip("`") for c in command.removesuffix(" (one worker per core)").split("`, `"))
+    assert lora_command.endswith("--methods lora --workers 2")
+    parsed = family.build_parser().parse_args(shlex.split(v_command)[3:])
+    assert parsed.methods == ["v"] and family.parse_config_options(parsed.config_option, parsed.methods) == PAPER_HEAD
+    note = family_report._config_note(records)[0]
+    assert note.startswith('BeftConfig options of these runs (others: the defaults): v: `head_modules=["classifier",')
+    assert "default until 2026-11-24" in note
+    assert family_report._config_note([_run("lora", 0, 80.0)]) == []
+
+
+def test_an_ablation_back_to_a_default_names_it_and_its_command_carries_its_whole_config(tmp_path):
+    main = [_run("v", 0, 76.0, config=PAPER_HEAD)]
+    default_head = [_run("v", 0, 77.0, config=None)]
+    assert family_report._changes(main, default_head, "sst2", "v")["--config-option"] == ("head_modules=null",)
+    other_score = [_run("auto_family_0.02%", 0, 77.0, config=PAPER_HEAD, selection={"score": "movement"})]
+    main.append(_run("auto_family_0.02%", 0, 76.0, config=PAPER_HEAD, selection={"score": "attribution"}))
+    opts = family.build_parser().parse_args(["report"])
+    command = family_report._ablation_command(opts, tmp_path / "abl.jsonl", main, other_score)
+    parsed = family.build_parser().parse_args(shlex.split(command)[3:])
+    assert family.parse_config_options(parsed.config_option, parsed.methods) == PAPER_HEAD  # unchanged, still repeated
+    assert family.parse_selection_options(parsed.selection_option) == {"score": "movement"}

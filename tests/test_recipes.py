@@ -137,8 +137,8 @@ def bias_count(bias_types_per_layer: int) -> int:
     return bias_types_per_layer * LAYERS * HIDDEN
 
 
-#: The BERT head that trains with the biases: classifier weight + bias, and the pooler bias.
-BERT_HEAD = HIDDEN * LABELS + LABELS + HIDDEN
+#: The BERT head that trains with the biases: classifier weight + bias (the pooler is the backbone's).
+BERT_HEAD = HIDDEN * LABELS + LABELS
 
 
 def free_port() -> int:

@@ -67,6 +67,28 @@ def test_resume_with_other_fixed_bias_types_is_refused(tmp_path):
     run(("v",)).train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))  # the same settings resume
 
 
+def _fixed_run(output_dir, **config):
+    config = BeftConfig(bias_types=("v",), **config)
+    return BeftTrainer(tiny_bert(), _checkpointing_args(output_dir), beft_config=config, train_dataset=TokenDataset())
+
+
+def test_resume_with_another_head_is_refused_by_its_parameters(tmp_path):
+    _fixed_run(tmp_path, head_modules=("classifier", "bert.pooler.dense.bias")).train()
+    with pytest.raises(ResumeError, match="head_parameters: checkpoint \\[.*'bert.pooler.dense.bias'"):
+        _fixed_run(tmp_path).train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
+def test_a_setting_an_older_checkpoint_does_not_record_is_not_compared(tmp_path, caplog):
+    _fixed_run(tmp_path).train()
+    path = tmp_path / "checkpoint-4" / "beft_run.json"
+    settings = json.loads(path.read_text())
+    del settings["head_parameters"]
+    path.write_text(json.dumps(settings))
+    with caplog.at_level(logging.WARNING, logger="beft_trainer.resume"):
+        _fixed_run(tmp_path).train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert "does not record head_parameters: not compared" in caplog.text
+
+
 def test_resume_true_takes_the_last_checkpoint_and_checks_it(tmp_path):
     _selection_run(tmp_path).train()
     with pytest.raises(ResumeError, match="selection.top_k"):

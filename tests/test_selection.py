@@ -33,8 +33,9 @@ def test_report_has_every_score_for_every_candidate(tmp_path):
             assert isinstance(entry[score], float)
             assert list(entry["per_layer"][score]) == ["0", "1"]
     counts = report["trainable_parameters"]
-    # q, k, v biases (3 x 2 x 16) + classifier (2x16 + 2) + pooler bias (16) before; one type after.
-    assert counts == {"before": 146, "after": 82, "total": 6354}
+    # q, k, v biases (3 x 2 x 16) + classifier (2x16 + 2) before; one type after. The pooler bias is
+    # the backbone's: frozen.
+    assert counts == {"before": 130, "after": 66, "total": 6354}
 
 
 def test_key_bias_is_inert_and_never_selected(tmp_path):

@@ -134,24 +134,29 @@ def test_a_budget_below_every_candidate_is_refused_before_any_step(tmp_path):
     assert trainer.state.global_step == 0
 
 
-def _trained_adapter(tmp_path, vector_types, model_type="bert"):
+def _trained_adapter(tmp_path, vector_types, model_type="bert", **config):
     model = tiny_model(model_type) if model_type != "bert" else tiny_bert()
     trainer = BeftTrainer(
         model,
         training_args(tmp_path / "run", max_steps=3),
-        beft_config=BeftConfig(bias_types=vector_types),
+        beft_config=BeftConfig(bias_types=vector_types, **config),
         train_dataset=TokenDataset(),
     )
     trainer.train()
     return model, trainer.build_adapter()
 
 
-def test_input_scalings_export_to_peft_ia3_with_the_same_outputs(tmp_path):
+@pytest.mark.parametrize("head_modules", [None, ("classifier", "bert.pooler.dense.bias")])
+def test_input_scalings_export_to_peft_ia3_with_the_same_outputs(tmp_path, head_modules):
     peft = pytest.importorskip("peft")
-    model, adapter = _trained_adapter(tmp_path, ("v_scale_in", "mlp_out_scale_in"))
-    with pytest.raises(PeftExportError, match="pass base_model="):
-        export_peft(adapter, tmp_path / "no-base")
-    export_peft(adapter, tmp_path / "ia3", base_model=tiny_bert())
+    types = ("v_scale_in", "mlp_out_scale_in")
+    model, adapter = _trained_adapter(tmp_path, types, head_modules=head_modules)
+    if head_modules is None:  # the classifier alone: nothing of the base model is needed
+        export_peft(adapter, tmp_path / "ia3")
+    else:  # a trained pooler bias: peft saves the whole pooler, its weight from the base model
+        with pytest.raises(PeftExportError, match="pass base_model="):
+            export_peft(adapter, tmp_path / "no-base")
+        export_peft(adapter, tmp_path / "ia3", base_model=tiny_bert())
     loaded = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "ia3")
     assert isinstance(loaded.peft_config["default"], peft.IA3Config)
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-5, atol=1e-6)

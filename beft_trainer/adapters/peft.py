@@ -83,20 +83,20 @@ def export_peft(
     Args:
         source: a ``BeftAdapter`` (``trainer.build_adapter()``) or the folder of a saved adapter.
         out_dir: the peft adapter folder to write.
-        base_model: the adapter's base model. Needed when the head includes a bias inside the
-            backbone (BERT's pooler bias): peft gets it as one more BEFT delta, against the
-            base model's value. The base model is checked like ``load_adapter`` checks it.
-        overwrite: replace the files of a non-empty ``out_dir``; by default a folder that holds
-            anything (another adapter, someone's files) is refused before anything is written.
+        base_model: the adapter's base model, always checked as ``load_adapter`` checks it. Needed when
+            the head holds a backbone bias (BERT's pooler bias named in ``head_modules``): peft gets
+            it as one more BEFT delta, against the base model's value.
+        overwrite: replace the files of a non-empty ``out_dir`` (by default refused before anything is written).
 
-    ``PeftModel.from_pretrained(base_model, out_dir)`` then gives the trained model's outputs
-    (to float rounding: peft adds each float32 delta after the layer, and where a bias crossed
-    zero the merged bias can land one ulp away; ``beft_trainer.load_adapter`` is the bit-exact
-    path). Raises ``PeftExportError`` if the adapter holds biases peft cannot represent, or if
-    ``out_dir`` is not empty and ``overwrite`` is False.
+    ``PeftModel.from_pretrained(base_model, out_dir)`` then gives the trained model's outputs (to float
+    rounding: peft adds each float32 delta after the layer, and where a bias crossed zero the merged bias
+    can land one ulp away; ``beft_trainer.load_adapter`` is the bit-exact path). Raises ``PeftExportError``
+    if the adapter holds biases peft cannot represent, or if ``out_dir`` is not empty and ``overwrite`` is False.
     """
     peft = _import_peft()
     adapter = _as_adapter(source)
+    if base_model is not None:  # a given base model must be the adapter's, even where the export reads nothing of it
+        _checked_base_model(adapter, [], base_model, "")
     if adapter.metadata.scaling_types:
         return _export_ia3(peft, adapter, os.fspath(out_dir), base_model, overwrite)
     reasons = peft_unsupported(adapter)
