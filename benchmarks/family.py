@@ -136,10 +136,25 @@ def run_key(record: dict) -> tuple:
     return (record["model"], record["task"], record["method"], record["seed"], record["lr"], record["steps"])
 
 
-def _non_default(options: dict | None, config_class) -> dict:
+def non_default_options(options: dict | None, config_class) -> dict:
     """``options`` without the values ``config_class`` takes by default (spelled out or not, the same run)."""
     defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
     return {k: v for k, v in (options or {}).items() if k not in defaults or defaults[k] != v}
+
+
+def shared_baselines(path: Path, records: list[dict], model: str) -> list[dict]:
+    """The runs in ``path`` of ``model``'s methods that read no BeftConfig option, for those ``records`` lacks:
+    no ``--config-option`` changes them, so any grid of the same setting may report them."""
+    have = {r["method"] for r in records}
+    runs = read_jsonl(path) if Path(path).exists() else []
+    if not runs:
+        raise SystemExit(f"--baselines {path}: no runs there.")
+    return [r for r in runs if r["model"] == model and r["method"] not in LIBRARY_METHODS and r["method"] not in have]
+
+
+def config_key(record: dict) -> str:
+    """The BeftConfig options a run was made with (defaults left out), as a key: runs of other options are other runs."""
+    return json.dumps(non_default_options(record.get("config"), BeftConfig), sort_keys=True)
 
 
 def check_one_setting(records: list[dict], path: Path) -> None:
@@ -147,7 +162,7 @@ def check_one_setting(records: list[dict], path: Path) -> None:
     settings: dict[tuple, str] = {}
     for r in records:
         key = (r["model"], r["task"], r["method"], r["steps"])
-        options = {"config": _non_default(r.get("config"), BeftConfig), "selection": _non_default(r.get("selection"), SelectionConfig)}
+        options = {"config": non_default_options(r.get("config"), BeftConfig), "selection": non_default_options(r.get("selection"), SelectionConfig)}
         setting = json.dumps(options, sort_keys=True)
         if settings.setdefault(key, setting) != setting:
             raise SystemExit(
@@ -341,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         help="report: runs files of methods with other --selection-option or --config-option values, compared in a table",
+    )
+    p.add_argument(
+        "--baselines",
+        type=Path,
+        default=None,
+        help="report: a runs file to take the methods no --config-option reaches (full, lora, ia3, prompt_tuning, "
+        "peft_beft) from, where --runs has none of them",
     )
     p.add_argument(
         "--out", type=Path, default=None, help="report prefix (default: results/family_<model>_<cpu or gpu model>)"

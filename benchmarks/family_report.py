@@ -13,7 +13,18 @@ import statistics
 from pathlib import Path
 
 from common import ROOT, TASKS, hardware, metric_name, read_jsonl
-from family import BASELINES, FAMILY, METHODS, SELECTIONS, build_parser, check_one_setting, default_out, default_runs
+from family import (
+    BASELINES,
+    FAMILY,
+    METHODS,
+    SELECTIONS,
+    build_parser,
+    check_one_setting,
+    config_key,
+    default_out,
+    default_runs,
+    shared_baselines,
+)
 
 from beft_trainer import BeftConfig, SelectionConfig
 from beft_trainer.biases import SCALING_TYPES
@@ -104,7 +115,10 @@ def score_analysis(records: list[dict], probe_steps: int) -> list[dict]:
     chooses among), and over a family probe's bias types (decided as soon as those are trained alone,
     before the twelve scaling vectors are).
     """
-    single = {(r["task"], r["seed"], r["method"]): 100 * r["score"] for r in records if r["method"] in FAMILY}
+    # Keyed by the BeftConfig options too: a probe's ground truth is the types trained alone with its head.
+    single = {
+        (r["task"], r["seed"], r["method"], config_key(r)): 100 * r["score"] for r in records if r["method"] in FAMILY
+    }
     budgets = sorted({options["budget"] for options in SELECTIONS.values() if "budget" in options})
     rows, probes = [], set()
     for run in records:
@@ -120,7 +134,8 @@ def score_analysis(records: list[dict], probe_steps: int) -> list[dict]:
         if probe_key(run) in probes:
             continue
         probes.add(probe_key(run))
-        truth = {t: single[(run["task"], run["seed"], t)] for t in eligible if (run["task"], run["seed"], t) in single}
+        keys = {t: (run["task"], run["seed"], t, config_key(run)) for t in eligible}
+        truth = {t: single[key] for t, key in keys.items() if key in single}
         biases = [t for t in eligible if t not in SCALING_TYPES]
         if over_family and 1 < len(biases) < len(eligible) and all(t in truth for t in biases):
             rows += _ranking_rows(run, f"{label}: its {len(biases)} bias types", {t: truth[t] for t in biases})
@@ -140,9 +155,10 @@ def score_analysis(records: list[dict], probe_steps: int) -> list[dict]:
 
 def probe_key(run: dict) -> tuple:
     """What identifies a selection run's probe: selections that differ only by budget or score share one
-    (same task, seed, candidates, probing steps and probing rate), and their stored scores are the same."""
+    (same task, seed, candidates, probing steps, probing rate and BeftConfig options), and their stored scores are
+    the same."""
     full_rate = (run.get("selection") or {}).get("scale_probe_learning_rate") is False
-    return run["task"], run["seed"], len(run["candidate_scores"]), run["probe_steps"], full_rate
+    return run["task"], run["seed"], len(run["candidate_scores"]), run["probe_steps"], full_rate, config_key(run)
 
 
 def _ranking_rows(run: dict, label: str, truth: dict[str, float]) -> list[dict]:
@@ -505,6 +521,14 @@ def _config_note(records: list[dict]) -> list[str]:
     return [f"BeftConfig options of these runs (others: the defaults): {'; '.join(notes)}.{head if pooler else ''}", ""]
 
 
+def _baselines_note(opts, own: list[dict], records: list[dict]) -> list[str]:
+    """Which methods' runs come from ``--baselines``."""
+    borrowed = [m for m in METHODS if any(r["method"] == m for r in records) and not any(r["method"] == m for r in own)]
+    if not borrowed:
+        return []
+    return [f"Runs of {', '.join(borrowed)} (they read no BeftConfig option) from `{_relative(opts.baselines)}`.", ""]
+
+
 def _methods_by_config(records: list[dict]) -> dict[tuple[str, ...], list[str]]:
     """The grid's methods by the ``--config-option`` options their runs were made with."""
     methods_by_config: dict[tuple[str, ...], list[str]] = {}
@@ -522,6 +546,8 @@ def _grid_arguments(opts, mode: str) -> str:
         if mode == "report" or name == "runs":
             if Path(getattr(opts, name)).resolve() != default.resolve():
                 arguments.append(f"--{name} {_relative(getattr(opts, name))}")
+    if mode == "report" and getattr(opts, "baselines", None) is not None:
+        arguments.append(f"--baselines {_relative(opts.baselines)}")
     return "".join(f" {a}" for a in arguments)
 
 
@@ -702,6 +728,9 @@ def report(records: list[dict], opts) -> None:
     records = [r for r in records if r["steps"] == opts.steps]
     if not records:
         raise SystemExit(f"{opts.runs} holds no runs of {opts.steps} steps yet.")
+    own = records
+    if opts.baselines is not None:
+        records = own + [r for r in shared_baselines(opts.baselines, own, opts.model) if r["steps"] == opts.steps]
     summary = summarize(records)
     tasks = [t for t in TASKS if t in summary]
     ablations = {path: [r for r in read_jsonl(path) if r["steps"] == opts.steps] for path in opts.ablation}
@@ -720,8 +749,9 @@ def report(records: list[dict], opts) -> None:
         f"Hardware: {r0.get('hardware', hardware())}. Setting: {setting}. Scores x100, mean ± std over seeds "
         "(n = seeds run so far), full validation split.",
         "",
-        *_config_note(records),
-        f"Command: {_run_command(opts, r0.get('device', 'cpu'), records)}, then `python benchmarks/family.py report --model "
+        *_config_note(own),
+        *_baselines_note(opts, own, records),
+        f"Command: {_run_command(opts, r0.get('device', 'cpu'), own)}, then `python benchmarks/family.py report --model "
         f"{opts.model}{_grid_arguments(opts, 'report')}{_ablation_arguments(opts.ablation)}`.",
         "",
         "## Quality per method",

@@ -100,6 +100,23 @@ def test_the_score_analysis_ranks_all_candidates_and_those_that_fit_the_small_bu
     assert not [run for run, _ in rows if "0.1%" in run]  # every type fits 0.1%: nothing to restrict
 
 
+def test_a_probe_is_compared_with_the_types_trained_alone_with_its_own_head():
+    attribution = {"q": 2.0, "v": 1.0}
+    probe = {"task": "sst2", "seed": 0, "method": "auto_qkv", "inert": [], "selection": {}, "probe_steps": 40}
+    names = ("projection", "magnitude", "fisher", "attribution", "random")
+    scores = {t: dict.fromkeys(names, a) | {"parameters": 10} for t, a in attribution.items()}
+    probe |= {"total_parameters": 1_000, "candidate_scores": scores}
+    with_pooler = probe | {"config": PAPER_HEAD}
+    singles = [
+        {"task": "sst2", "seed": 0, "method": t, "score": score, "config": config}
+        for config, scores in ((PAPER_HEAD, {"q": 0.7, "v": 0.8}), (None, {"q": 0.9, "v": 0.6}))
+        for t, score in scores.items()
+    ]
+    rows = family_report.score_analysis([with_pooler, probe, *singles], probe_steps=40)
+    best = [(r["best"], r["gap"]) for r in rows if r["score"] == "attribution"]
+    assert [(b, round(g, 6)) for b, g in best] == [("v", 10.0), ("q", 0.0)]  # one row per probe, each its own truth
+
+
 def test_the_separation_table_measures_the_spread_among_the_smallest_types_once_per_probe():
     movement = {"q": 10.0, "v": 11.0, "attn_out": 9.0, "mlp_in": 99.0}  # mlp_in is larger: left out
     attribution = {"q": 1.0, "v": 8.0, "attn_out": 2.0, "mlp_in": 50.0}
@@ -357,3 +374,23 @@ def test_an_ablation_back_to_a_default_names_it_and_its_command_carries_its_whol
     parsed = family.build_parser().parse_args(shlex.split(command)[3:])
     assert family.parse_config_options(parsed.config_option, parsed.methods) == PAPER_HEAD  # unchanged, still repeated
     assert family.parse_selection_options(parsed.selection_option) == {"score": "movement"}
+
+
+def test_baselines_come_from_another_grid_only_for_methods_no_config_option_reaches(tmp_path):
+    other = tmp_path / "papers_head_runs.jsonl"
+    rows = [
+        _run(method, 0, 70.0, model="minilm", config=config)
+        for method, config in (("peft_beft", None), ("lora", None), ("v", PAPER_HEAD), ("bitfit", PAPER_HEAD))
+    ]
+    other.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    own = [_run("v", 0, 77.0, model="minilm"), _run("lora", 0, 80.0, model="minilm")]
+    borrowed = family.shared_baselines(other, own, "minilm")
+    assert [r["method"] for r in borrowed] == ["peft_beft"]  # v and bitfit read the head; lora is run here
+    assert family.shared_baselines(other, own, "mpnet") == []
+    with pytest.raises(SystemExit, match="no runs there"):
+        family.shared_baselines(tmp_path / "missing.jsonl", own, "minilm")
+    opts = family.build_parser().parse_args(["report", "--baselines", str(other)])
+    opts.runs, opts.out = family.default_runs("minilm"), family.default_out("minilm")
+    assert family_report._grid_arguments(opts, "report").endswith(f"--baselines {other}")
+    note = family_report._baselines_note(opts, own, own + borrowed)
+    assert note[0] == f"Runs of peft_beft (they read no BeftConfig option) from `{other}`."
