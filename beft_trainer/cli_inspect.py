@@ -60,4 +60,10 @@ def _print_head(model: nn.Module, params: dict[str, nn.Parameter]) -> None:
         print(f"  {name} {list(params[name].shape)}")
     if not head:
         print("  none detected (name it with BeftConfig(head_modules=...))")
+    pooler_bias = f"{getattr(model, 'base_model_prefix', '')}.pooler.dense.bias"
+    if pooler_bias in params and pooler_bias not in head:
+        print(
+            f"  not in it: {pooler_bias} {list(params[pooler_bias].shape)}, the backbone's pooler bias "
+            f"(the BEFT/BitFit papers' head trains it: head_modules=[..., {pooler_bias!r}])"
+        )
     print()
