@@ -291,15 +291,20 @@ def best_single_type(selection: str, seeds: list[int], records: list[dict], task
     """The type trained alone that scores best on average, among those ``selection`` could keep.
 
     Compared on common seeds (seeds differ by more than types do): the selection's ``seeds`` that
-    every eligible type has run where there are any (the complete ground truth), else the most of them
-    that some eligible type has run; ``seeds`` in the result. Types not run on all of them are left
-    out, and ``run``/``eligible`` say how many that leaves.
+    every eligible type has run where there are any (the complete ground truth), else the seeds of
+    one type's runs that the most eligible types have all run (more seeds breaking a tie); ``seeds``
+    in the result. Types not run on all of them are left out, and ``run``/``eligible`` say how many
+    that leaves.
     """
     single = _single_scores(records)
     allowed = eligible_types(selection, records, task)
     covered = {t: [s for s in seeds if (task, t, s) in single] for t in allowed}
     complete = [s for s in seeds if all(s in covered[t] for t in allowed)]
-    common = complete or max(covered.values(), key=len, default=[])
+
+    def types_on(candidate: list[int]) -> int:
+        return sum(set(candidate) <= set(run) for run in covered.values())
+
+    common = complete or max((c for c in covered.values() if c), key=lambda c: (types_on(c), len(c)), default=[])
     if not common:
         return None
     means = {

@@ -321,6 +321,17 @@ def test_the_best_single_type_is_found_on_seeds_every_type_ran_even_when_they_ra
     assert best == {"type": "v", "mean": 75.0, "run": 2, "eligible": 2, "seeds": [0]}
 
 
+def test_the_best_single_type_is_found_on_the_seeds_most_types_ran_before_more_seeds_of_fewer_types():
+    probe = {"candidate_scores": {t: {"parameters": 100} for t in ("q", "k", "v")}, "total_parameters": 10**6}
+    records = [
+        *(_run("auto_family_0.1%", s, 80.0, selected=["q"], **probe) for s in (0, 1, 2)),
+        *(_run("v", s, x) for s, x in ((0, 75.0), (1, 76.0), (2, 77.0))),
+        *(_run("q", s, x) for s, x in ((0, 79.0), (1, 81.0))),  # the best type, not yet run on seed 2
+    ]
+    best = family_report.best_single_type("auto_family_0.1%", [0, 1, 2], records, "sst2")
+    assert best == {"type": "q", "mean": 80.0, "run": 2, "eligible": 3, "seeds": [0, 1]}  # k: none run yet
+
+
 PAPER_HEAD = {"head_modules": ["classifier", "bert.pooler.dense.bias"]}
 
 
