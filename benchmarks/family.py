@@ -153,16 +153,19 @@ def shared_baselines(path: Path, records: list[dict], model: str) -> list[dict]:
 
 
 def config_key(record: dict) -> str:
-    """The BeftConfig options a run was made with (defaults left out), as a key: runs of other options are other runs."""
+    """The BeftConfig options a run was made with (defaults left out), as a key: other options, other runs."""
     return json.dumps(non_default_options(record.get("config"), BeftConfig), sort_keys=True)
 
 
 def check_one_setting(records: list[dict], path: Path) -> None:
-    """Refuse runs of one method on one task made with two settings in one file: the report would average them as one."""
+    """Refuse runs of one method on one task made with two settings in one file: a report would average them."""
     settings: dict[tuple, str] = {}
     for r in records:
         key = (r["model"], r["task"], r["method"], r["steps"])
-        options = {"config": non_default_options(r.get("config"), BeftConfig), "selection": non_default_options(r.get("selection"), SelectionConfig)}
+        options = {
+            "config": non_default_options(r.get("config"), BeftConfig),
+            "selection": non_default_options(r.get("selection"), SelectionConfig),
+        }
         setting = json.dumps(options, sort_keys=True)
         if settings.setdefault(key, setting) != setting:
             raise SystemExit(

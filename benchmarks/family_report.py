@@ -466,8 +466,11 @@ def _changed_options(
 
     before, after = options(records), options(ablation)
     defaults = {f.name: f.default for f in dataclasses.fields(OPTION_SETS[key][1])}
-    changed = sorted(k for k in before.keys() | after.keys() if before.get(k, defaults.get(k)) != after.get(k, defaults.get(k)))
-    return [f"{k}={json.dumps(after.get(k, defaults.get(k)))}" for k in changed]
+    def value(options: dict, key: str):
+        return options.get(key, defaults.get(key))
+
+    changed = sorted(k for k in before.keys() | after.keys() if value(before, k) != value(after, k))
+    return [f"{k}={json.dumps(value(after, k))}" for k in changed]
 
 
 def _config_options(runs: list[dict], task: str, method: str) -> tuple[str, ...]:
@@ -513,9 +516,8 @@ def _run_command(opts, device: str, records: list[dict]) -> str:
 
 def _config_note(records: list[dict]) -> list[str]:
     """A paragraph naming the BeftConfig options of the runs that were not made with the defaults."""
-    notes = [
-        f"{', '.join(methods)}: `{' '.join(config)}`" for config, methods in _methods_by_config(records).items() if config
-    ]
+    by_config = _methods_by_config(records).items()
+    notes = [f"{', '.join(methods)}: `{' '.join(config)}`" for config, methods in by_config if config]
     if not notes:
         return []
     head = (
@@ -567,7 +569,9 @@ def _ablation_command(opts, path: Path, records: list[dict], ablation: list[dict
         if not any(r["task"] == task and r["method"] == method for r in records):
             continue  # not in the main grid: nothing to compare with
         # The ablation's whole config, not only what changed: its runs cannot rely on the main grid's options.
-        change = tuple((_changes(records, ablation, task, method) | {"--config-option": _config_options(ablation, task, method)}).items())
+        config = {"--config-option": _config_options(ablation, task, method)}
+        changes = _changes(records, ablation, task, method) | config
+        change = tuple(changes.items())
         if method not in methods_by_change.setdefault(change, []):
             methods_by_change[change].append(method)
     setting = "".join(f" {a}" for a in _setting_arguments(opts))
