@@ -95,8 +95,8 @@ def export_peft(
     """
     peft = _import_peft()
     adapter = _as_adapter(source)
-    if base_model is not None:  # a given base model must be the adapter's, even where the export reads nothing of it
-        _checked_base_model(adapter, [], base_model, "")
+    if base_model is not None:  # checked once here, even where the export reads nothing of it
+        _check_base_model(adapter, base_model)
     if adapter.metadata.scaling_types:
         return _export_ia3(peft, adapter, os.fspath(out_dir), base_model, overwrite)
     reasons = peft_unsupported(adapter)
@@ -159,7 +159,7 @@ def _export_ia3(peft, adapter: BeftAdapter, out_dir: str, base_model: nn.Module 
 def _with_whole_backbone_modules(
     adapter: BeftAdapter, head: dict[str, torch.Tensor], backbone_head: list[str], base_model: nn.Module | None
 ) -> tuple[dict[str, torch.Tensor], set[str]]:
-    base_model = _checked_base_model(adapter, backbone_head, base_model, "peft saves its whole module")
+    base_model = _required_base_model(backbone_head, base_model, "peft saves its whole module")
     parents = {name.rsplit(".", 2)[0] for name in backbone_head}  # bert.pooler.dense.bias -> bert.pooler
     params = dict(base_model.named_parameters())
     for parent in parents:
@@ -170,15 +170,19 @@ def _with_whole_backbone_modules(
     return head, modules | {parent.rsplit(".", 1)[-1] for parent in parents}
 
 
-def _checked_base_model(adapter: BeftAdapter, names: list[str], base_model: nn.Module | None, why: str) -> nn.Module:
-    """The base model, prepared and checked against the adapter; refused when missing, saying ``why`` it is needed."""
+def _check_base_model(adapter: BeftAdapter, base_model: nn.Module) -> None:
+    """Give ``base_model`` the trainer's parameter layout and refuse it unless the adapter was trained from it."""
+    prepare_base_model(base_model, adapter.metadata)
+    check_adapter(base_model, adapter)
+
+
+def _required_base_model(names: list[str], base_model: nn.Module | None, why: str) -> nn.Module:
+    """The base model (``export_peft`` has prepared and checked it); refused when missing, saying ``why`` it is needed."""
     if base_model is None:
         raise PeftExportError(
             f"The head includes {', '.join(names[:3])}, inside the backbone: {why}, so pass base_model= "
             "(on the command line: --base-model PATH)."
         )
-    prepare_base_model(base_model, adapter.metadata)
-    check_adapter(base_model, adapter)
     return base_model
 
 
@@ -201,7 +205,7 @@ def _deltas_against_base(
     weight), so a lone trained bias of a backbone ``nn.Linear`` is exported as a BEFT delta.
     """
     names = list(trained)
-    base_model = _checked_base_model(adapter, names, base_model, "peft gets it as a delta against the base model")
+    base_model = _required_base_model(names, base_model, "peft gets it as a delta against the base model")
     params = dict(base_model.named_parameters())
     modules = dict(base_model.named_modules())
     deltas = {}
