@@ -136,9 +136,14 @@ def run_key(record: dict) -> tuple:
     return (record["model"], record["task"], record["method"], record["seed"], record["lr"], record["steps"])
 
 
+def option_defaults(config_class) -> dict:
+    """Every option of the dataclass ``config_class`` with its default value."""
+    return {f.name: f.default for f in dataclasses.fields(config_class)}
+
+
 def non_default_options(options: dict | None, config_class) -> dict:
     """``options`` without the values ``config_class`` takes by default (spelled out or not, the same run)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    defaults = option_defaults(config_class)
     return {k: v for k, v in (options or {}).items() if k not in defaults or defaults[k] != v}
 
 

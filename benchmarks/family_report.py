@@ -6,7 +6,6 @@ partial grid: every table says how many seeds it rests on.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shlex
 import statistics
@@ -23,6 +22,7 @@ from family import (
     config_key,
     default_out,
     default_runs,
+    option_defaults,
     shared_baselines,
 )
 
@@ -465,7 +465,8 @@ def _changed_options(
         return next(r.get(key) or {} for r in runs if r["task"] == task and r["method"] == method)
 
     before, after = options(records), options(ablation)
-    defaults = {f.name: f.default for f in dataclasses.fields(OPTION_SETS[key][1])}
+    defaults = option_defaults(OPTION_SETS[key][1])
+
     def value(options: dict, key: str):
         return options.get(key, defaults.get(key))
 
