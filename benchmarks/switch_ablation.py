@@ -49,6 +49,12 @@ from beft_trainer.groups import HEAD_GROUPS, head_parameter_names  # noqa: E402
 
 #: Variant -> what goes back to its starting value at the switch.
 VARIANTS = {"rewind_head": ("head",), "rewind_kept": ("kept",), "rewind_both": ("head", "kept")}
+#: What each variant's row says it is.
+VARIANT_LABELS = {
+    "rewind_head": "`rewind_head`: the head back to its initial values at the switch",
+    "rewind_kept": "`rewind_kept`: the kept types back to pretrained at the switch",
+    "rewind_both": "`rewind_both`: both back at the switch",
+}
 
 
 class RewindAtSwitch(tf.TrainerCallback):
@@ -147,7 +153,7 @@ def report_rows(opts) -> list[dict]:
     ablation = read_jsonl(opts.runs) if opts.runs.exists() else []
     for variant in VARIANTS:
         runs = matching([r for r in ablation if r["variant"] == variant], opts, opts.selection, config)
-        rows.append({"variant": variant, "runs": runs})
+        rows.append({"variant": VARIANT_LABELS[variant], "runs": runs})
     return rows
 
 
@@ -163,21 +169,22 @@ def report(opts) -> None:
         f"`{opts.selection}` with probe {opts.probe_steps} steps; BeftConfig options {opts.config_option or 'defaults'}."
         f" Scores x100 ({_metric(rows)}), mean on seeds {', '.join(map(str, seeds))} (the seeds every row ran).",
         "",
-        "| run | mean | " + " | ".join(f"seed {s}" for s in seeds) + " | kept types |",
-        "|---|---|" + "---|" * len(seeds) + "---|",
+        "| run | mean | " + " | ".join(f"seed {s}" for s in seeds) + " | trained types | mean train loss |",
+        "|---|---|" + "---|" * len(seeds) + "---|---|",
     ]
     for row in rows:
         runs = row["runs"]
         if not all(s in runs for s in seeds):
-            lines.append(f"| {row['variant']} | not run on every seed | " + " | " * len(seeds) + "|")
+            lines.append(f"| {row['variant']} | not run on every seed |" + " |" * (len(seeds) + 2))
             continue
         scores = [100 * runs[s]["score"] for s in seeds]
-        kept = sorted({", ".join(runs[s]["selected"] or ["-"]) for s in seeds})
+        kept = sorted({", ".join(runs[s]["selected"] or [runs[s]["method"]]) for s in seeds})
+        loss = statistics.mean(runs[s]["train_loss"] for s in seeds)
         row["mean"] = statistics.mean(scores)
         lines.append(
             f"| {row['variant']} | {row['mean']:.1f} | "
             + " | ".join(f"{x:.1f}" for x in scores)
-            + f" | {'; '.join(kept)} |"
+            + f" | {'; '.join(kept)} | {loss:.4f} |"
         )
     lines += ["", f"Command: `python benchmarks/switch_ablation.py report {_arguments(opts)}`."]
     Path(f"{opts.out}.md").write_text("\n".join(lines) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -61,3 +62,36 @@ def test_each_variant_rewinds_what_it_names_at_the_switch_and_keeps_the_rest(var
     # Both go on training after the switch, from wherever the variant left them.
     after = snapshot(model)
     assert all(not torch.equal(after[n], spy.values[n]) for n in HEAD + kept_names)
+
+
+def _record(method, seed, score, variant=None, selected=None, config=None):
+    record = {"task": "cola", "method": method, "seed": seed, "score": score, "steps": 1000, "train_loss": 0.5}
+    record |= {"metric": "matthews_correlation", "selected": selected, "config": config, "model": "minilm"}
+    return record | ({"variant": variant} if variant else {})
+
+
+def test_the_report_sets_each_rewind_beside_the_selection_and_its_kept_type_alone(tmp_path):
+    head = {"head_modules": ["classifier"]}
+    family = [_record("auto_family_0.02%", s, 0.1 * (s + 1), selected=["mlp_out"], config=head) for s in (0, 1)]
+    family += [_record("mlp_out", s, 0.05, config=head) for s in (0, 1, 2)]
+    family += [_record("mlp_out", 0, 0.9)]  # another head: not this setting
+    ablation = [_record("auto_family_0.02%", 0, 0.02, v, ["mlp_out"], head) for v in switch_ablation.VARIANTS]
+    ablation.append(_record("auto_family_0.02%", 1, 0.03, "rewind_head", ["mlp_out"], head))
+    paths = {"family": tmp_path / "family.jsonl", "runs": tmp_path / "ablation.jsonl"}
+    for name, records in (("family", family), ("runs", ablation)):
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "report"
+    arguments = ["report", "--runs", str(paths["runs"]), "--family-runs", str(paths["family"]), "--out", str(out)]
+    switch_ablation.main(arguments)
+    rows = {r["variant"].split(":")[0]: r["mean"] for r in json.loads((tmp_path / "report.json").read_text())}
+    # Seed 1 lacks two rewinds: every row is compared on seed 0 alone.
+    assert rows == {
+        "selection (head and kept types go on)": 10.0,
+        "mlp_out trained alone": 5.0,
+        "`rewind_head`": 2.0,
+        "`rewind_kept`": 2.0,
+        "`rewind_both`": 2.0,
+    }
+    assert "mean on seeds 0 (the seeds every row ran)" in (tmp_path / "report.md").read_text()
+    with pytest.raises(SystemExit, match="give --family-runs"):
+        switch_ablation.main(arguments[:3])
