@@ -112,6 +112,7 @@ def run_one(task: str, variant: str, seed: int, opts) -> dict:
 
 
 def run_key(record: dict) -> tuple:
+    """What identifies a run in the ablation's runs file."""
     return (record["model"], record["task"], record["method"], record["variant"], record["seed"], record["steps"])
 
 
