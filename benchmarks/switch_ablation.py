@@ -159,39 +159,56 @@ def report_rows(opts) -> list[dict]:
 
 
 def report(opts) -> None:
-    """Markdown and JSON: each variant's mean on the seeds every variant ran, and per seed."""
+    """Markdown and JSON: each row against the plain selection, paired on the seeds both ran."""
     rows = report_rows(opts)
-    seeds = sorted(set.intersection(*(set(row["runs"]) for row in rows if row["runs"])))
-    if not seeds:
-        raise SystemExit(f"report: no seed has runs of every variant in {opts.runs} and {opts.family_runs}.")
+    selection = rows[0]["runs"]
+    if not selection:
+        raise SystemExit(f"report: {opts.family_runs} has no {opts.selection} runs of this setting.")
     lines = [
         f"# What a selection run carries over its switch ({opts.model}, {opts.task}, {opts.steps} steps)",
         "",
         f"`{opts.selection}` with probe {opts.probe_steps} steps; BeftConfig options {opts.config_option or 'defaults'}."
-        f" Scores x100 ({_metric(rows)}), mean on seeds {', '.join(map(str, seeds))} (the seeds every row ran).",
+        f" Scores x100 ({_metric(rows)}); each row against the selection on the seeds both ran (difference: the"
+        " row minus the selection, ± its standard error over those seeds).",
         "",
-        "| run | mean | " + " | ".join(f"seed {s}" for s in seeds) + " | trained types | mean train loss |",
-        "|---|---|" + "---|" * len(seeds) + "---|---|",
+        "| run | seeds | mean | the selection there | difference | per seed | trained types | mean train loss |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        runs = row["runs"]
-        if not all(s in runs for s in seeds):
-            lines.append(f"| {row['variant']} | not run on every seed |" + " |" * (len(seeds) + 2))
+        row |= _against(row["runs"], selection)
+        if not row["seeds"]:
+            lines.append(f"| {row['variant']} | none run yet | | | | | | |")
             continue
-        scores = [100 * runs[s]["score"] for s in seeds]
-        kept = sorted({", ".join(runs[s]["selected"] or [runs[s]["method"]]) for s in seeds})
-        loss = statistics.mean(runs[s]["train_loss"] for s in seeds)
-        row["mean"] = statistics.mean(scores)
+        runs = [row["runs"][s] for s in row["seeds"]]
+        trained = sorted({", ".join(r["selected"] or [r["method"]]) for r in runs})
+        loss = statistics.mean(r["train_loss"] for r in runs)
+        error = f" ± {row['standard_error']:.1f}" if row["standard_error"] is not None else ""
+        difference = "–" if row is rows[0] else f"{row['difference']:+.1f}{error}"
+        per_seed = ", ".join(f"{100 * r['score']:.1f}" for r in runs)
         lines.append(
-            f"| {row['variant']} | {row['mean']:.1f} | "
-            + " | ".join(f"{x:.1f}" for x in scores)
-            + f" | {'; '.join(kept)} | {loss:.4f} |"
+            f"| {row['variant']} | {', '.join(map(str, row['seeds']))} | {row['mean']:.1f} | {row['selection']:.1f} | "
+            f"{difference} | {per_seed} | {'; '.join(trained)} | {loss:.4f} |"
         )
     lines += ["", f"Command: `python benchmarks/switch_ablation.py report {_arguments(opts)}`."]
     Path(f"{opts.out}.md").write_text("\n".join(lines) + "\n")
-    summary = [{"variant": r["variant"], "mean": r.get("mean"), "seeds": seeds} for r in rows]
-    Path(f"{opts.out}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    fields = ("variant", "seeds", "mean", "selection", "difference", "standard_error")
+    Path(f"{opts.out}.json").write_text(json.dumps([{k: r[k] for k in fields} for r in rows], indent=2) + "\n")
     print("\n".join(lines))
+
+
+def _against(runs: dict[int, dict], selection: dict[int, dict]) -> dict:
+    """``runs``' mean, the selection's, and the paired difference on the seeds both ran."""
+    seeds = sorted(set(runs) & set(selection))
+    if not seeds:
+        return {"seeds": [], "mean": None, "selection": None, "difference": None, "standard_error": None}
+    differences = [100 * (runs[s]["score"] - selection[s]["score"]) for s in seeds]
+    return {
+        "seeds": seeds,
+        "mean": statistics.mean(100 * runs[s]["score"] for s in seeds),
+        "selection": statistics.mean(100 * selection[s]["score"] for s in seeds),
+        "difference": statistics.mean(differences),
+        "standard_error": statistics.stdev(differences) / len(seeds) ** 0.5 if len(seeds) > 1 else None,
+    }
 
 
 def _metric(rows: list[dict]) -> str:

@@ -83,15 +83,24 @@ def test_the_report_sets_each_rewind_beside_the_selection_and_its_kept_type_alon
     out = tmp_path / "report"
     arguments = ["report", "--runs", str(paths["runs"]), "--family-runs", str(paths["family"]), "--out", str(out)]
     switch_ablation.main(arguments)
-    rows = {r["variant"].split(":")[0]: r["mean"] for r in json.loads((tmp_path / "report.json").read_text())}
-    # Seed 1 lacks two rewinds: every row is compared on seed 0 alone.
-    assert rows == {
-        "selection (head and kept types go on)": 10.0,
-        "mlp_out trained alone": 5.0,
-        "`rewind_head`": 2.0,
-        "`rewind_kept`": 2.0,
-        "`rewind_both`": 2.0,
+    rows = {r["variant"].split(":")[0]: r for r in json.loads((tmp_path / "report.json").read_text())}
+    # Each row is paired with the selection on the seeds both ran: mlp_out's seed 2 has no selection to meet.
+    expected = {
+        "selection (head and kept types go on)": ([0, 1], 15.0, 0.0),
+        "mlp_out trained alone": ([0, 1], 5.0, -10.0),
+        "`rewind_head`": ([0, 1], 2.5, -12.5),
+        "`rewind_kept`": ([0], 2.0, -8.0),
+        "`rewind_both`": ([0], 2.0, -8.0),
     }
-    assert "mean on seeds 0 (the seeds every row ran)" in (tmp_path / "report.md").read_text()
+    got = {k: (r["seeds"], round(r["mean"], 6), round(r["difference"], 6)) for k, r in rows.items()}
+    assert got == expected
+    assert (
+        rows["`rewind_head`"]["standard_error"] == pytest.approx(4.5)
+        and rows["`rewind_kept`"]["standard_error"] is None
+    )
+    assert (
+        "| `rewind_head`: the head back to its initial values at the switch | 0, 1 | 2.5 | 15.0 | -12.5 ± 4.5 |"
+        in (tmp_path / "report.md").read_text()
+    )
     with pytest.raises(SystemExit, match="give --family-runs"):
         switch_ablation.main(arguments[:3])
