@@ -82,6 +82,7 @@ class RewindAtSwitch(tf.TrainerCallback):
                     params[name].copy_(value)
             groups += [g for g in HEAD_GROUPS if g in trainer.group_index]
         if "kept" in self.parts:
+            # The trainer's own rewind (private): it writes the pretrained values as the switch does for frozen types.
             trainer._rewind([n for t in selected for n in trainer.parameter_groups[t]])
             groups += list(selected)
         # Dropped, not zeroed: Adam starts afresh (step 1) as in a run that trains them from the start.
