@@ -59,7 +59,7 @@ class BiasSelectionCallback(TrainerCallback):
                 f"known: {', '.join(SelectionConfig.option_names())}."
             )
         if config is not None and options:
-            raise BeftConfigError("Pass either a SelectionConfig or keyword options to BiasSelectionCallback, not both.")
+            raise BeftConfigError("BiasSelectionCallback takes a SelectionConfig or keyword options, not both.")
         self.config = config if config is not None else SelectionConfig(**options)
         self.trainer = None
         self.selected: list[str] | None = None

@@ -122,7 +122,9 @@ def _report(args: argparse.Namespace) -> int:
     try:
         png = plot_report(report, args.png or os.path.join(folder, PLOT_NAME))
     except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise CommandError(f"{report_path}: cannot plot its per-layer scores ({error!r}); the file was edited.") from error
+        raise CommandError(
+            f"{report_path}: cannot plot its per-layer scores ({error!r}); the file was edited."
+        ) from error
     print(f"plot: {png}")
     return 0
 

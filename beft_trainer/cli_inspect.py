@@ -45,7 +45,9 @@ def inspect_command(args: argparse.Namespace) -> int:
 def _print_others(layout, params: dict[str, nn.Parameter]) -> None:
     if layout.other_biases:
         scalars = sum(params[n].numel() for n in layout.other_biases)
-        print(f"{'other':<20}{'bias':<7}{len(layout.other_biases):>8}{scalars:>10,}  trained by BitFit only (not selectable)")
+        print(
+            f"{'other':<20}{'bias':<7}{len(layout.other_biases):>8}{scalars:>10,}  trained by BitFit only (not selectable)"
+        )
     if not layout.bias_types:
         print("no typed biases: pass BeftConfig(add_missing_biases=True) to add zero-initialised q/k/v biases")
     print()

@@ -16,9 +16,7 @@ def add_merge_parser(commands) -> None:
     merge.add_argument("adapter_dir", help="folder with beft_adapter.json and adapter.safetensors")
     merge.add_argument("out_dir", help="folder to write config.json + model.safetensors to (new or empty)")
     merge.add_argument("--base-model", required=True, help="the adapter's base model: a local folder or an alias")
-    merge.add_argument(
-        "--overwrite", action="store_true", help="write into a non-empty OUT_DIR (default: refuse)"
-    )
+    merge.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR (default: refuse)")
     merge.set_defaults(func=_merge)
 
 

@@ -52,7 +52,9 @@ def _require_int(owner: str, name: str, value: Any, minimum: int) -> int:
 def _require_count_or_share(owner: str, name: str, value: Any) -> int | float:
     """A whole count >= 1, or a share of the run in (0, 1)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise BeftConfigError(f"{owner}: {name} must be a step count (>= 1) or a share of the run (< 1), got {value!r}.")
+        raise BeftConfigError(
+            f"{owner}: {name} must be a step count (>= 1) or a share of the run (< 1), got {value!r}."
+        )
     if value < 1:
         return float(value)
     if value != int(value):
@@ -186,10 +188,8 @@ class SelectionConfig:
             raise BeftConfigError(
                 f"{owner}: budget must be a positive count (>= 1) or a share of the model (< 1), got {budget!r}."
             )
-        self.rewind = _require_bool(owner, "rewind", self.rewind)
-        self.scale_learning_rate = _require_bool(owner, "scale_learning_rate", self.scale_learning_rate)
-        self.scale_probe_learning_rate = _require_bool(owner, "scale_probe_learning_rate", self.scale_probe_learning_rate)
-        self.exclude_inert = _require_bool(owner, "exclude_inert", self.exclude_inert)
+        for flag in ("rewind", "scale_learning_rate", "scale_probe_learning_rate", "exclude_inert"):
+            setattr(self, flag, _require_bool(owner, flag, getattr(self, flag)))
         threshold = self.inert_threshold
         if threshold is not None:
             if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < threshold < 1:
@@ -297,4 +297,3 @@ class BeftConfig:
     def is_bitfit(self) -> bool:
         """Whether every bias of the model trains (``bias_types="all"``)."""
         return self.bias_types == ALL_BIASES
-

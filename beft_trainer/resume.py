@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 #: File name of the run's settings inside each checkpoint folder.
 RUN_SETTINGS_NAME = "beft_run.json"
+
+
 def run_settings(
     group_names: list[str], beft_config: BeftConfig, selection: SelectionConfig | None, head: list[str]
 ) -> dict[str, Any]:

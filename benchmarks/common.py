@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -57,7 +58,20 @@ TRAIN_SIZES = {"sst2": 1000, "rte": 300, "cola": 1710}
 TASKS = tuple(TRAIN_SIZES)
 
 #: What trains: any ``--method`` of the recipes ("full" and "lora" on a plain Trainer, the rest BeftTrainer).
-METHODS = ("full", "lora", "bitfit", "q", "k", "v", "beft", "ia3", "prompt_tuning", "p_tuning", "peft_beft", "v_scale_in")
+METHODS = (
+    "full",
+    "lora",
+    "bitfit",
+    "q",
+    "k",
+    "v",
+    "beft",
+    "ia3",
+    "prompt_tuning",
+    "p_tuning",
+    "peft_beft",
+    "v_scale_in",
+)
 
 
 def model_path() -> Path:
@@ -186,6 +200,26 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Ours minus theirs on the seeds both ran (points), with the standard error of the mean difference."""
+
+    seeds: list[int]
+    differences: list[float]
+    mean: float
+    standard_error: float | None  # None with one common seed: no spread to estimate
+
+
+def paired_difference(ours: dict[int, float], theirs: dict[int, float]) -> PairedDifference | None:
+    """Pair two methods' per-seed scores on their common seeds; None when they share no seed."""
+    seeds = sorted(set(ours) & set(theirs))
+    if not seeds:
+        return None
+    differences = [ours[s] - theirs[s] for s in seeds]
+    spread = statistics.stdev(differences) / len(seeds) ** 0.5 if len(seeds) > 1 else None
+    return PairedDifference(seeds, differences, statistics.mean(differences), spread)
 
 
 class Stopwatch:

@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         metavar="OPTION=VALUE",
-        help='BeftConfig options of every run (e.g. head_modules=\'["classifier"]\'; JSON values); only the '
+        help="BeftConfig options of every run (e.g. head_modules='[\"classifier\"]'; JSON values); only the "
         "library's methods (single types, selections, bitfit) read them",
     )
     p.add_argument(

@@ -11,7 +11,7 @@ import shlex
 import statistics
 from pathlib import Path
 
-from common import ROOT, TASKS, hardware, metric_name, read_jsonl
+from common import ROOT, TASKS, hardware, metric_name, paired_difference, read_jsonl
 from family import (
     BASELINES,
     FAMILY,
@@ -373,7 +373,9 @@ def _best_type_rows(cells: dict, task: str, records: list[dict]) -> list[str]:
         gap = _mean_on(cells[m], best["seeds"]) - best["mean"]
         met = "no" if gap < -1 else "yes" if best["run"] == best["eligible"] else f"so far{_incomplete(best)}"
         note = _seed_note(cells[m], best)
-        rows.append(target + f"| {best['type']} {best['mean']:.1f} (gap {gap:+.1f}{'; ' + note if note else ''}) | {met} |")
+        rows.append(
+            target + f"| {best['type']} {best['mean']:.1f} (gap {gap:+.1f}{'; ' + note if note else ''}) | {met} |"
+        )
     return rows
 
 
@@ -383,19 +385,18 @@ def _baseline_rows(cells: dict, task: str) -> list[str]:
     for m, baseline, target in BASELINE_TARGETS:
         if m not in cells or baseline not in cells:
             continue
-        seeds = sorted(set(cells[m]["seeds"]) & set(cells[baseline]["seeds"]))
-        if not seeds:
+        paired = paired_difference(
+            *(dict(zip(cells[method]["seeds"], cells[method]["scores"], strict=True)) for method in (m, baseline))
+        )
+        if paired is None:
             rows.append(f"| {task} | {target} | {m} | {_cell(cells[m])} | {baseline}: no common seed yet | not yet |")
             continue
-        ours, theirs = (
-            dict(zip(cells[method]["seeds"], cells[method]["scores"], strict=True)) for method in (m, baseline)
-        )
-        differences = [ours[s] - theirs[s] for s in seeds]
-        difference = statistics.mean(differences)
+        seeds, difference = paired.seeds, paired.mean
         per_seed = ""
-        if len(seeds) > 1:
-            standard_error = statistics.stdev(differences) / len(differences) ** 0.5
-            per_seed = f" ± {standard_error:.1f} s.e.; per seed {', '.join(f'{d:+.1f}' for d in differences)}"
+        if paired.standard_error is not None:
+            per_seed = (
+                f" ± {paired.standard_error:.1f} s.e.; per seed {', '.join(f'{d:+.1f}' for d in paired.differences)}"
+            )
         rows.append(
             f"| {task} | {target} | {m} | {_mean_on(cells[m], seeds):.1f} (seeds {_seeds(seeds)}) "
             f"| {baseline} {_mean_on(cells[baseline], seeds):.1f} (difference {difference:+.1f}{per_seed}) "
@@ -526,12 +527,17 @@ def _config_note(records: list[dict]) -> list[str]:
         "default until 2026-11-24 (today's default head is the classifier alone)."
     )
     pooler = any(POOLER_BIAS in ((r.get("config") or {}).get("head_modules") or []) for r in records)
-    return [f"BeftConfig options of these runs (others: the defaults): {'; '.join(notes)}.{head if pooler else ''}", ""]
+    return [
+        f"BeftConfig options of these runs (others: the defaults): {'; '.join(notes)}.{head if pooler else ''}",
+        "",
+    ]
 
 
 def _baselines_note(opts, own: list[dict], records: list[dict]) -> list[str]:
     """Which methods' runs come from ``--baselines``."""
-    borrowed = [m for m in METHODS if any(r["method"] == m for r in records) and not any(r["method"] == m for r in own)]
+    borrowed = [
+        m for m in METHODS if any(r["method"] == m for r in records) and not any(r["method"] == m for r in own)
+    ]
     if not borrowed:
         return []
     return [f"Runs of {', '.join(borrowed)} (they read no BeftConfig option) from `{_relative(opts.baselines)}`.", ""]

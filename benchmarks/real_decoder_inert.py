@@ -50,7 +50,9 @@ def main() -> None:
             inert = ",".join(find_inert(coherence, floor)) or "none"
             lines.append(f"| {folder.parent.name} | {str(dtype)[6:]} | {floor:.1e} | {cells} | {inert} |")
             print(lines[-1], flush=True)
-        lines.append(f"| ({folder.parent.name}: {time.perf_counter() - start:.0f} s on {torch.get_num_threads()} threads) |||||||")
+        lines.append(
+            f"| ({folder.parent.name}: {time.perf_counter() - start:.0f} s on {torch.get_num_threads()} threads) |||||||"
+        )
     OUT.write_text("\n".join(lines) + "\n")
 
 

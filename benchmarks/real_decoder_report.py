@@ -15,7 +15,9 @@ def majority_rates(tasks: list[str], examples: int = 64) -> dict[str, float]:
 
     rates = {}
     for task in tasks:
-        labels = sample_examples(load_prompt_task(get_prompt_task(task), data_dir=DATA)["validation"], examples, 0)["label"]
+        labels = sample_examples(load_prompt_task(get_prompt_task(task), data_dir=DATA)["validation"], examples, 0)[
+            "label"
+        ]
         rates[task] = max(labels.count(value) for value in set(labels)) / len(labels)
     return rates
 

@@ -32,7 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
-from common import TASKS, append_jsonl, device_tag, hardware, read_jsonl, train_and_score  # noqa: E402
+from common import (  # noqa: E402
+    TASKS,
+    append_jsonl,
+    device_tag,
+    hardware,
+    paired_difference,
+    read_jsonl,
+    train_and_score,
+)
 from family import (  # noqa: E402
     SELECTIONS,
     build_trainer,
@@ -199,16 +207,15 @@ def report(opts) -> None:
 
 def _against(runs: dict[int, dict], selection: dict[int, dict]) -> dict:
     """``runs``' mean, the selection's, and the paired difference on the seeds both ran."""
-    seeds = sorted(set(runs) & set(selection))
-    if not seeds:
+    paired = paired_difference(*({s: 100 * r["score"] for s, r in side.items()} for side in (runs, selection)))
+    if paired is None:
         return {"seeds": [], "mean": None, "selection": None, "difference": None, "standard_error": None}
-    differences = [100 * (runs[s]["score"] - selection[s]["score"]) for s in seeds]
     return {
-        "seeds": seeds,
-        "mean": statistics.mean(100 * runs[s]["score"] for s in seeds),
-        "selection": statistics.mean(100 * selection[s]["score"] for s in seeds),
-        "difference": statistics.mean(differences),
-        "standard_error": statistics.stdev(differences) / len(seeds) ** 0.5 if len(seeds) > 1 else None,
+        "seeds": paired.seeds,
+        "mean": statistics.mean(100 * runs[s]["score"] for s in paired.seeds),
+        "selection": statistics.mean(100 * selection[s]["score"] for s in paired.seeds),
+        "difference": paired.mean,
+        "standard_error": paired.standard_error,
     }
 
 

@@ -77,7 +77,6 @@ class ModelArguments:
             )
 
 
-
 @dataclass
 class PromptDataArguments(DataArguments):
     """Which task and how many examples (MeZO: k=1000 train, 1000 held-out)."""
@@ -114,7 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
     task = get_prompt_task(data_args.task_name)
     start_processes(training_args)
     set_seed(training_args.seed)
-    tokenizer_kwargs = {} if model_args.tokenizer_name or not model_args.gguf_file else {"gguf_file": model_args.gguf_file}
+    tokenizer_kwargs = (
+        {} if model_args.tokenizer_name or not model_args.gguf_file else {"gguf_file": model_args.gguf_file}
+    )
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.tokenizer_name or model_args.model_name_or_path, **tokenizer_kwargs
     )

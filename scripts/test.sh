@@ -20,4 +20,5 @@ python -m pip install -q -e ".[dev]"
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ruff check beft_trainer recipes benchmarks tests
+ruff format --check beft_trainer recipes benchmarks tests
 python -m pytest -q -p no:cacheprovider --durations=15 "$@"

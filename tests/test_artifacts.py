@@ -350,7 +350,9 @@ def _record_dtype(dtype_name):
     ],
     ids=["fp16", "fp16-recorded", "int64", "int64-recorded", "nan-delta", "inf-head"],
 )
-def test_unusable_values_are_refused_even_with_a_valid_checksum(tmp_path, selected_run, edit_tensors, edit_config, message):
+def test_unusable_values_are_refused_even_with_a_valid_checksum(
+    tmp_path, selected_run, edit_tensors, edit_config, message
+):
     _, folder, _ = selected_run
     broken = rewrite_adapter(folder, tmp_path / "broken", edit_tensors, edit_config)
     with pytest.raises(AdapterError, match=message):
@@ -546,7 +548,9 @@ def test_peft_export_loads_with_same_outputs(tmp_path, request, run):
 def test_peft_export_from_trainer(tmp_path):
     peft = pytest.importorskip("peft")
     trainer = train(tmp_path, tiny_model("opt"), callback=False, bias_types=("v", "mlp_in"))
-    out = export_peft(trainer.build_adapter(), tmp_path / "peft")  # OPT's head has no backbone bias: no base model needed
+    out = export_peft(
+        trainer.build_adapter(), tmp_path / "peft"
+    )  # OPT's head has no backbone bias: no base model needed
     merged = peft.PeftModel.from_pretrained(tiny_model("opt"), out).merge_and_unload()
     torch.testing.assert_close(logits(merged), logits(trainer.model), rtol=0, atol=1e-6)
     trained = dict(trainer.model.named_parameters())

@@ -39,9 +39,7 @@ def _environment(gpu: bool = False) -> dict[str, str]:
 
 
 def _launch(command: list[str], timeout: int = 400, gpu: bool = False) -> None:
-    result = subprocess.run(
-        command, env=_environment(gpu), capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
+    result = subprocess.run(command, env=_environment(gpu), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 

@@ -139,4 +139,8 @@ def test_explicit_head_modules_and_unknown_module():
 def test_head_modules_may_name_parameters_once_each():
     model = tiny_model("bert")
     paper_head = ["classifier", "bert.pooler.dense.bias", "classifier.bias"]
-    assert find_head_parameters(model, paper_head) == ["classifier.weight", "classifier.bias", "bert.pooler.dense.bias"]
+    assert find_head_parameters(model, paper_head) == [
+        "classifier.weight",
+        "classifier.bias",
+        "bert.pooler.dense.bias",
+    ]

@@ -61,10 +61,16 @@ def test_inspect_local_model(trained, capsys):
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:1] in "qkvaml" and "%" in line}
     biases = {"q", "k", "v", "attn_out", "mlp_in", "mlp_out", "ln"}
-    scalings = {f"{p}_scale_{side}" for p in ("q", "k", "v", "attn_out", "mlp_in", "mlp_out") for side in ("in", "out")}
+    scalings = {
+        f"{p}_scale_{side}" for p in ("q", "k", "v", "attn_out", "mlp_in", "mlp_out") for side in ("in", "out")
+    }
     assert set(rows) == biases | scalings
     assert rows["v"][1:4] == ["bias", "2", "32"] and rows["ln"][1:4] == ["bias", "4", "64"]  # 2 LayerNorms a layer
-    assert rows["mlp_in_scale_in"][1:4] == ["scale", "2", "32"] and rows["mlp_in_scale_out"][1:4] == ["scale", "2", "64"]
+    assert rows["mlp_in_scale_in"][1:4] == ["scale", "2", "32"] and rows["mlp_in_scale_out"][1:4] == [
+        "scale",
+        "2",
+        "64",
+    ]
     assert "classifier.weight [2, 16]" in out and "  bert.pooler.dense.bias [16]" not in out  # the backbone's
     assert "not in it: bert.pooler.dense.bias [16], the backbone's pooler bias" in out
     assert "candidates for BiasSelectionCallback: q, k, v, attn_out, mlp_in, mlp_out, ln, q_scale_in," in out

@@ -57,7 +57,9 @@ def toy_glue(tmp_path) -> str:
 
 
 @pytest.mark.parametrize("method", ["v", "full"])
-def test_trained_parameters_are_fp32_when_the_checkpoint_says_float16(method, float16_opt_dir, toy_glue, tmp_path, monkeypatch):
+def test_trained_parameters_are_fp32_when_the_checkpoint_says_float16(
+    method, float16_opt_dir, toy_glue, tmp_path, monkeypatch
+):
     built = []
 
     def keep(*args, **kwargs):

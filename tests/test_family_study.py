@@ -152,7 +152,10 @@ def test_the_targets_compare_on_common_seeds_and_say_what_they_cannot_decide_yet
         _run("peft_beft", 1, 77.0),
         _run("peft_beft", 2, 90.0),  # seed 2: the selection has not run it, so it does not count
         _run("auto_qkv", 1, 79.5, selected=["q"], inert=["k"], candidate_scores={"q": {}, "k": {}, "v": {}}),
-        *(_run("auto_family_0.1%", s, x, selected=["q"], inert=["k"], **probe) for s, x in ((0, 85.0), (1, 83.0), (2, 70.0))),
+        *(
+            _run("auto_family_0.1%", s, x, selected=["q"], inert=["k"], **probe)
+            for s, x in ((0, 85.0), (1, 83.0), (2, 70.0))
+        ),
         _run("mlp_in", 0, 84.0),
         _run("mlp_in", 1, 84.0),
     ]
@@ -166,7 +169,10 @@ def test_the_targets_compare_on_common_seeds_and_say_what_they_cannot_decide_yet
         "so far (of 1/2 types run on these seeds)",
     )
     # seed 0, where q, v and mlp_in all ran, decides: mlp_in's seed 1 would leave v out
-    assert met[("within 1 point of the best single type", "auto_family_0.1%")] == ("mlp_in 84.0 (gap +1.0; seeds 0)", "yes")
+    assert met[("within 1 point of the best single type", "auto_family_0.1%")] == (
+        "mlp_in 84.0 (gap +1.0; seeds 0)",
+        "yes",
+    )
     assert met[("at <= 0.02%: at least as good as peft's BEFT tuner", "auto_family_0.02%")] == (
         "peft_beft 76.5 (difference +2.5 ± 1.5 s.e.; per seed +4.0, +1.0)",  # s.e. = stdev(4, 1) / sqrt(2)
         "yes",
@@ -273,7 +279,11 @@ def test_selections_whose_options_changed_differently_get_a_command_each(tmp_pat
     full_rate = {"scale_probe_learning_rate": False}
     ablation = [
         {"task": "sst2", "method": "auto_qkv", "selection": qkv | full_rate},
-        {"task": "sst2", "method": "auto_family_0.1%", "selection": family_budget | full_rate | {"score": "attribution"}},
+        {
+            "task": "sst2",
+            "method": "auto_family_0.1%",
+            "selection": family_budget | full_rate | {"score": "attribution"},
+        },
         {"task": "sst2", "method": "auto_family_0.02%", "selection": full_rate},  # not in the main grid
     ]
     commands = family_report._ablation_command(opts, tmp_path / "abl.jsonl", main, ablation).split(" && ")

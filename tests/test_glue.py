@@ -212,8 +212,7 @@ def test_importing_the_library_leaves_recipe_support_out():
 
     # transformers.trainer imports datasets and scipy itself; scikit-learn and the recipe code are ours to keep out.
     code = (
-        "import sys, beft_trainer; "
-        "print([m for m in ('beft_trainer.recipes_support', 'sklearn') if m in sys.modules])"
+        "import sys, beft_trainer; print([m for m in ('beft_trainer.recipes_support', 'sklearn') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -229,7 +229,9 @@ def test_run_glue_bitfit_full_and_peft_baselines(tiny_bert_dir, toy_data_dir, tm
     assert 0 < counts["lora"]["trainable"] < total
 
 
-def test_run_glue_prefix_tuning_trains_where_peft_can_and_says_why_where_not(tiny_bert_dir, toy_data_dir, tmp_path, capsys):
+def test_run_glue_prefix_tuning_trains_where_peft_can_and_says_why_where_not(
+    tiny_bert_dir, toy_data_dir, tmp_path, capsys
+):
     model = tf.AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
     argv = ["--model_name_or_path", tiny_bert_dir, "--data_dir", toy_data_dir, "--method", "prefix"]
     argv += common_args(tmp_path / "prefix", max_steps=2)
@@ -349,7 +351,10 @@ BAD_OPTIONS = {
     "bias_types_with_method": (["--method", "v", "--bias_types", "q"], ["--bias_types q", "--method"]),
     "ignored_selection_option": (["--method", "bitfit", "--top_k", "2"], ["--top_k would be ignored"]),
     "probe_leaves_no_training": (["--probe_steps", "200"], ["--probe_steps 200 leaves no training"]),
-    "probe_share_leaves_no_training": (["--probe_steps", "0.999"], ["--probe_steps 0.999 (100 steps) leaves no training"]),
+    "probe_share_leaves_no_training": (
+        ["--probe_steps", "0.999"],
+        ["--probe_steps 0.999 (100 steps) leaves no training"],
+    ),
     "not_a_number": (["--probe_steps", "many"], ["invalid float value: 'many'"]),
     "unknown_option": (["--probe_stepz", "3"], ["--probe_stepz"]),
 }

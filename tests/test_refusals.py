@@ -60,7 +60,9 @@ def test_a_comma_list_of_candidates_is_the_same_as_a_tuple():
 
 def test_the_callback_class_instead_of_an_instance_is_refused(tmp_path):
     with pytest.raises(BeftConfigError, match="pass an instance"):
-        BeftTrainer(tiny_bert(), training_args(tmp_path), train_dataset=TokenDataset(), callbacks=[BiasSelectionCallback])
+        BeftTrainer(
+            tiny_bert(), training_args(tmp_path), train_dataset=TokenDataset(), callbacks=[BiasSelectionCallback]
+        )
 
 
 def test_a_callback_added_after_construction_is_refused_before_any_step(tmp_path):

@@ -59,7 +59,9 @@ def test_resume_without_the_callback_it_was_made_with_is_refused(tmp_path):
 def test_resume_with_other_fixed_bias_types_is_refused(tmp_path):
     def run(bias_types):
         config = BeftConfig(bias_types=bias_types)
-        return BeftTrainer(tiny_bert(), _checkpointing_args(tmp_path), beft_config=config, train_dataset=TokenDataset())
+        return BeftTrainer(
+            tiny_bert(), _checkpointing_args(tmp_path), beft_config=config, train_dataset=TokenDataset()
+        )
 
     run(("v",)).train()
     with pytest.raises(ResumeError, match="beft_config.bias_types: checkpoint \\['v'\\], this run \\['q', 'v'\\]"):

@@ -114,7 +114,11 @@ def _resumable_trainer(output_dir, probe_steps=4, max_steps=10, **options):
 
 
 #: A budget for two of the tiny model's 32-parameter types: its default score is settled at train begin.
-SMALL_BUDGET = {"candidates": ("v", "attn_out", "v_scale_in", "mlp_out_scale_in"), "budget": 70, "exclude_inert": False}
+SMALL_BUDGET = {
+    "candidates": ("v", "attn_out", "v_scale_in", "mlp_out_scale_in"),
+    "budget": 70,
+    "exclude_inert": False,
+}
 
 
 @pytest.mark.parametrize("options", [{}, SMALL_BUDGET], ids=["qkv", "small-budget"])
@@ -178,7 +182,10 @@ def test_a_share_of_the_run_probes_that_many_steps_rounded_up(share, max_steps, 
     at_switch = AtSwitch(count)
     selection = BiasSelectionCallback(probe_steps=share)
     trainer = BeftTrainer(
-        model, training_args(tmp_path, max_steps=max_steps), train_dataset=TokenDataset(), callbacks=[selection, at_switch]
+        model,
+        training_args(tmp_path, max_steps=max_steps),
+        train_dataset=TokenDataset(),
+        callbacks=[selection, at_switch],
     )
     pretrained = snapshot(model)
     trainer.train()

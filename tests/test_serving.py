@@ -36,7 +36,12 @@ def causal_lm(model_type: str) -> tf.PreTrainedModel:
         ),
         "gpt2": lambda: tf.GPT2Config(n_embd=16, n_layer=2, n_head=2, **common),
         "qwen2": lambda: tf.Qwen2Config(
-            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=32, **common
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=32,
+            **common,
         ),
     }
     return randomize_biases(tf.AutoModelForCausalLM.from_config(configs[model_type]())).eval()

@@ -92,7 +92,9 @@ def test_adapter_with_scaling_vectors_reproduces_the_model_exactly(vector_types,
     base = tiny_bert()
     load_adapter(base, tmp_path / "adapter")
     assert torch.equal(_logits(base), trained)
-    assert base.bert.encoder.layer[0].attention.self.value.beft_scale_in is not None or "v_scale_in" not in vector_types
+    assert (
+        base.bert.encoder.layer[0].attention.self.value.beft_scale_in is not None or "v_scale_in" not in vector_types
+    )
 
 
 def test_gpt2_conv1d_layers_take_scaling_vectors():

@@ -60,7 +60,9 @@ def check_stored_values(adapter: BeftAdapter, source: str) -> None:
 def _check_fix(name: str, index: torch.Tensor, value: torch.Tensor, delta: torch.Tensor, source: str) -> None:
     where = f"{source}: fix/{name}"
     if index.dtype != torch.int32 or index.dim() != 1:
-        raise AdapterError(f"{where}/index must be a 1-D int32 tensor, not {dtype_name(index.dtype)} {tuple(index.shape)}.")
+        raise AdapterError(
+            f"{where}/index must be a 1-D int32 tensor, not {dtype_name(index.dtype)} {tuple(index.shape)}."
+        )
     if value.dtype != delta.dtype or value.shape != index.shape:
         raise AdapterError(
             f"{where}/value must be {dtype_name(delta.dtype)} {tuple(index.shape)} (like its index and delta), "
@@ -78,6 +80,8 @@ def _check_fix(name: str, index: torch.Tensor, value: torch.Tensor, delta: torch
 
 def _require_finite(tensor: torch.Tensor, label: str, source: str) -> None:
     if not tensor.is_floating_point():
-        raise AdapterError(f"{source}: {label} is {dtype_name(tensor.dtype)}; deltas and head values are floating point.")
+        raise AdapterError(
+            f"{source}: {label} is {dtype_name(tensor.dtype)}; deltas and head values are floating point."
+        )
     if not torch.isfinite(tensor).all():
         raise AdapterError(f"{source}: {label} holds NaN or infinite values; the adapter is corrupted or diverged.")

@@ -184,9 +184,7 @@ def _is_base(name: str | None) -> bool:
     return name is None or name == BASE_ADAPTER_NAME
 
 
-def load_mixed_adapters(
-    model: nn.Module, adapters: Mapping[str, BeftAdapter | str | os.PathLike]
-) -> MixedAdapters:
+def load_mixed_adapters(model: nn.Module, adapters: Mapping[str, BeftAdapter | str | os.PathLike]) -> MixedAdapters:
     """Load ``adapters`` (name -> adapter or folder) on ``model`` for mixed batches; returns the set.
 
     Calling it again on the same model adds to the same set. Then

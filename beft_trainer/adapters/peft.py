@@ -30,7 +30,14 @@ from .arithmetic import exact_delta
 from .format import BeftAdapter, read_adapter
 from .peft_ia3 import ia3_targets, write_ia3
 
-__all__ = ["PEFT_CONFIG_NAME", "PEFT_LINEAR_TYPES", "PEFT_WEIGHTS_NAME", "check_out_dir", "export_peft", "peft_unsupported"]
+__all__ = [
+    "PEFT_CONFIG_NAME",
+    "PEFT_LINEAR_TYPES",
+    "PEFT_WEIGHTS_NAME",
+    "check_out_dir",
+    "export_peft",
+    "peft_unsupported",
+]
 
 #: Bias types that live in ``nn.Linear`` layers in every architecture ``find_biases`` knows but GPT-2.
 PEFT_LINEAR_TYPES = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out")
