@@ -38,6 +38,7 @@ from beft_trainer.recipes_support import (
     parse_recipe_args,
     sample_examples,
     start_processes,
+    stop_processes,
     tokenize_glue,
 )
 
@@ -115,3 +116,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    stop_processes()

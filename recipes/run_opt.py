@@ -41,6 +41,7 @@ from beft_trainer.recipes_support import (
     parse_recipe_args,
     sample_examples,
     start_processes,
+    stop_processes,
 )
 from beft_trainer.recipes_support.decoders import plain_copy
 
@@ -155,3 +156,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    stop_processes()

@@ -420,6 +420,19 @@ def test_run_glue_two_processes_with_torchrun(tiny_bert_dir, toy_data_dir, tmp_p
     assert "eval_accuracy" in results["untuned"] and "eval_accuracy" in results["final"]
 
 
+def test_stop_processes_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
+    from beft_trainer.recipes_support import stop_processes
+
+    stop_processes()  # no group: nothing to do, no error
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        stop_processes()
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 @pytest.mark.deepspeed
 @pytest.mark.distributed
 @pytest.mark.parametrize(("config", "processes"), [("zero2", 2), ("zero3", 2), ("zero3_offload", 1)])

@@ -44,7 +44,7 @@ from .methods import (
     parse_method,
     wrap_with_peft,
 )
-from .processes import start_processes
+from .processes import start_processes, stop_processes
 from .prompts import (
     IGNORE_INDEX,
     PROMPT_TASKS,
@@ -104,6 +104,7 @@ __all__ = [
     "single_token_label_words",
     "sklearn_glue_metric",
     "start_processes",
+    "stop_processes",
     "task_files",
     "tokenize_glue",
     "trainable_parameter_counts",
