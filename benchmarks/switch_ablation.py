@@ -207,13 +207,14 @@ def report(opts) -> None:
 
 def _against(runs: dict[int, dict], selection: dict[int, dict]) -> dict:
     """``runs``' mean, the selection's, and the paired difference on the seeds both ran."""
-    paired = paired_difference(*({s: 100 * r["score"] for s, r in side.items()} for side in (runs, selection)))
+    ours, theirs = ({s: 100 * r["score"] for s, r in side.items()} for side in (runs, selection))
+    paired = paired_difference(ours, theirs)
     if paired is None:
         return {"seeds": [], "mean": None, "selection": None, "difference": None, "standard_error": None}
     return {
         "seeds": paired.seeds,
-        "mean": statistics.mean(100 * runs[s]["score"] for s in paired.seeds),
-        "selection": statistics.mean(100 * selection[s]["score"] for s in paired.seeds),
+        "mean": statistics.mean(ours[s] for s in paired.seeds),
+        "selection": statistics.mean(theirs[s] for s in paired.seeds),
         "difference": paired.mean,
         "standard_error": paired.standard_error,
     }

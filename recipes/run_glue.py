@@ -111,9 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
     )
     trainer.train()
-    return finish_run(trainer, method_args, task.main_metric, task=task.name, model=model_path)
+    results = finish_run(trainer, method_args, task.main_metric, task=task.name, model=model_path)
+    stop_processes()
+    return results
 
 
 if __name__ == "__main__":
     main()
-    stop_processes()

@@ -151,9 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
     )
     trainer.train()
-    return finish_run(trainer, method_args, "accuracy", task=task.name, model=model_args.model_name_or_path)
+    results = finish_run(trainer, method_args, "accuracy", task=task.name, model=model_args.model_name_or_path)
+    stop_processes()
+    return results
 
 
 if __name__ == "__main__":
     main()
-    stop_processes()

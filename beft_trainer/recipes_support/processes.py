@@ -1,4 +1,4 @@
-"""Process set-up under a launcher (torchrun, accelerate, deepspeed) before the model loads, and tear-down after the run."""
+"""Processes under a launcher (torchrun, accelerate, deepspeed): set up before the model loads, torn down after."""
 
 from __future__ import annotations
 
