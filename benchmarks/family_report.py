@@ -139,17 +139,16 @@ def score_analysis(records: list[dict], probe_steps: int) -> list[dict]:
         biases = [t for t in eligible if t not in SCALING_TYPES]
         if over_family and 1 < len(biases) < len(eligible) and all(t in truth for t in biases):
             rows += _ranking_rows(run, f"{label}: its {len(biases)} bias types", {t: truth[t] for t in biases})
-        if len(truth) < len(eligible):
-            continue  # the ground truth of this run's candidates is not complete yet
-        rows += _ranking_rows(run, label, truth)
-        if over_family:
-            for budget in budgets:
-                fitting = {
-                    t: v for t, v in truth.items()
-                    if run["candidate_scores"][t]["parameters"] <= budget * run["total_parameters"]
-                }  # fmt: skip
-                if 1 < len(fitting) < len(truth):
-                    rows += _ranking_rows(run, f"{label}: the {len(fitting)} that fit {100 * budget:g}%", fitting)
+        if len(truth) == len(eligible):
+            rows += _ranking_rows(run, label, truth)
+        for budget in budgets if over_family else ():
+            # A budget's types are ranked once they are all trained alone, before the larger ones are.
+            fitting = [
+                t for t in eligible if run["candidate_scores"][t]["parameters"] <= budget * run["total_parameters"]
+            ]
+            if 1 < len(fitting) < len(eligible) and all(t in truth for t in fitting):
+                fitting_truth = {t: truth[t] for t in fitting}
+                rows += _ranking_rows(run, f"{label}: the {len(fitting)} that fit {100 * budget:g}%", fitting_truth)
     return rows
 
 

@@ -100,6 +100,23 @@ def test_the_score_analysis_ranks_all_candidates_and_those_that_fit_the_small_bu
     assert not [run for run, _ in rows if "0.1%" in run]  # every type fits 0.1%: nothing to restrict
 
 
+def test_the_types_that_fit_the_small_budget_are_ranked_before_the_larger_ones_are_trained_alone():
+    sizes = {"q": 100, "v": 100, "attn_out": 100, "mlp_in": 400}  # 0.02% of 1e6 = 200: mlp_in does not fit
+    attribution = {"q": 3.0, "v": 2.0, "attn_out": 1.0, "mlp_in": 5.0}
+    scores = {t: {s: attribution[t] for s in family_report.SCORES if "_" not in s} for t in sizes}
+    probe = {"task": "sst2", "seed": 0, "method": "auto_family_0.02%", "inert": [], "selection": {}, "probe_steps": 40}
+    probe |= {
+        "total_parameters": 1_000_000,
+        "candidate_scores": {t: scores[t] | {"parameters": sizes[t]} for t in sizes},
+    }
+    singles = [_run(t, 0, score) for t, score in (("q", 70.0), ("v", 75.0))]  # attn_out and mlp_in: not yet
+    assert family_report.score_analysis([probe, *singles], probe_steps=40) == []
+    rows = family_report.score_analysis([probe, *singles, _run("attn_out", 0, 60.0)], probe_steps=40)
+    assert {r["run"] for r in rows} == {"family of 19: the 3 that fit 0.02%"}
+    attribution_row = next(r for r in rows if r["score"] == "attribution")
+    assert (attribution_row["picked"], attribution_row["best"], attribution_row["gap"]) == ("q", "v", 5.0)
+
+
 def test_a_probe_is_compared_with_the_types_trained_alone_with_its_own_head():
     attribution = {"q": 2.0, "v": 1.0}
     probe = {"task": "sst2", "seed": 0, "method": "auto_qkv", "inert": [], "selection": {}, "probe_steps": 40}
