@@ -39,18 +39,25 @@ def check_no_optimizer_given(optimizers: tuple) -> None:
 
 
 def check_optimizer(args: Any, deepspeed_plugin: Any | None) -> None:
-    """Refuse optimizers that ignore a group's learning rate, and a DeepSpeed ``optimizer`` section."""
+    """Refuse optimizers that ignore a group's learning rate, and DeepSpeed ``optimizer``/``scheduler`` sections."""
     optim = getattr(args.optim, "value", str(args.optim))
     if optim.startswith(_LR_IGNORING_OPTIMIZERS):
         raise BeftConfigError(
             f"optim={args.optim!r} ignores per-group learning rates, so frozen bias types "
             "would keep moving or it builds its own groups. Use AdamW (the default), SGD, Adafactor, RMSprop or Lion."
         )
-    if deepspeed_plugin is not None and "optimizer" in deepspeed_plugin.hf_ds_config.config:
+    sections = deepspeed_plugin.hf_ds_config.config if deepspeed_plugin is not None else {}
+    if "optimizer" in sections:
         raise BeftConfigError(
             "The DeepSpeed config has an 'optimizer' section, which replaces the Trainer's "
             "per-bias-type parameter groups. Remove it (ds_configs/*.json show how): the "
             "Trainer's AdamW then runs inside ZeRO."
+        )
+    if "scheduler" in sections:
+        raise BeftConfigError(
+            "The DeepSpeed config has a 'scheduler' section, whose schedule sets every group's learning rate from "
+            "its own values, so frozen bias types would train again. Remove it (ds_configs/*.json show how): the "
+            "Trainer's lr_scheduler_type and warmup then run inside ZeRO."
         )
 
 

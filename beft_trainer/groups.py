@@ -1,6 +1,13 @@
-"""Names of the optimizer parameter groups ``BeftTrainer`` builds (besides one group per bias type)."""
+"""The optimizer parameter groups ``BeftTrainer`` builds: the head's two, one per bias type, BitFit's others."""
 
 from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import BeftConfigError
 
 #: The task head's parameters without and with weight decay.
 HEAD_GROUP = "head"
@@ -50,3 +57,31 @@ def bias_parameter_names(groups: dict[str, list[str]]) -> set[str]:
 def head_parameter_names(groups: dict[str, list[str]]) -> list[str]:
     """Every parameter name in the head's groups."""
     return [name for group in HEAD_GROUPS for name in groups.get(group, [])]
+
+
+def build_optimizer(
+    groups: dict[str, list[str]],
+    params: dict[str, nn.Parameter],
+    weight_decay: float,
+    optimizer_cls: Any,
+    optimizer_kwargs: dict[str, Any],
+) -> torch.optim.Optimizer:
+    """``optimizer_cls`` over one parameter group per entry of ``groups``; only the head's decay group decays.
+
+    Refuses an optimizer that builds its own groups (GaLore's ``params``, LOMO's ``model``, a factory such
+    as Muon's): the switch freezes a bias type by its group's learning rate.
+    """
+    own_groups = [key for key in ("params", "model", "optimizer_dict") if key in optimizer_kwargs]
+    if own_groups or not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+        name = getattr(optimizer_cls, "__name__", repr(optimizer_cls))
+        raise BeftConfigError(
+            f"The optimizer {name} builds its own parameter groups (or is not a torch.optim.Optimizer class); "
+            "BeftTrainer needs one group per bias type: use AdamW, SGD or another torch.optim.Optimizer."
+        )
+    return optimizer_cls(
+        [
+            {"params": [params[n] for n in names], "weight_decay": weight_decay if name == HEAD_DECAY_GROUP else 0.0}
+            for name, names in groups.items()
+        ],
+        **optimizer_kwargs,
+    )

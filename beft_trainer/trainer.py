@@ -33,7 +33,7 @@ from .distributed import (
     zero_group_learning_rates,
 )
 from .errors import BeftConfigError, ResumeError
-from .groups import HEAD_DECAY_GROUP, HEAD_GROUPS, bias_parameter_names, head_parameter_names, trainable_groups
+from .groups import HEAD_GROUPS, bias_parameter_names, build_optimizer, head_parameter_names, trainable_groups
 from .heads import find_head_parameters
 from .precision import cast_frozen_parameters, resolve_frozen_dtype
 from .resume import check_resume, run_settings, write_run_settings
@@ -131,23 +131,23 @@ class BeftTrainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """Override: one optimizer parameter group per bias type (plus the head's two).
 
-        Optimizers that ignore a group's learning rate (LOMO, schedule-free) are refused at init.
+        The optimizer is ``optimizer_cls_and_kwargs`` when given, else ``args.optim``'s, as in the
+        Trainer. Optimizers that ignore a group's learning rate (LOMO, schedule-free) are refused at init.
         """
         if self.optimizer is not None:
             return self.optimizer
-        params = dict((model or self.model).named_parameters())
+        model = model or self.model
         self.group_index = {name: i for i, name in enumerate(self.parameter_groups)}
-        groups = [
-            {
-                "params": [params[n] for n in names],
-                "weight_decay": self.args.weight_decay if name == HEAD_DECAY_GROUP else 0.0,
-            }
-            for name, names in self.parameter_groups.items()
-        ]
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model or self.model)
-        if any(key in optimizer_kwargs for key in ("params", "model", "optimizer_dict")):
-            raise BeftConfigError(f"optim={self.args.optim!r} builds its own parameter groups; use AdamW or SGD.")
-        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(
+            self.args, model
+        )
+        self.optimizer = build_optimizer(
+            self.parameter_groups,
+            dict(model.named_parameters()),
+            self.args.weight_decay,
+            optimizer_cls,
+            optimizer_kwargs,
+        )
         return self.optimizer
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -102,18 +102,28 @@ def test_deepspeed_zero3_with_cpu_offload(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.deepspeed
-def test_deepspeed_optimizer_section_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}},
+        # Its schedule writes every group's rate from its own max_lrs: a frozen group would train again.
+        {"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": "auto", "warmup_num_steps": "auto"}}},
+    ],
+    ids=["optimizer", "scheduler"],
+)
+def test_deepspeed_optimizer_and_scheduler_sections_are_refused(section, tmp_path):
     pytest.importorskip("deepspeed", reason="install the [deepspeed] extra")
+    name = next(iter(section))
     code = f"""
 import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
 from helpers import tiny_bert, training_args, TokenDataset
 from scripts.exactness_run import zero_config
 from beft_trainer import BeftTrainer, BeftConfigError
-config = zero_config(2) | {{"optimizer": {{"type": "AdamW", "params": {{"lr": "auto"}}}}}}
+config = zero_config(2) | {section!r}
 try:
     BeftTrainer(tiny_bert(), training_args({str(tmp_path)!r}, deepspeed=config), train_dataset=TokenDataset())
 except BeftConfigError as error:
-    assert "'optimizer' section" in str(error), error
+    assert "'{name}' section" in str(error), error
     print("REFUSED")
 """
     env = _environment() | {

@@ -120,6 +120,46 @@ def test_optimizer_that_ignores_group_lr_is_refused(tmp_path):
         BeftTrainer(tiny_bert(), training_args(tmp_path, optim="schedule_free_adamw"), train_dataset=TokenDataset())
 
 
+def test_optimizer_cls_and_kwargs_is_the_optimizer_and_the_switch_still_freezes_exactly(tmp_path):
+    sgd = (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9})
+    model = tiny_bert()
+    before = snapshot(model)
+    trainer = BeftTrainer(
+        model,
+        training_args(tmp_path, max_steps=6),
+        train_dataset=TokenDataset(),
+        callbacks=[BiasSelectionCallback(probe_steps=3, candidates=("q", "v"))],
+        optimizer_cls_and_kwargs=sgd,
+    )
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    kept, other = trainer.selection_callback.selected[0], ({"q", "v"} - set(trainer.selection_callback.selected)).pop()
+    after = snapshot(model)
+    layer = "bert.encoder.layer.0.attention.self"
+    assert not torch.equal(after[f"{layer}.{_PROJECTION[kept]}.bias"], before[f"{layer}.{_PROJECTION[kept]}.bias"])
+    assert torch.equal(after[f"{layer}.{_PROJECTION[other]}.bias"], before[f"{layer}.{_PROJECTION[other]}.bias"])
+
+
+@pytest.mark.parametrize(
+    "optimizer_cls_and_kwargs",
+    [(lambda params, **kwargs: torch.optim.SGD(params, **kwargs), {"lr": 0.1}), (torch.optim.SGD, {"params": []})],
+    ids=["a factory", "its own groups"],
+)
+def test_an_optimizer_cls_that_builds_its_own_groups_is_refused(optimizer_cls_and_kwargs, tmp_path):
+    trainer = BeftTrainer(
+        tiny_bert(),
+        training_args(tmp_path),
+        train_dataset=TokenDataset(),
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+    )
+    with pytest.raises(BeftConfigError, match="builds its own parameter groups"):
+        trainer.create_optimizer()
+
+
+_PROJECTION = {"q": "query", "v": "value"}
+
+
 def test_logged_learning_rate_is_the_heads_after_the_switch(tmp_path):
     trainer = BeftTrainer(
         tiny_bert(),
