@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,12 +29,25 @@ PLOT_NAME = "beft_selection.png"
 REPORTED_SCORES = ("projection", "magnitude", "movement", "fisher", "attribution", "random")
 
 
+def by_layer(score: str, layers: Sequence[int], per_vector: Sequence[float]) -> dict[str, float]:
+    """One value per layer (a JSON key) from one value per vector of the type.
+
+    A layer may hold several vectors of one type (``ln``: two LayerNorms; a gated MLP's ``mlp_in``: gate
+    and up): they combine as the type's score combines its vectors, a sum for ``movement``, a mean otherwise.
+    """
+    grouped: dict[int, list[float]] = {}
+    for layer, value in zip(layers, per_vector, strict=True):
+        grouped.setdefault(layer, []).append(value)
+    combine = sum if score == "movement" else statistics.fmean
+    return {str(layer): combine(values) for layer, values in grouped.items()}
+
+
 @dataclass
 class SelectionReport:
     """What the selection saw and decided; ``to_dict()`` is the ``beft_selection.json`` schema.
 
-    ``scores[type]`` holds every score (overall and ``per_layer``), the type's ``kind`` (``bias``
-    or ``scale``) and its size in ``parameters``.
+    ``scores[type]`` holds every score (overall and ``per_layer``: one value per layer, see ``by_layer``),
+    the type's ``kind`` (``bias`` or ``scale``) and its size in ``parameters``.
     """
 
     model_type: str
@@ -81,8 +95,7 @@ class SelectionReport:
             entry["kind"] = "scale" if bias_type in SCALING_TYPES else "bias"
             entry["parameters"] = sum(trained[n].numel() for n in names)
             entry["per_layer"] = {
-                name: {str(layer): v for layer, v in zip(layers, per_layer, strict=True)}
-                for name, (_, per_layer) in results.items()
+                name: by_layer(name, layers, per_vector) for name, (_, per_vector) in results.items()
             }
             scores[bias_type] = entry
         return cls(model_type=layout.model_type, candidates=list(candidates), scores=scores)

@@ -176,6 +176,20 @@ def test_types_beyond_qkv_are_candidates(tmp_path):
     assert_frozen_after_switch(trainer, at_switch.values, pretrained)
 
 
+def test_per_layer_scores_combine_a_layers_vectors_as_the_type_score_does(tmp_path):
+    # BERT's ln has two LayerNorms per layer: each layer's entry holds both, not whichever came last.
+    selection = BiasSelectionCallback(probe_steps=3, candidates=("ln", "v"))
+    BeftTrainer(
+        tiny_bert(), training_args(tmp_path, max_steps=4), train_dataset=TokenDataset(), callbacks=[selection]
+    ).train()
+    with open(tmp_path / REPORT_NAME) as f:
+        ln = json.load(f)["scores"]["ln"]
+    assert list(ln["per_layer"]["movement"]) == ["0", "1"]
+    assert sum(ln["per_layer"]["movement"].values()) == pytest.approx(ln["movement"], rel=1e-12)
+    for score in ("projection", "magnitude", "fisher"):  # two vectors in every layer: the mean of means
+        assert sum(ln["per_layer"][score].values()) / 2 == pytest.approx(ln[score], rel=1e-12)
+
+
 @pytest.mark.parametrize(("share", "max_steps", "count"), [(0.25, 10, 3), (0.1, 30, 3), (0.01, 6, 1)])
 def test_a_share_of_the_run_probes_that_many_steps_rounded_up(share, max_steps, count, tmp_path):
     model = tiny_bert()
