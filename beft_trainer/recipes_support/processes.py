@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch.distributed as dist
 from transformers import TrainingArguments
@@ -10,6 +11,8 @@ from transformers import TrainingArguments
 from ..distributed import start_deepspeed_comm
 
 logger = logging.getLogger(__name__)
+#: How long gloo's worker threads get to release finished collectives before the process group goes.
+_GLOO_SETTLE_SECONDS = 0.2
 
 
 def start_processes(args: TrainingArguments) -> None:
@@ -24,12 +27,21 @@ def start_processes(args: TrainingArguments) -> None:
 
 
 def stop_processes() -> None:
-    """After a run that ended normally: wait for every rank, then destroy the process group.
+    """After a run that ended normally: wait for every rank, let gloo settle, then destroy the process group.
 
-    Left to interpreter teardown, the group's threads can outlive it and abort a rank ("terminate
-    called without an active exception", exit status -6) after the run succeeded. Not for a failed
-    run: a rank that raised cannot meet the others at the barrier.
+    A gloo barrier keeps the collectives still in flight when it is issued (ZeRO-3's all-gathers) alive
+    until the barrier itself is freed, and gloo frees a finished collective on its own worker thread.
+    If that happens while the interpreter is shutting down, freeing their tensors asks for the GIL and
+    the thread exits through C++ destructors: std::terminate, "terminate called without an active
+    exception", a rank with exit status -6 after a successful run (a core dump showed exactly this
+    stack; PyTorch issue 190489). So the barrier's handle is held until gloo's workers have let go of
+    it and freed here, on the main thread, while Python is alive. Not for a failed run: a rank that
+    raised cannot meet the others at the barrier.
     """
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        barrier = dist.barrier(async_op=True)
+        barrier.wait()
+        time.sleep(_GLOO_SETTLE_SECONDS)  # the worker drops its reference right after completing
+        del barrier
         dist.destroy_process_group()
+        time.sleep(_GLOO_SETTLE_SECONDS)  # releases the GIL for any worker still freeing a collective
