@@ -219,8 +219,14 @@ def add_missing_biases(model: nn.Module, bias_types: Sequence[str] = ("q", "k", 
             if pattern.match(name) and isinstance(module, nn.Linear) and module.bias is None:
                 weight = module.weight
                 module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
+                module.beft_added_bias = True  # so a second call (a new trainer, an adapter) knows they are added
                 added += 1
     return added
+
+
+def has_added_biases(model: nn.Module) -> bool:
+    """Whether ``add_missing_biases`` gave any projection of ``model`` its bias."""
+    return any(getattr(module, "beft_added_bias", False) for module in model.modules())
 
 
 def split_fused_qkv_bias(model: nn.Module) -> int:

@@ -20,6 +20,7 @@ from .config import SelectionConfig
 from .distributed import broadcast_from_main, rank, read_full_fp32, settle_zero3, world_size
 from .errors import BeftConfigError
 from .plot import plot_in_background
+from .precision import gradient_dtypes
 from .probe import ProbeStatistics
 from .report import PLOT_NAME, REPORT_NAME, SelectionReport, write_report
 from .scores import (
@@ -27,6 +28,7 @@ from .scores import (
     find_inert,
     gradient_coherence,
     rank_types,
+    require_rankable,
     rounding_floor,
     select_within_budget,
 )
@@ -112,7 +114,7 @@ class BiasSelectionCallback(TrainerCallback):
                 f"probe_steps={self.config.describe_probe_steps(state.max_steps)} leaves no training after the "
                 f"selection (max_steps={state.max_steps}): lower probe_steps or train longer."
             )
-        self._check_budget()
+        self._check_scoring()
         self._load_state(self.trainer.resume_checkpoint_dir)
         if self.selected is not None:
             self.trainer.freeze_groups([t for t in self.candidates if t not in self.selected])
@@ -191,8 +193,8 @@ class BiasSelectionCallback(TrainerCallback):
             seed=args.seed,
             attribution=attribution,
         )
-        inert = self._find_inert(args, fisher_sums) if self.exclude_inert else {}
-        chosen = self._choose(report, list(inert), trainer.total_parameters())
+        inert = self._find_inert(args, fisher_sums)  # reported even when exclude_inert=False lets them compete
+        chosen = self._choose(report, list(inert) if self.exclude_inert else [], trainer.total_parameters())
         self.selected = broadcast_from_main(chosen)
         if self.selected != chosen:
             logger.warning("Rank %d computed %s but follows rank 0's %s.", rank(), chosen, self.selected)
@@ -237,8 +239,10 @@ class BiasSelectionCallback(TrainerCallback):
         sizes = {t: report.scores[t]["parameters"] for t in report.candidates}
         return select_within_budget(scores, sizes, excluded, budget, self.config.max_types)
 
-    def _check_budget(self) -> None:
-        """Refuse a budget below every candidate; settle the budget's default score for this model."""
+    def _check_scoring(self) -> None:
+        """Refuse a budget below every candidate or an undefined score; settle a budget's default score."""
+        pretrained, vectors = self.trainer.pretrained_biases, self.trainer.bias_layout.vectors
+        require_rankable(self.score, {t: [pretrained[v.name] for v in vectors[t]] for t in self.candidates})
         budget = self.config.budget_parameters(self.trainer.total_parameters())
         if budget is None:
             return
@@ -262,7 +266,7 @@ class BiasSelectionCallback(TrainerCallback):
             for t in self.candidates
             if t not in SCALING_TYPES
         }
-        floor = self.inert_threshold or rounding_floor(_gradient_dtypes(args, self.trainer.model))
+        floor = self.inert_threshold or rounding_floor(gradient_dtypes(args, self.trainer.model))
         return find_inert(coherence, floor)
 
     def _publish(self, args, state, control) -> None:
@@ -288,13 +292,3 @@ class BiasSelectionCallback(TrainerCallback):
         if self.selected is None:
             params = self._candidate_params()
             self.probe.load(checkpoint, rank(), world_size(), {n: p.device for n, p in params.items()})
-
-
-def _gradient_dtypes(args, model) -> set[torch.dtype]:
-    """The dtypes gradients are computed in: the autocast dtype, and half-precision weights (frozen_dtype, ZeRO)."""
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if getattr(args, "bf16", False):
-        dtypes.add(torch.bfloat16)
-    if getattr(args, "fp16", False):
-        dtypes.add(torch.float16)
-    return dtypes

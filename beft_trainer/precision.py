@@ -61,3 +61,13 @@ def cast_frozen_parameters(model: nn.Module, dtype: torch.dtype, trainable: Iter
         param.data = param.data.to(target)
         saved += before - param.element_size() * param.numel()
     return saved
+
+
+def gradient_dtypes(args, model: nn.Module) -> set[torch.dtype]:
+    """The dtypes gradients are computed in: the autocast dtype, and half-precision weights (frozen_dtype, ZeRO)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if getattr(args, "bf16", False):
+        dtypes.add(torch.bfloat16)
+    if getattr(args, "fp16", False):
+        dtypes.add(torch.float16)
+    return dtypes

@@ -114,9 +114,10 @@ class ProbeStatistics:
                 output.register_hook(accumulate)
 
         def accumulate(grad: torch.Tensor) -> None:
+            grad = _finite(grad.detach().float())
             for name, part in slices.items():
                 total = self.token_squared[name]
-                total += grad[..., part].detach().float().pow(2).sum().to(total.device)
+                total += grad[..., part].pow(2).sum().to(total.device)
 
         return on_output
 
@@ -124,7 +125,7 @@ class ProbeStatistics:
         def accumulate(grad: torch.Tensor) -> None:
             squared = self.squared_grads[name]
             if grad.numel() == squared.numel():
-                grad = grad.detach().float().view_as(squared)
+                grad = _finite(grad.detach().float().view_as(squared))
                 squared.add_(grad.pow(2).to(squared.device))
                 self.grad_counts[name] += 1
                 previous = self._step_grads.get(name)
@@ -207,3 +208,12 @@ class ProbeStatistics:
 def _saved_ranks(folder: str) -> list[int]:
     files = glob.glob(os.path.join(glob.escape(folder), "beft_probe_rank*.safetensors"))
     return sorted(int(match.group(1)) for f in files if (match := _FILE_PATTERN.search(f)))
+
+
+def _finite(grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` with non-finite entries as 0, without a host sync.
+
+    Under fp16 a loss-scale overflow gives inf gradients to a step the optimizer then skips; one
+    such step would make the Fisher sums inf and the attribution NaN (inf times no change) for good.
+    """
+    return torch.where(torch.isfinite(grad), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))

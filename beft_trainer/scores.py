@@ -33,6 +33,21 @@ def default_budget_score(budget: int, smallest_candidate: int) -> str:
     return "attribution" if budget < (SMALL_BUDGET_TYPES + 1) * smallest_candidate else "movement"
 
 
+def require_rankable(score: str | None, pretrained: dict[str, Sequence[torch.Tensor]]) -> None:
+    """Refuse the projection score over a type with an all-zero pretrained vector (type -> its vectors).
+
+    There every vector that moves scores exactly 1 (added biases, zero-initialised ones), so the
+    candidates' order would decide, not the data.
+    """
+    zero = [t for t, vectors in pretrained.items() if any(not bool(v.any()) for v in vectors)]
+    if score == "projection" and zero:
+        raise BeftConfigError(
+            f"The projection score cannot rank {', '.join(zero)}: some of their pretrained vectors are all zero, "
+            "and every vector that moves from zero scores 1. Select with score='magnitude', 'fisher', "
+            "'attribution' or 'movement'."
+        )
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
@@ -137,7 +152,7 @@ def find_inert(coherence_by_type: dict[str, Sequence[float]], floor: float) -> d
 
 
 def rank_types(scores: dict[str, float], excluded: Sequence[str], top_k: int) -> list[str]:
-    """The ``top_k`` best types by score, skipping excluded ones; ties break by type order."""
+    """The ``top_k`` best types by score, skipping excluded ones; ties keep the order of ``scores`` (the candidates')."""
     eligible = [t for t in scores if t not in excluded]
     if not eligible:
         raise BeftConfigError("Every candidate bias type is inert; nothing can be selected.")

@@ -18,7 +18,7 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from .adapters import AdapterMetadata, BeftAdapter, base_model_fingerprint, build_adapter
-from .biases import SCALING_TYPES
+from .biases import SCALING_TYPES, has_added_biases
 from .callback import BiasSelectionCallback
 from .checks import check_model, check_no_optimizer_given, check_optimizer, check_output_dir
 from .config import BeftConfig
@@ -187,7 +187,7 @@ class BeftTrainer(Trainer):
             head,
             selected=[g for g in self.active_groups if g not in HEAD_GROUPS],
             score=selection.score if selection is not None else None,
-            added_biases=self.beft_config.add_missing_biases,
+            added_biases=has_added_biases(self.model),
             scaling_types=[t for t in self.bias_layout.types if t in SCALING_TYPES],
             base_fingerprint=self.base_fingerprint,
         )

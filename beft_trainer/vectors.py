@@ -27,6 +27,7 @@ from .biases import (
     BiasVector,
     add_missing_biases,
     find_biases,
+    has_added_biases,
     model_type_of,
     split_fused_qkv_bias,
 )
@@ -138,8 +139,11 @@ def prepare_model(model: nn.Module, add_biases: bool = False, scaling_types: Ite
     and the adapter loader both call it, so an adapter's names meet the same layout. Idempotent.
     """
     split_fused_qkv_bias(model)
-    if add_biases:
-        add_missing_biases(model)
+    if add_biases and not add_missing_biases(model) and not has_added_biases(model):
+        raise BiasTypeError(
+            f"add_missing_biases=True, but this {model_type_of(model)!r} model has no bias-free q/k/v projection "
+            "to add one to (it adds them to Llama/Mistral-style attention): leave it False."
+        )
     scaling = [t for t in scaling_types if t in SCALING_TYPES]
     if scaling:
         attach_scaling_vectors(model, scaling)

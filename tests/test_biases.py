@@ -144,3 +144,15 @@ def test_head_modules_may_name_parameters_once_each():
         "classifier.bias",
         "bert.pooler.dense.bias",
     ]
+
+
+def test_add_missing_biases_on_a_model_with_its_own_biases_is_refused(tmp_path):
+    from helpers import training_args
+
+    # It would do nothing, and an adapter would then claim added biases (beft merge refuses those).
+    with pytest.raises(BiasTypeError, match="'bert' model has no bias-free q/k/v projection"):
+        BeftTrainer(tiny_model("bert"), training_args(tmp_path), beft_config=BeftConfig(add_missing_biases=True))
+    model = tiny_model("llama")
+    add_missing_biases(model)  # added before the trainer: a second pass adds none, and they stay added ones
+    trainer = BeftTrainer(model, training_args(tmp_path), beft_config=BeftConfig(add_missing_biases=True))
+    assert trainer.build_adapter().metadata.added_biases

@@ -113,3 +113,21 @@ def test_per_token_statistics_survive_a_checkpoint_and_merge_over_ranks(tmp_path
     for name in names:
         torch.testing.assert_close(merged.token_squared[name], 2 * probe.token_squared[name])
         torch.testing.assert_close(merged.squared_grads[name], 2 * probe.squared_grads[name])
+
+
+def test_an_overflowing_step_leaves_the_probe_statistics_finite():
+    # Under fp16 a loss scale too large gives inf gradients to a step the optimizer skips.
+    model = model_with_qkv_biases("opt", 0.02)
+    names = find_biases(model).names(("k", "v"))
+    params = dict(model.named_parameters())
+    probe = ProbeStatistics()
+    probe.track({n: params[n] for n in names}, {n: params[n].shape for n in names})
+    probe.track_tokens(model, names)
+    batch = {"input_ids": torch.randint(3, 64, (4, 8)), "labels": torch.tensor([0, 1, 0, 1])}
+    (model(**batch).loss * 1e39).backward()  # past float32's range: inf and nan gradients
+    model.zero_grad()
+    model(**batch).loss.backward()
+    probe.stop()
+    for name in names:
+        assert torch.isfinite(probe.squared_grads[name]).all() and float(probe.squared_grads[name].sum()) > 0
+        assert torch.isfinite(probe.token_squared[name]).all() and float(probe.token_squared[name]) > 0

@@ -13,7 +13,7 @@ from helpers import AtSwitch, TokenDataset, assert_frozen_after_switch, snapshot
 from scripts.exactness_run import run
 from transformers import TrainerCallback
 
-from beft_trainer import REPORT_NAME, BeftConfig, BeftTrainer, BiasSelectionCallback
+from beft_trainer import REPORT_NAME, BeftConfig, BeftConfigError, BeftTrainer, BiasSelectionCallback
 
 
 def test_switch_freezes_exactly_and_rewinds(tmp_path):
@@ -69,6 +69,28 @@ def test_inert_types_come_from_gradients_not_names(model_type, key_is_inert, tmp
     assert sorted(selection.report.inert) == (["k"] if key_is_inert else []), selection.report.inert
     if key_is_inert:
         assert "coherence" in selection.report.inert["k"] and selection.report.selected != ["k"]
+
+
+def test_the_projection_score_over_added_zero_biases_is_refused_before_any_step(tmp_path):
+    # Every vector that moves from zero scores exactly 1: the candidates' order would decide.
+    trainer = BeftTrainer(
+        tiny_model("llama"),
+        training_args(tmp_path, max_steps=4),
+        beft_config=BeftConfig(add_missing_biases=True),
+        train_dataset=TokenDataset(),
+        callbacks=[BiasSelectionCallback(probe_steps=2)],
+    )
+    with pytest.raises(BeftConfigError, match="projection score cannot rank q, k, v: some of their pretrained"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_inert_types_are_reported_when_exclude_inert_lets_them_compete(tmp_path):
+    selection = BiasSelectionCallback(probe_steps=3, exclude_inert=False, inert_threshold=1e-3)
+    BeftTrainer(
+        tiny_bert(), training_args(tmp_path, max_steps=4), train_dataset=TokenDataset(), callbacks=[selection]
+    ).train()
+    assert list(selection.report.inert) == ["k"] and "floor 1.0e-03" in selection.report.inert["k"]
 
 
 def test_probe_steps_count_optimizer_steps_under_gradient_accumulation(tmp_path):
