@@ -22,6 +22,7 @@ from helpers import TokenDataset, tiny_bert, training_args  # noqa: E402
 
 from beft_trainer import BeftConfig, BeftTrainer, BiasSelectionCallback  # noqa: E402
 from beft_trainer.distributed import rank, read_full_fp32, read_optimizer_state  # noqa: E402
+from beft_trainer.recipes_support import stop_processes  # noqa: E402
 from beft_trainer.vectors import prepare_model  # noqa: E402
 
 #: Adam's moments, recorded for every bias right after the switch.
@@ -168,6 +169,7 @@ def main() -> None:
         candidates,
         cli.cuda,
     )
+    stop_processes()  # as the recipes end: no gloo thread may free a collective during interpreter shutdown
 
 
 if __name__ == "__main__":
