@@ -64,4 +64,5 @@ def remove_deepspeed_shm_buffer(rank: int) -> None:
     it: every multi-process run on CPU left 66 MB per rank in memory until reboot (292 files, 19 GB,
     filled this project's 23 GB machine). The mapping stays valid until the process exits.
     """
-    deepspeed_shm_buffer(rank).unlink(missing_ok=True)
+    if hasattr(os, "getuid"):  # POSIX only, as DeepSpeed's shm_open
+        deepspeed_shm_buffer(rank).unlink(missing_ok=True)
