@@ -154,7 +154,7 @@ class SelectionConfig:
         },
     )
     exclude_inert: bool = field(
-        default=True, metadata={"help": "Exclude inert types from the selection (False: for studies only)."}
+        default=True, metadata={"help": "Exclude inert types from the selection (False: studies; still reported)."}
     )
 
     #: The fields a resumed run must share with its checkpoint.
