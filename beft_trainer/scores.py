@@ -39,8 +39,10 @@ def require_rankable(score: str | None, pretrained: dict[str, Sequence[torch.Ten
     There every vector that moves scores exactly 1 (added biases, zero-initialised ones), so the
     candidates' order would decide, not the data.
     """
+    if score != "projection":
+        return  # reads no vector: under CUDA each check would wait for the device
     zero = [t for t, vectors in pretrained.items() if any(not bool(v.any()) for v in vectors)]
-    if score == "projection" and zero:
+    if zero:
         raise BeftConfigError(
             f"The projection score cannot rank {', '.join(zero)}: some of their pretrained vectors are all zero, "
             "and every vector that moves from zero scores 1. Select with score='magnitude', 'fisher', "

@@ -86,11 +86,7 @@ def test_the_score_analysis_ranks_all_candidates_and_those_that_fit_the_small_bu
     scores = {
         t: {s: attribution[t] for s in ("projection", "magnitude", "fisher", "attribution", "random")} for t in sizes
     }
-    probe = {"task": "sst2", "seed": 0, "method": "auto_family_0.1%", "inert": [], "selection": {}, "probe_steps": 40}
-    probe |= {
-        "total_parameters": 1_000_000,
-        "candidate_scores": {t: scores[t] | {"parameters": sizes[t]} for t in sizes},
-    }
+    probe = _family_probe("auto_family_0.1%", scores, sizes)
     singles = [{"task": "sst2", "seed": 0, "method": t, "score": trained[t]} for t in trained]
     rows = {(r["run"], r["score"]): r for r in family_report.score_analysis([probe, *singles], probe_steps=40)}
     everything = rows[("family of 19", "attribution")]
@@ -104,11 +100,7 @@ def test_the_types_that_fit_the_small_budget_are_ranked_before_the_larger_ones_a
     sizes = {"q": 100, "v": 100, "attn_out": 100, "mlp_in": 400}  # 0.02% of 1e6 = 200: mlp_in does not fit
     attribution = {"q": 3.0, "v": 2.0, "attn_out": 1.0, "mlp_in": 5.0}
     scores = {t: {s: attribution[t] for s in family_report.SCORES if "_" not in s} for t in sizes}
-    probe = {"task": "sst2", "seed": 0, "method": "auto_family_0.02%", "inert": [], "selection": {}, "probe_steps": 40}
-    probe |= {
-        "total_parameters": 1_000_000,
-        "candidate_scores": {t: scores[t] | {"parameters": sizes[t]} for t in sizes},
-    }
+    probe = _family_probe("auto_family_0.02%", scores, sizes)
     singles = [_run(t, 0, score) for t, score in (("q", 70.0), ("v", 75.0))]  # attn_out and mlp_in: not yet
     assert family_report.score_analysis([probe, *singles], probe_steps=40) == []
     rows = family_report.score_analysis([probe, *singles, _run("attn_out", 0, 60.0)], probe_steps=40)
@@ -149,6 +141,15 @@ def test_the_separation_table_measures_the_spread_among_the_smallest_types_once_
     assert rows["movement"] == ["1", "1.10", "0.08 |"]  # 11 over 10; std 0.816 / mean 10
     assert rows["attribution"] == ["1", "4.00", "0.84 |"]  # 8 over 2; std 3.09 / mean 3.67
     assert rows["magnitude"] == ["1", "1.00", "0.00 |"]
+
+
+def _family_probe(method, scores, sizes):
+    """A family selection run of 1e6 parameters on SST-2 seed 0, with each candidate's ``scores`` and size."""
+    probe = {"task": "sst2", "seed": 0, "method": method, "inert": [], "selection": {}, "probe_steps": 40}
+    return probe | {
+        "total_parameters": 1_000_000,
+        "candidate_scores": {t: scores[t] | {"parameters": sizes[t]} for t in sizes},
+    }
 
 
 def _run(method, seed, score, **fields):
@@ -274,11 +275,7 @@ def test_a_family_probe_ranks_its_bias_types_before_its_scaling_vectors_are_trai
     sizes = {"q": 100, "v": 100, "mlp_in": 400, "v_scale_in": 100}
     attribution = {"q": 1.0, "v": 3.0, "mlp_in": 2.0, "v_scale_in": 4.0}
     scores = {t: {s: attribution[t] for s in family_report.SCORES if "_" not in s} for t in sizes}
-    probe = {"task": "sst2", "seed": 0, "method": "auto_family_0.1%", "inert": [], "selection": {}, "probe_steps": 40}
-    probe |= {
-        "total_parameters": 1_000_000,
-        "candidate_scores": {t: scores[t] | {"parameters": sizes[t]} for t in sizes},
-    }
+    probe = _family_probe("auto_family_0.1%", scores, sizes)
     singles = [_run(t, 0, score) for t, score in (("q", 70.0), ("v", 75.0), ("mlp_in", 80.0))]  # v_scale_in: not yet
     rows = family_report.score_analysis([probe, *singles], probe_steps=40)
     assert {r["run"] for r in rows} == {"family of 19: its 3 bias types"}
