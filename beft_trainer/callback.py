@@ -96,6 +96,7 @@ class BiasSelectionCallback(TrainerCallback):
     # -- events -------------------------------------------------------------------------------
 
     def on_init_end(self, args, state, control, **kwargs):
+        """Hook: refuse a trainer other than ``BeftTrainer``."""
         if self.trainer is None:
             raise BeftConfigError(
                 "BiasSelectionCallback needs BeftTrainer, which gives each bias type its own optimizer "
@@ -103,6 +104,7 @@ class BiasSelectionCallback(TrainerCallback):
             )
 
     def on_train_begin(self, args, state, control, **kwargs):
+        """Hook: check the schedule and score, restore a checkpoint's selection, or start probing."""
         if self.trainer is None:
             raise BeftConfigError(
                 "BiasSelectionCallback was added after the trainer was built; BeftTrainer builds one optimizer "
@@ -132,6 +134,7 @@ class BiasSelectionCallback(TrainerCallback):
         self._forget_probing_best(state)
 
     def on_step_end(self, args, state, control, **kwargs):
+        """Hook: record the probing step; at ``probe_steps``, select, freeze and publish the report."""
         if self.selected is None:
             values = self._candidate_values()
             self.probe.end_step(values)
@@ -140,6 +143,7 @@ class BiasSelectionCallback(TrainerCallback):
                 self._publish(args, state, control)
 
     def on_save(self, args, state, control, **kwargs):
+        """Hook: store the probe's sums (per rank) and the selection into the checkpoint."""
         folder = self.trainer.checkpoint_dir(state.global_step)
         self._forget_probing_best(state)
         if not os.path.isdir(folder):
@@ -152,6 +156,7 @@ class BiasSelectionCallback(TrainerCallback):
                 json.dump(payload, f, indent=2)
 
     def on_train_end(self, args, state, control, **kwargs):
+        """Hook: stop the probe's gradient hooks and wait for the report's plot."""
         self.probe.stop()
         if self._plotting is not None:
             self._plotting.join()
