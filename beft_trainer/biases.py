@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import BiasTypeError
+from .option_values import parse_type_list
 
 #: Every bias type name the library knows, in a stable order.
 BIAS_TYPES: tuple[str, ...] = ("q", "k", "v", "attn_out", "mlp_in", "mlp_out", "ln")
@@ -186,11 +187,20 @@ def find_biases(model: nn.Module) -> BiasLayout:
     layer_prefix, table = ARCHITECTURES[model_type]
     layer_re = re.compile(rf"^(?:.*\.)?{layer_prefix}\.(\d+)\.(.+)$")
     layout = BiasLayout(model_type=model_type)
-    for name, _ in model.named_parameters():
+    first_name: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
         if not _is_bias_parameter(name):
             continue
         match = layer_re.match(name)
         bias_type = table.get(match.group(2)) if match else None
+        shared_with = first_name.setdefault(id(param), name)
+        if shared_with != name:
+            if bias_type is not None or _typed(layer_re, table, shared_with):
+                raise BiasTypeError(
+                    f"{name} and {shared_with} are one shared tensor: freezing or rewinding one type would move the "
+                    "other. Give each module its own bias (e.g. nn.Parameter(bias.detach().clone())) before training."
+                )
+            continue  # an untyped bias tied to another (BERT's MLM decoder bias) is listed once
         if bias_type is None:
             layout.other_biases.append(name)
             continue
@@ -200,20 +210,24 @@ def find_biases(model: nn.Module) -> BiasLayout:
     return layout
 
 
-def add_missing_biases(model: nn.Module, bias_types: Sequence[str] = ("q", "k", "v")) -> int:
+def _typed(layer_re: re.Pattern, table: dict[str, str], name: str) -> bool:
+    match = layer_re.match(name)
+    return match is not None and match.group(2) in table
+
+
+def add_missing_biases(model: nn.Module, bias_types: str | Sequence[str] = ("q", "k", "v")) -> int:
     """Give bias-free q/k/v projections (Llama, Mistral) a zero-initialised bias.
 
     The output is unchanged at initialisation. The projection score is degenerate for such
     biases (``b_pre = 0`` makes every moved layer score 1), so select with ``movement``, ``attribution``,
     ``magnitude`` or ``fisher``. Returns the number of biases added.
     """
+    bias_types = parse_type_list(bias_types, "add_missing_biases(bias_types)", tuple(_MISSING_BIAS_MODULES))
     model_type = model_type_of(model)
     layer_prefix, _ = ARCHITECTURES.get(model_type, (r"layers", {}))
     added = 0
     for bias_type in bias_types:
-        suffix = _MISSING_BIAS_MODULES.get(bias_type)
-        if suffix is None:
-            raise BiasTypeError(f"add_missing_biases supports q, k, v; got {bias_type!r}.")
+        suffix = _MISSING_BIAS_MODULES[bias_type]
         pattern = re.compile(rf"^(?:.*\.)?{layer_prefix}\.\d+\.{re.escape(suffix)}$")
         for name, module in model.named_modules():
             if pattern.match(name) and isinstance(module, nn.Linear) and module.bias is None:

@@ -24,13 +24,13 @@ from .precision import gradient_dtypes
 from .probe import ProbeStatistics
 from .report import PLOT_NAME, REPORT_NAME, SelectionReport, write_report
 from .scores import (
-    default_budget_score,
     find_inert,
     gradient_coherence,
     rank_types,
     require_rankable,
     rounding_floor,
     select_within_budget,
+    settle_budget,
 )
 from .vectors import is_scaling_parameter
 
@@ -80,8 +80,8 @@ class BiasSelectionCallback(TrainerCallback):
 
     @property
     def score(self) -> str | None:
-        """The deciding score: ``config.score``, or a budget's default for this model (set at train begin)."""
-        return self.config.score or self._budget_score
+        """The deciding score: ``config.fixed_score``, or a budget's default for this model (set at train begin)."""
+        return self.config.fixed_score or self._budget_score
 
     def bind(self, trainer) -> None:
         """Attach to a ``BeftTrainer`` (it calls this itself) and check the candidates exist."""
@@ -245,19 +245,14 @@ class BiasSelectionCallback(TrainerCallback):
         return select_within_budget(scores, sizes, excluded, budget, self.config.max_types)
 
     def _check_scoring(self) -> None:
-        """Refuse a budget below every candidate or an undefined score; settle a budget's default score."""
+        """Refuse an undefined score or a budget that decides nothing; settle a budget's default score."""
         pretrained, vectors = self.trainer.pretrained_biases, self.trainer.bias_layout.vectors
         require_rankable(self.score, {t: [pretrained[v.name] for v in vectors[t]] for t in self.candidates})
         budget = self.config.budget_parameters(self.trainer.total_parameters())
         if budget is None:
             return
         sizes = {t: self.trainer.count_parameters([t]) for t in self.candidates}
-        if min(sizes.values()) > budget:
-            raise BeftConfigError(
-                f"budget={self.config.budget} allows {budget:,} parameters, but the smallest candidate has "
-                f"{min(sizes.values()):,} ({', '.join(f'{t}={n:,}' for t, n in sizes.items())}): raise the budget."
-            )
-        self._budget_score = default_budget_score(budget, min(sizes.values()))
+        self._budget_score = settle_budget(self.config.budget, budget, sizes, self.config.top_k)
 
     def _find_inert(self, args, squared_grads: dict[str, torch.Tensor]) -> dict[str, str]:
         # Collective (every rank calls it): the per-token sums are summed over processes first,

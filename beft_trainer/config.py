@@ -9,66 +9,18 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .biases import ALL_BIASES, SCALING_TYPES, VECTOR_TYPES
 from .errors import BeftConfigError
+from .option_values import parse_type_list, require_bool, require_count_or_share, require_int
 from .scores import SCORE_NAMES
 
 __all__ = ["BeftConfig", "SelectionConfig"]
 
 
-def parse_type_list(value: str | Sequence[str] | None, option: str) -> tuple[str, ...] | None:
-    """``"q,v"``, ``("q", "v")`` or ``["q,v"]`` (a command line) as ``("q", "v")``; ``None`` stays ``None``.
-
-    Every name must be a known bias type, once: ``"qkv"`` is refused, not split into characters.
-    """
-    if value is None:
-        return None
-    items = [value] if isinstance(value, str) else list(value)
-    if not all(isinstance(item, str) for item in items):
-        raise BeftConfigError(f"{option}={value!r}: give bias type names as strings, e.g. ('q', 'v') or 'q,v'.")
-    names = tuple(name.strip() for item in items for name in item.split(",") if name.strip())
-    unknown = [name for name in names if name not in VECTOR_TYPES]
-    if unknown or not names or len(set(names)) != len(names):
-        problem = f"unknown bias types {unknown}" if unknown else "empty" if not names else "a repeated name"
-        raise BeftConfigError(
-            f"{option}={value!r} has {problem}: use distinct vector types among {', '.join(VECTOR_TYPES)}, "
-            "as a tuple ('q', 'v') or a comma list 'q,v'."
-        )
-    return names
-
-
-def _require_int(owner: str, name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise BeftConfigError(f"{owner}: {name} must be a whole number, got {value!r}.")
-    if value < minimum:
-        raise BeftConfigError(f"{owner}: {name} must be >= {minimum}, got {value}.")
-    return int(value)
-
-
-def _require_count_or_share(owner: str, name: str, value: Any) -> int | float:
-    """A whole count >= 1, or a share of the run in (0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise BeftConfigError(
-            f"{owner}: {name} must be a step count (>= 1) or a share of the run (< 1), got {value!r}."
-        )
-    if value < 1:
-        return float(value)
-    if value != int(value):
-        raise BeftConfigError(f"{owner}: {name} must be a whole number of steps when >= 1, got {value!r}.")
-    return int(value)
-
-
-def _require_bool(owner: str, name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise BeftConfigError(f"{owner}: {name} must be True or False, got {value!r}.")
-    return value
-
-
-@dataclass
+@dataclass(frozen=True)
 class SelectionConfig:
     """How ``BiasSelectionCallback`` probes, scores and selects bias types.
 
@@ -164,39 +116,43 @@ class SelectionConfig:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
-        owner = "BiasSelectionCallback"
-        self.probe_steps = _require_count_or_share(owner, "probe_steps", self.probe_steps)
-        self.candidates = parse_type_list(self.candidates, "candidates")
+        # Frozen, so a field changed after the checks cannot skip them (dataclasses.replace re-runs them).
+        owner, set_field = "BiasSelectionCallback", object.__setattr__.__get__(self)
+        set_field("probe_steps", require_count_or_share(owner, "probe_steps", self.probe_steps))
+        set_field("candidates", parse_type_list(self.candidates, "candidates", VECTOR_TYPES))
         if len(self.candidates) < 2:
             raise BeftConfigError(
                 f"{owner} needs at least two candidates to choose from, got {self.candidates}; to train "
                 f"one type without probing, use BeftConfig(bias_types={self.candidates})."
             )
-        if self.score is None and self.budget is None:
-            self.score = "movement" if any(t in SCALING_TYPES for t in self.candidates) else "projection"
         if self.score is not None and self.score not in SCORE_NAMES:
             raise BeftConfigError(f"{owner}: Unknown score {self.score!r}; choose one of {', '.join(SCORE_NAMES)}.")
         if self.top_k is not None:
-            self.top_k = _require_int(owner, "top_k", self.top_k, 1)
+            set_field("top_k", require_int(owner, "top_k", self.top_k, 1))
             if self.top_k >= len(self.candidates):
                 raise BeftConfigError(
                     f"{owner}: top_k={self.top_k} must be below the number of candidates "
                     f"({len(self.candidates)}), or nothing is left out."
                 )
-        budget = self.budget
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real) or budget <= 0):
-            raise BeftConfigError(
-                f"{owner}: budget must be a positive count (>= 1) or a share of the model (< 1), got {budget!r}."
-            )
+        if self.budget is not None:
+            set_field("budget", require_count_or_share(owner, "budget", self.budget, "parameter", "model"))
         for flag in ("rewind", "scale_learning_rate", "scale_probe_learning_rate", "exclude_inert"):
-            setattr(self, flag, _require_bool(owner, flag, getattr(self, flag)))
+            set_field(flag, require_bool(owner, flag, getattr(self, flag)))
         threshold = self.inert_threshold
         if threshold is not None:
             if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < threshold < 1:
                 raise BeftConfigError(
                     f"{owner}: inert_threshold must be a number in (0, 1) or None (sqrt(eps)), got {threshold!r}."
                 )
-            self.inert_threshold = float(threshold)
+            set_field("inert_threshold", float(threshold))
+
+    @property
+    def fixed_score(self) -> str | None:
+        """The deciding score where the model does not matter: ``score``, or without a budget projection
+        (movement with scaling candidates). None: a budget's default, settled when training starts."""
+        if self.score is not None or self.budget is not None:
+            return self.score
+        return "movement" if any(t in SCALING_TYPES for t in self.candidates) else "projection"
 
     def probe_step_count(self, max_steps: int) -> int:
         """The probing steps of a run of ``max_steps`` steps (a share of it rounded up, at least 1)."""
@@ -230,7 +186,7 @@ class SelectionConfig:
     def shaping_settings(self) -> dict[str, Any]:
         """The settings stored with a checkpoint (JSON-ready)."""
         values = {name: getattr(self, name) for name in self.SHAPING_FIELDS}
-        values["candidates"] = list(values["candidates"])
+        values["candidates"], values["score"] = list(values["candidates"]), self.fixed_score
         return values
 
     @classmethod
@@ -239,7 +195,7 @@ class SelectionConfig:
         return tuple(f.name for f in fields(cls))
 
 
-@dataclass
+@dataclass(frozen=True)
 class BeftConfig:
     """Which parameters ``BeftTrainer`` trains.
 
@@ -282,16 +238,16 @@ class BeftConfig:
     )
 
     def __post_init__(self) -> None:
+        set_field = object.__setattr__.__get__(self)
         if self.bias_types == ALL_BIASES or self.bias_types == [ALL_BIASES]:
-            self.bias_types = ALL_BIASES
+            set_field("bias_types", ALL_BIASES)
         else:
-            self.bias_types = parse_type_list(self.bias_types, "BeftConfig.bias_types")
+            set_field("bias_types", parse_type_list(self.bias_types, "BeftConfig.bias_types", VECTOR_TYPES))
         if self.head_modules is not None:
-            if isinstance(self.head_modules, str):
-                self.head_modules = (self.head_modules,)
-            self.head_modules = tuple(self.head_modules)
-        self.train_head = _require_bool("BeftConfig", "train_head", self.train_head)
-        self.add_missing_biases = _require_bool("BeftConfig", "add_missing_biases", self.add_missing_biases)
+            modules = (self.head_modules,) if isinstance(self.head_modules, str) else tuple(self.head_modules)
+            set_field("head_modules", modules)
+        for flag in ("train_head", "add_missing_biases"):
+            set_field(flag, require_bool("BeftConfig", flag, getattr(self, flag)))
 
     @property
     def is_bitfit(self) -> bool:

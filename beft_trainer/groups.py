@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import BeftConfigError
+from .errors import BeftConfigError, BiasTypeError
 
 #: The task head's parameters without and with weight decay.
 HEAD_GROUP = "head"
@@ -23,6 +24,7 @@ def trainable_groups(
     decay: set[str],
     other_biases: list[str] | None = None,
     train_head: bool = True,
+    backbone_vectors: Sequence[str] = (),
 ) -> dict[str, list[str]]:
     """The optimizer parameter groups, in order: the head's two, one per bias type, BitFit's others.
 
@@ -32,11 +34,17 @@ def trainable_groups(
         decay: names of the parameters that take weight decay.
         other_biases: BitFit's untyped biases, or None.
         train_head: False leaves the head (its biases too) frozen.
+        backbone_vectors: every vector of a bias or scaling type, which the head must not hold: it
+            trains in full from the first step to the last, so such a vector could never freeze.
 
-    A head bias that is also a bias of the backbone (BERT's pooler) trains with the head only.
+    Refuses groups with no vector besides the head (BitFit on a model without biases).
     """
-    typed = {name for names in bias_names.values() for name in names}
-    head = [name for name in head if name not in typed]
+    inside = [name for name in head if name in set(backbone_vectors)]
+    if inside:
+        raise BeftConfigError(
+            f"The head holds {len(inside)} vectors of the backbone's bias types (e.g. {inside[0]}), which would train "
+            "in full and never freeze: name only the task head in head_modules (e.g. ['classifier'])."
+        )
     trained_head = head if train_head else []
     groups = {
         HEAD_GROUP: [name for name in trained_head if name not in decay],
@@ -46,7 +54,13 @@ def trainable_groups(
     if other_biases is not None:
         # A head bias is random at init: it belongs with the head, not with BitFit's deltas.
         groups[OTHER_BIASES_GROUP] = [name for name in other_biases if name not in head]
-    return {name: names for name, names in groups.items() if names}
+    groups = {name: names for name, names in groups.items() if names}
+    if not bias_parameter_names(groups):
+        raise BiasTypeError(
+            "The model has no bias to train (BitFit found none): give its q/k/v projections biases with "
+            "add_missing_biases=True, or train scaling vectors, e.g. bias_types=('v_scale_in',)."
+        )
+    return groups
 
 
 def bias_parameter_names(groups: dict[str, list[str]]) -> set[str]:
@@ -78,10 +92,17 @@ def build_optimizer(
             f"The optimizer {name} builds its own parameter groups (or is not a torch.optim.Optimizer class); "
             "BeftTrainer needs one group per bias type: use AdamW, SGD or another torch.optim.Optimizer."
         )
-    return optimizer_cls(
+    optimizer = optimizer_cls(
         [
             {"params": [params[n] for n in names], "weight_decay": weight_decay if name == HEAD_DECAY_GROUP else 0.0}
             for name, names in groups.items()
         ],
         **optimizer_kwargs,
     )
+    if optimizer.defaults.get("relative_step"):
+        raise BeftConfigError(
+            f"{optimizer_cls.__name__} with relative_step=True sets its own step size and ignores a group's learning "
+            "rate, so frozen bias types would keep moving: pass relative_step=False and an lr "
+            "(TrainingArguments(optim='adafactor') does)."
+        )
+    return optimizer

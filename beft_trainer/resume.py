@@ -23,12 +23,19 @@ RUN_SETTINGS_NAME = "beft_run.json"
 
 
 def run_settings(
-    group_names: list[str], beft_config: BeftConfig, selection: SelectionConfig | None, head: list[str]
+    group_names: list[str],
+    beft_config: BeftConfig,
+    selection: SelectionConfig | None,
+    head: list[str],
+    base_fingerprint: str,
 ) -> dict[str, Any]:
-    """The settings a checkpoint records: the parameter groups, the head's parameter names, ``BeftConfig``
-    and the selection options."""
+    """The settings a checkpoint records: the base model's fingerprint, the parameter groups, the head's
+    parameter names, ``BeftConfig`` and the selection options."""
     bias_types = beft_config.bias_types
     return {
+        # The resumed Trainer loads the checkpoint's weights, but the adapter's deltas, its recorded base and
+        # the rewind all read the model this run was given: they only agree on the same base model.
+        "base_model_fingerprint": base_fingerprint,
         "parameter_groups": list(group_names),
         "head_parameters": sorted(head),
         "beft_config": {
@@ -83,6 +90,13 @@ def check_resume(checkpoint: str, settings: dict[str, Any]) -> None:
     if unrecorded:
         logger.warning("%s (an older beft-trainer) does not record %s: not compared.", path, ", ".join(unrecorded))
     changed = [key for key in sorted(before.keys()) if before.get(key) != now.get(key)]
+    if changed == ["base_model_fingerprint"]:  # it also moves with the head, which the fingerprint leaves out
+        raise ResumeError(
+            f"Cannot resume from {checkpoint}: it was trained from another base model (fingerprint "
+            f"{str(before['base_model_fingerprint'])[:12]}..., this model {now['base_model_fingerprint'][:12]}...). "
+            "Load the exact model the run started from, in the same dtype."
+        )
+    changed = [key for key in changed if key != "base_model_fingerprint"]
     if changed:
         details = "; ".join(f"{key}: checkpoint {before.get(key)!r}, this run {now.get(key)!r}" for key in changed)
         raise ResumeError(

@@ -33,6 +33,24 @@ def default_budget_score(budget: int, smallest_candidate: int) -> str:
     return "attribution" if budget < (SMALL_BUDGET_TYPES + 1) * smallest_candidate else "movement"
 
 
+def settle_budget(option: float, budget: int, sizes: dict[str, int], top_k: int | None) -> str:
+    """The default score under a budget of ``budget`` parameters (``option`` as given) over candidates of
+    ``sizes``; refuses a budget below every candidate, and one that holds them all with no ``top_k``."""
+    listed = ", ".join(f"{t}={n:,}" for t, n in sizes.items())
+    if min(sizes.values()) > budget:
+        raise BeftConfigError(
+            f"budget={option} allows {budget:,} parameters, but the smallest candidate has "
+            f"{min(sizes.values()):,} ({listed}): raise the budget."
+        )
+    if top_k is None and sum(sizes.values()) <= budget:
+        raise BeftConfigError(
+            f"budget={option} allows {budget:,} parameters, which hold every candidate ({listed}; "
+            f"{sum(sizes.values()):,} together), so nothing is left out: lower the budget, or train them all "
+            "without a selection (BeftConfig(bias_types=...))."
+        )
+    return default_budget_score(budget, min(sizes.values()))
+
+
 def require_rankable(score: str | None, pretrained: dict[str, Sequence[torch.Tensor]]) -> None:
     """Refuse the projection score over a type with an all-zero pretrained vector (type -> its vectors).
 

@@ -124,6 +124,7 @@ class BeftTrainer(Trainer):
             decay=set(self.get_decay_parameter_names(model)),
             other_biases=layout.other_biases if config.is_bitfit else None,
             train_head=config.train_head,
+            backbone_vectors=layout.names(layout.types),
         )
 
     # -- Trainer hooks ------------------------------------------------------------------------
@@ -223,7 +224,7 @@ class BeftTrainer(Trainer):
         """What shaped this run (parameter groups, BeftConfig, selection options), stored with each checkpoint."""
         selection = self.selection_callback.config if self.selection_callback is not None else None
         head = head_parameter_names(self.parameter_groups)
-        return run_settings(list(self.parameter_groups), self.beft_config, selection, head)
+        return run_settings(list(self.parameter_groups), self.beft_config, selection, head, self.base_fingerprint)
 
     def _get_learning_rate(self) -> float:
         """Override: the rate of the first group that still trains (the first group may be frozen)."""

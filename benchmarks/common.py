@@ -183,8 +183,7 @@ def make_trainer(
     lora = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("lora_")}
     method_args = MethodArguments(method=method, **lora)
     selection = selection or SelectionConfig()
-    beft_config = beft_config or BeftConfig()
-    configure_method(method_args, selection, beft_config)
+    beft_config = configure_method(method_args, selection, beft_config or BeftConfig())
     return build_trainer(model, args, method_args, selection, beft_config, peft_task_type="SEQ_CLS", **kwargs)
 
 

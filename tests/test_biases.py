@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import tiny_model
 
-from beft_trainer import BeftConfig, BeftTrainer, BiasTypeError, add_missing_biases, find_biases
+from beft_trainer import BeftConfig, BeftConfigError, BeftTrainer, BiasTypeError, add_missing_biases, find_biases
 from beft_trainer.heads import find_head_parameters
 
 ENCODERS = ["bert", "roberta", "distilbert", "electra", "mpnet"]
@@ -156,3 +156,9 @@ def test_add_missing_biases_on_a_model_with_its_own_biases_is_refused(tmp_path):
     add_missing_biases(model)  # added before the trainer: a second pass adds none, and they stay added ones
     trainer = BeftTrainer(model, training_args(tmp_path), beft_config=BeftConfig(add_missing_biases=True))
     assert trainer.build_adapter().metadata.added_biases
+
+
+def test_add_missing_biases_reads_a_comma_list_and_refuses_letters():
+    assert add_missing_biases(tiny_model("llama"), "q,v") == 2 * tiny_model("llama").config.num_hidden_layers
+    with pytest.raises(BeftConfigError, match="unknown bias types \\['qkv'\\]"):
+        add_missing_biases(tiny_model("llama"), "qkv")

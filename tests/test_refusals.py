@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import transformers as tf
-from helpers import VOCAB, TokenDataset, randomize_biases, snapshot, tiny_bert, training_args
+from helpers import VOCAB, TokenDataset, randomize_biases, snapshot, tiny_bert, tiny_model, training_args
 
-from beft_trainer import BeftConfig, BeftConfigError, BeftTrainer, BiasSelectionCallback, SelectionConfig
+from beft_trainer import (
+    BeftConfig,
+    BeftConfigError,
+    BeftTrainer,
+    BiasSelectionCallback,
+    BiasTypeError,
+    SelectionConfig,
+    find_biases,
+)
 
 
 def _untouched(model, before) -> bool:
@@ -42,6 +52,10 @@ def test_a_peft_wrapped_model_is_refused(with_callback, tmp_path):
         ({"rewind": "no"}, "rewind must be True or False"),
         ({"inert_threshold": "small"}, "inert_threshold must be a number"),
         ({"probe_step": 5}, r"unknown options \['probe_step'\]"),
+        ({"probe_steps": float("inf")}, r"probe_steps must be a step count .* got inf"),
+        ({"budget": float("nan")}, r"budget must be a parameter count \(>= 1\) or a share of the model .* got nan"),
+        ({"budget": float("inf")}, r"budget must be a parameter count .* got inf"),
+        ({"budget": 2500.7}, r"budget must be a whole number of parameters when >= 1, got 2500.7"),
     ],
 )
 def test_bad_selection_options_say_which_and_why(options, message):
@@ -161,3 +175,77 @@ def test_an_optimizer_of_ones_own_is_refused(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(BeftConfigError, match="builds its own optimizer"):
         BeftTrainer(model, training_args(tmp_path), train_dataset=TokenDataset(), optimizers=(optimizer, None))
+
+
+def test_a_config_cannot_change_after_its_checks():
+    config = SelectionConfig(candidates=("q", "v"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.top_k = 5
+    with pytest.raises(BeftConfigError, match="top_k=2 must be below the number of candidates"):
+        dataclasses.replace(config, top_k=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        BeftConfig().bias_types = "q,v"
+
+
+def test_a_copy_with_a_budget_takes_the_budgets_default_score():
+    # The unbudgeted default (projection) is not written into the config, so a copy with a budget does not
+    # silently carry it: the budget's default is settled when training starts.
+    plain = SelectionConfig(candidates=("q", "v", "attn_out"))
+    assert plain.score is None and plain.fixed_score == "projection"
+    assert plain.shaping_settings()["score"] == "projection"  # what checkpoints always recorded
+    budgeted = dataclasses.replace(plain, budget=0.02)
+    assert budgeted.score is None and budgeted.fixed_score is None
+    assert dataclasses.replace(plain, candidates=("q", "v_scale_in")).fixed_score == "movement"
+
+
+def test_a_budget_that_holds_every_candidate_is_refused_before_a_step(tmp_path):
+    model = tiny_bert()
+    before = snapshot(model)
+    callback = BiasSelectionCallback(probe_steps=2, candidates=("q", "v", "attn_out"), budget=10**6)
+    trainer = BeftTrainer(model, training_args(tmp_path), train_dataset=TokenDataset(), callbacks=[callback])
+    with pytest.raises(BeftConfigError, match="which hold every candidate .* nothing is left out"):
+        trainer.train()
+    assert _untouched(model, before)
+    limited = BiasSelectionCallback(probe_steps=2, candidates=("q", "v", "attn_out"), budget=10**6, top_k=1)
+    trainer = BeftTrainer(tiny_bert(), training_args(tmp_path), train_dataset=TokenDataset(), callbacks=[limited])
+    trainer.train()
+    assert len(limited.selected) == 1
+
+
+def test_bitfit_on_a_model_without_biases_is_refused(tmp_path):
+    with pytest.raises(BiasTypeError, match="has no bias to train"):
+        BeftTrainer(tiny_model("llama"), training_args(tmp_path), beft_config=BeftConfig(bias_types="all"))
+
+
+def test_a_head_that_holds_the_backbones_biases_is_refused(tmp_path):
+    config = BeftConfig(bias_types=("v",), head_modules=["bert"])
+    with pytest.raises(BeftConfigError, match="The head holds .* vectors of the backbone's bias types"):
+        BeftTrainer(tiny_bert(), training_args(tmp_path), beft_config=config)
+
+
+@pytest.mark.parametrize("across_layers", [False, True], ids=["q-and-k", "two-layers"])
+def test_a_bias_shared_by_two_modules_is_refused(across_layers, tmp_path):
+    model = tiny_bert()
+    layers = model.bert.encoder.layer
+    if across_layers:
+        layers[1].attention.self.value.bias = layers[0].attention.self.value.bias
+    else:
+        layers[0].attention.self.key.bias = layers[0].attention.self.query.bias
+    with pytest.raises(BiasTypeError, match="are one shared tensor"):
+        BeftTrainer(model, training_args(tmp_path), callbacks=[BiasSelectionCallback(probe_steps=2)])
+
+
+def test_a_tied_untyped_bias_is_listed_once():
+    model = tf.BertForMaskedLM(tiny_bert().config)  # its decoder bias is the prediction head's bias
+    layout = find_biases(model)
+    assert layout.other_biases.count("cls.predictions.bias") == 1
+    assert "cls.predictions.decoder.bias" not in layout.other_biases
+
+
+def test_adafactor_with_its_own_step_size_is_refused(tmp_path):
+    adafactor = (tf.Adafactor, {"relative_step": True, "lr": None, "warmup_init": False})
+    trainer = BeftTrainer(
+        tiny_bert(), training_args(tmp_path), train_dataset=TokenDataset(), optimizer_cls_and_kwargs=adafactor
+    )
+    with pytest.raises(BeftConfigError, match="relative_step=True sets its own step size"):
+        trainer.train()

@@ -80,6 +80,20 @@ def test_resume_with_another_head_is_refused_by_its_parameters(tmp_path):
         _fixed_run(tmp_path).train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
 
 
+def test_resume_with_another_base_model_is_refused(tmp_path):
+    # The Trainer would load the checkpoint's weights, while the adapter's deltas and its recorded base came
+    # from the model given: the adapter would then not reproduce the trained model on either base.
+    def run(seed):
+        config = BeftConfig(bias_types=("v",))
+        model = tiny_bert(seed=seed)
+        return BeftTrainer(model, _checkpointing_args(tmp_path), beft_config=config, train_dataset=TokenDataset())
+
+    run(seed=0).train()
+    with pytest.raises(ResumeError, match="trained from another base model"):
+        run(seed=1).train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    run(seed=0).train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
 def test_a_setting_an_older_checkpoint_does_not_record_is_not_compared(tmp_path, caplog):
     _fixed_run(tmp_path).train()
     path = tmp_path / "checkpoint-4" / "beft_run.json"

@@ -117,7 +117,7 @@ def test_a_budget_nothing_fits_says_the_sizes():
     ],
 )
 def test_default_score_is_projection_for_biases_and_movement_across_kinds(options, expected):
-    assert SelectionConfig(**options).score == expected
+    assert SelectionConfig(**options).fixed_score == expected
 
 
 @pytest.mark.parametrize(

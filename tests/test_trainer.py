@@ -69,7 +69,7 @@ def test_missing_bias_type_fails_before_training(tmp_path):
         ({"candidates": ("q", "query")}, r"unknown bias types \['query'\]"),
         ({"candidates": ("v",)}, "at least two candidates"),
         ({"candidates": ("q", "v"), "top_k": 2}, "top_k=2 must be below"),
-        ({"budget": 0}, "budget must be a positive count"),
+        ({"budget": 0}, "budget must be a parameter count"),
         ({"probe_steps": 0}, r"probe_steps must be a step count \(>= 1\) or a share of the run \(< 1\), got 0"),
         ({"inert_threshold": 2.0}, "inert_threshold"),
     ],

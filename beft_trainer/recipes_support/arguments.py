@@ -120,20 +120,21 @@ def parse_recipe_args(dataclass_types: Sequence[type], argv: Sequence[str] | Non
         raise
     except ValueError as error:  # unused arguments, TrainingArguments' own checks: all about the options given
         raise BeftConfigError(str(error)) from error
-    _apply_method(parsed)
-    return parsed
+    return _apply_method(tuple(parsed))
 
 
-def _apply_method(parsed: Sequence[Any]) -> None:
+def _apply_method(parsed: tuple[Any, ...]) -> tuple[Any, ...]:
     by_type = {type(item): item for item in parsed}
     method_args = next((item for item in parsed if isinstance(item, MethodArguments)), None)
     if method_args is None:
-        return
+        return parsed
     if SelectionConfig in by_type and BeftConfig in by_type:
-        configure_method(method_args, by_type[SelectionConfig], by_type[BeftConfig])
+        beft = configure_method(method_args, by_type[SelectionConfig], by_type[BeftConfig])
+        parsed = tuple(beft if isinstance(item, BeftConfig) else item for item in parsed)
     for item in parsed:
         if isinstance(item, RecipeTrainingArguments) and item.learning_rate is None:
             item.learning_rate = method_args.parsed.learning_rate_for(item.model_kind)
+    return parsed
 
 
 def check_probe_fits(selection: SelectionConfig, method_args: MethodArguments, args: TrainingArguments) -> None:

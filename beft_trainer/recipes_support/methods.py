@@ -9,7 +9,7 @@ fixed BEFT tuner) are baselines on a plain ``transformers.Trainer``.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import transformers
@@ -136,8 +136,8 @@ def _changed_options(config: Any, names: tuple[str, ...] | None = None) -> list[
     return [f"--{name}" for name in names if getattr(config, name) != getattr(default, name)]
 
 
-def configure_method(method_args: MethodArguments, selection: SelectionConfig, beft: BeftConfig) -> None:
-    """Set ``beft.bias_types`` from ``--method``; refuse options the method would ignore.
+def configure_method(method_args: MethodArguments, selection: SelectionConfig, beft: BeftConfig) -> BeftConfig:
+    """``beft`` with ``bias_types`` set from ``--method``; refuse options the method would ignore.
 
     ``--method`` is the one place that says what trains: ``--bias_types`` next to it is refused.
     """
@@ -155,7 +155,8 @@ def configure_method(method_args: MethodArguments, selection: SelectionConfig, b
         raise BeftConfigError(
             f"--method {method}: {', '.join(ignored)} would be ignored: drop them, or choose a --method that reads them."
         )
-    beft.bias_types = {"beft": None, "bitfit": ALL_BIASES, "bias_types": method.bias_types}.get(method.kind)
+    bias_types = {"beft": None, "bitfit": ALL_BIASES, "bias_types": method.bias_types}.get(method.kind)
+    return replace(beft, bias_types=bias_types)
 
 
 def _type_names(bias_types: str | tuple[str, ...]) -> str:
