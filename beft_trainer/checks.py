@@ -17,7 +17,7 @@ _RUN_MARKERS = (RUN_SETTINGS_NAME, "beft_selection.json", "beft_adapter.json")
 
 
 def check_model(model: nn.Module | None) -> None:
-    """Refuse a missing model and a model already wrapped by peft."""
+    """Refuse a missing model, a model already wrapped by peft, and one that holds beft adapters."""
     if model is None:
         raise BeftConfigError("BeftTrainer needs a model (model_init is not supported).")
     if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
@@ -25,6 +25,12 @@ def check_model(model: nn.Module | None) -> None:
             f"The model is already wrapped by peft ({type(model).__name__}): BeftTrainer would train its "
             "adapter and biases together. Pass the plain transformers model, or merge the peft adapter "
             "first (model.merge_and_unload())."
+        )
+    if getattr(model, "beft_adapters", None) is not None or getattr(model, "beft_mixed_adapters", None):
+        raise BeftConfigError(
+            "The model holds beft adapters (load_adapter or load_mixed_adapters): training would move the parameters "
+            "they restore on switching, and the new adapter would fit only base + those adapters. Train from the base "
+            "model, or make base + adapter a new base first (save_merged, then load the saved folder)."
         )
 
 

@@ -17,6 +17,8 @@ from beft_trainer import (
     BiasTypeError,
     SelectionConfig,
     find_biases,
+    load_adapter,
+    load_mixed_adapters,
 )
 
 
@@ -249,3 +251,17 @@ def test_adafactor_with_its_own_step_size_is_refused(tmp_path):
     )
     with pytest.raises(BeftConfigError, match="relative_step=True sets its own step size"):
         trainer.train()
+
+
+@pytest.mark.parametrize("how", ["load_adapter", "load_mixed_adapters"])
+def test_a_model_holding_adapters_is_refused(how, tmp_path):
+    trainer = BeftTrainer(tiny_bert(), training_args(tmp_path / "run"), train_dataset=TokenDataset())
+    trainer.train()
+    trainer.save_model()
+    model = tiny_bert()
+    if how == "load_adapter":
+        load_adapter(model, tmp_path / "run")
+    else:
+        load_mixed_adapters(model, {"v": tmp_path / "run"})
+    with pytest.raises(BeftConfigError, match="The model holds beft adapters"):
+        BeftTrainer(model, training_args(tmp_path / "again"), train_dataset=TokenDataset())
