@@ -51,7 +51,7 @@ from .biases import (
 )
 from .callback import BiasSelectionCallback
 from .config import BeftConfig, SelectionConfig
-from .errors import AdapterError, BeftConfigError, BiasTypeError, PeftExportError, ResumeError
+from .errors import AdapterError, BeftConfigError, BiasTypeError, PeftExportError, ReportError, ResumeError
 from .heads import find_head_parameters
 from .plot import plot_report, report_figure
 from .report import REPORT_NAME, SelectionReport, read_report, write_report
@@ -89,6 +89,7 @@ __all__ = [
     "BiasTypeError",
     "MixedAdapters",
     "PeftExportError",
+    "ReportError",
     "ResumeError",
     "SelectionConfig",
     "SelectionReport",

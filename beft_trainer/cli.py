@@ -86,19 +86,10 @@ def _parser() -> argparse.ArgumentParser:
 def _report(args: argparse.Namespace) -> int:
     from .adapters import ADAPTER_CONFIG_NAME, format_size, read_adapter
     from .plot import plot_report
-    from .report import PLOT_NAME, REPORT_NAME
+    from .report import PLOT_NAME, read_report
 
-    path = args.output_dir
-    report_path = path if os.path.isfile(path) else os.path.join(path, REPORT_NAME)
-    folder = os.path.dirname(report_path)
-    if not os.path.exists(path):
-        raise CommandError(f"{path} does not exist.")
-    if not os.path.isfile(report_path):
-        raise CommandError(
-            f"No {REPORT_NAME} in {path}: it is written by BiasSelectionCallback at the switch "
-            "(training with BeftTrainer(..., callbacks=[BiasSelectionCallback(...)]))."
-        )
-    report = _read_report(report_path)
+    report = read_report(args.output_dir)  # every check of the file lives there
+    folder = args.output_dir if os.path.isdir(args.output_dir) else os.path.dirname(args.output_dir)
     adapter_line = None
     if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_NAME)):
         metadata = read_adapter(folder).metadata  # read first: a damaged adapter is the only output
@@ -119,56 +110,9 @@ def _report(args: argparse.Namespace) -> int:
         print(f"inert {bias_type}: {reason}")
     if adapter_line:
         print(adapter_line)
-    try:
-        png = plot_report(report, args.png or os.path.join(folder, PLOT_NAME))
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise CommandError(
-            f"{report_path}: cannot plot its per-layer scores ({error!r}); the file was edited."
-        ) from error
+    png = plot_report(report, args.png or os.path.join(folder, PLOT_NAME))
     print(f"plot: {png}")
     return 0
-
-
-def _read_report(report_path: str):
-    """The report at ``report_path``, with every field the summary reads checked (one line if not)."""
-    from .report import REPORTED_SCORES, read_report
-
-    try:
-        report = read_report(report_path)
-    except (ValueError, TypeError, KeyError) as error:
-        raise CommandError(f"{report_path} is not a BEFT selection report: {error}") from error
-    problem = _report_problem(report, REPORTED_SCORES)
-    if problem:
-        raise CommandError(f"{report_path} is not a complete BEFT selection report: {problem}.")
-    return report
-
-
-def _report_problem(report, score_names) -> str | None:
-    """What is missing or mistyped in ``report``, or None."""
-    lists = {"candidates": report.candidates, "selected": report.selected}
-    for field_name, value in lists.items():
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            return f"{field_name!r} must be a list of bias types"
-    for field_name in ("scores", "inert", "trainable_parameters"):
-        if not isinstance(getattr(report, field_name), dict):
-            return f"{field_name!r} must be an object"
-    counts = report.trainable_parameters
-    if not all(_is_number(v) for v in counts.values()) or ("total" in counts and "after" not in counts):
-        return "'trainable_parameters' must map 'before', 'after' and 'total' to numbers"
-    if not isinstance(report.score, str) or report.score not in score_names:
-        return f"'score' must be one of {', '.join(score_names)}, not {report.score!r}"
-    for bias_type in report.candidates:
-        scores = report.scores.get(bias_type)
-        if not isinstance(scores, dict):
-            return f"no scores for candidate {bias_type!r}"
-        for name in {"projection", "magnitude", "fisher", report.score}:
-            if not _is_number(scores.get(name)):
-                return f"scores[{bias_type!r}] lacks a numeric {name!r} score"
-    return None
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # -- inspect ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ __all__ = [
     "CommandError",
     "DataInputError",
     "PeftExportError",
+    "ReportError",
     "ResumeError",
 ]
 
@@ -31,6 +32,10 @@ class AdapterError(BeftConfigError):
 
 class PeftExportError(AdapterError):
     """The adapter holds something peft cannot represent, or the export would overwrite a folder."""
+
+
+class ReportError(BeftConfigError):
+    """A selection report that is missing, malformed or edited, or a plot that cannot be written where asked."""
 
 
 class DataInputError(BeftConfigError):

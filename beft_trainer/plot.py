@@ -14,6 +14,7 @@ import os
 import threading
 from typing import TYPE_CHECKING
 
+from .errors import ReportError
 from .report import SelectionReport, read_report
 
 if TYPE_CHECKING:
@@ -62,13 +63,28 @@ def report_figure(report: SelectionReport) -> Figure:
 
 
 def plot_report(report: SelectionReport | str | os.PathLike, png_path: str | os.PathLike) -> str:
-    """Draw ``report`` (a ``SelectionReport`` or the path of a ``beft_selection.json``) to ``png_path``."""
+    """Draw ``report`` (a ``SelectionReport``, a ``beft_selection.json`` or the folder holding one) to ``png_path``.
+
+    Missing folders on the way to ``png_path`` are created; a path that is a folder, or that goes
+    through a file, raises ``ReportError`` before anything is drawn.
+    """
     if not isinstance(report, SelectionReport):
-        report = read_report(os.fspath(report))
+        report = read_report(report)
     png_path = os.fspath(png_path)
+    _check_writable(png_path)
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
     report_figure(report).savefig(png_path, dpi=110)
     return png_path
+
+
+def _check_writable(png_path: str) -> None:
+    if os.path.isdir(png_path):
+        raise ReportError(f"Cannot write the plot to {png_path}: it is a folder; give the path of a .png file.")
+    existing = os.path.dirname(os.path.abspath(png_path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ReportError(f"Cannot write the plot to {png_path}: {existing} is a file, not a folder.")
 
 
 def plot_in_background(report: SelectionReport, png_path: str | os.PathLike) -> threading.Thread:

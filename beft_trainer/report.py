@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 
 from .biases import SCALING_TYPES, BiasLayout
+from .errors import ReportError
 from .scores import (
     attribution_score,
     fisher_score,
@@ -170,7 +172,98 @@ def write_report(report: SelectionReport, path: str) -> None:
         json.dump(report.to_dict(), f, indent=2)
 
 
-def read_report(path: str) -> SelectionReport:
-    """Read a ``beft_selection.json``."""
-    with open(path) as f:
-        return SelectionReport.from_dict(json.load(f))
+def read_report(path: str | os.PathLike) -> SelectionReport:
+    """Read a ``beft_selection.json``, or the training ``output_dir`` that holds one.
+
+    Raises ``ReportError`` (one line) for a missing file, a file that is not the report's JSON
+    (not JSON, unknown or missing fields), any field the summary or the plot reads being missing
+    or mistyped, and selected or inert types that are not among the candidates.
+    """
+    report_path = _report_file(os.fspath(path))
+    try:
+        with open(report_path, encoding="utf-8") as f:
+            payload = json.load(f)
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise ReportError(f"{report_path} is not a BEFT selection report: {error}") from error
+    problem = _fields_problem(payload)
+    if problem:
+        raise ReportError(f"{report_path} is not a BEFT selection report: {problem}.")
+    report = SelectionReport.from_dict(payload)
+    problem = _report_problem(report)
+    if problem:
+        raise ReportError(f"{report_path} is not a complete BEFT selection report: {problem}.")
+    return report
+
+
+def _report_file(path: str) -> str:
+    if not os.path.exists(path):
+        raise ReportError(f"{path} does not exist.")
+    report_path = os.path.join(path, REPORT_NAME) if os.path.isdir(path) else path
+    if not os.path.isfile(report_path):
+        raise ReportError(
+            f"No {REPORT_NAME} in {path}: it is written by BiasSelectionCallback at the switch "
+            "(training with BeftTrainer(..., callbacks=[BiasSelectionCallback(...)]))."
+        )
+    return report_path
+
+
+def _fields_problem(payload: Any) -> str | None:
+    """What keeps ``payload`` from being ``SelectionReport`` fields, or None."""
+    if not isinstance(payload, dict):
+        return f"it holds a JSON {type(payload).__name__}, not an object"
+    known = {f.name: f for f in fields(SelectionReport)}
+    unknown = sorted(set(payload) - set(known))
+    required = [n for n, f in known.items() if f.default is MISSING and f.default_factory is MISSING]
+    missing = [n for n in required if n not in payload]
+    if unknown or missing:
+        return f"unknown fields {unknown[:5]}" if unknown else f"it lacks the fields {missing}"
+    return None
+
+
+def _report_problem(report: SelectionReport) -> str | None:
+    """What is missing or mistyped among the fields the summary and the plot read, or None."""
+    for field_name in ("candidates", "selected"):
+        value = getattr(report, field_name)
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            return f"{field_name!r} must be a list of bias types"
+    for field_name in ("scores", "inert", "trainable_parameters"):
+        if not isinstance(getattr(report, field_name), dict):
+            return f"{field_name!r} must be an object"
+    for field_name in ("selected", "inert"):
+        strangers = [t for t in getattr(report, field_name) if t not in report.candidates]
+        if strangers:
+            return f"{field_name!r} names {strangers[0]!r}, which is not among the candidates {report.candidates}"
+    counts = report.trainable_parameters
+    if not all(_is_number(v) for v in counts.values()) or ("total" in counts and "after" not in counts):
+        return "'trainable_parameters' must map 'before', 'after' and 'total' to numbers"
+    if not isinstance(report.score, str) or report.score not in REPORTED_SCORES:
+        return f"'score' must be one of {', '.join(REPORTED_SCORES)}, not {report.score!r}"
+    for bias_type in report.candidates:
+        problem = _scores_problem(bias_type, report.scores.get(bias_type), report.score)
+        if problem:
+            return problem
+    return None
+
+
+def _scores_problem(bias_type: str, scores: Any, deciding: str) -> str | None:
+    if not isinstance(scores, dict):
+        return f"no scores for candidate {bias_type!r}"
+    # Reports written before a score existed lack it; a score present must be a number (the plot draws it).
+    needed = {"projection", "magnitude", "fisher", deciding} | set(scores)
+    for name in [s for s in REPORTED_SCORES if s in needed]:
+        if not _is_number(scores.get(name)):
+            return f"scores[{bias_type!r}] lacks a numeric {name!r} score"
+    if "parameters" in scores and not _is_number(scores["parameters"]):
+        return f"scores[{bias_type!r}]['parameters'] must be a number"
+    per_layer = scores.get("per_layer", {})
+    if not isinstance(per_layer, dict) or not all(_is_layer_map(values) for values in per_layer.values()):
+        return f"scores[{bias_type!r}]['per_layer'] must map each score to {{layer index: number}}"
+    return None
+
+
+def _is_layer_map(values: Any) -> bool:
+    return isinstance(values, dict) and all(k.isdecimal() and _is_number(v) for k, v in values.items())
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

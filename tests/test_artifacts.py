@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -29,13 +30,18 @@ from beft_trainer.adapters import (
     apply_delta,
     base_model_fingerprint,
     build_adapter,
+    check_adapter,
     exact_delta,
     export_peft,
     load_adapter,
+    load_mixed_adapters,
+    merge_adapter,
     read_adapter,
+    save_merged,
     tensor_checksum,
 )
 from beft_trainer.adapters import fingerprint as fingerprint_module
+from beft_trainer.vectors import prepare_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -253,6 +259,63 @@ def test_missing_parameters_are_refused(selected_run):
     adapter.head["classifier.extra"] = torch.zeros(2)
     with pytest.raises(AdapterError, match="no parameters.*classifier.extra"):
         AdapterSet(tiny_bert()).add(adapter)
+
+
+def adapter_of_a_prepared_model(model_type: str, vector_type: str, added_biases=False, scaling_types=()):
+    """An adapter of vectors that exist only once the base is prepared (split, added or attached), moved at random."""
+    model = tiny_model(model_type)
+    names = prepare_model(model, added_biases, scaling_types).names([vector_type])
+    pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for name in names:
+            model.get_parameter(name).add_(0.25)
+    groups = {vector_type: names}
+    return build_adapter(model, groups, pretrained, added_biases=added_biases, scaling_types=scaling_types)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "vector_type", "prepare"),
+    [
+        ("gpt2", "q", {}),
+        ("bert", "v_scale_in", {"scaling_types": ["v_scale_in"]}),
+        ("llama", "v", {"added_biases": True}),
+    ],
+    ids=["gpt2-split-qkv-bias", "scaling-vector", "added-bias"],
+)
+def test_check_adapter_accepts_a_fresh_base_and_leaves_it_as_it_is(model_type, vector_type, prepare):
+    adapter = adapter_of_a_prepared_model(model_type, vector_type, **prepare)
+    base = tiny_model(model_type)
+    names, state = [n for n, _ in base.named_parameters()], list(base.state_dict())
+    check_adapter(base, adapter)
+    assert [n for n, _ in base.named_parameters()] == names and list(base.state_dict()) == state
+    with pytest.raises(AdapterError, match="not the base model"):
+        check_adapter(tiny_model(model_type, seed=1), adapter)
+    load_adapter(base, adapter)  # what the check accepts loads
+
+
+@pytest.mark.parametrize(
+    ("call", "swapped"),
+    [
+        ("load_adapter(model, path)", lambda model, folder, out: load_adapter(str(folder), model)),
+        ("merge_adapter(model, adapter)", lambda model, folder, out: merge_adapter(folder, model)),
+        ("save_merged(adapter, model, out_dir)", lambda model, folder, out: save_merged(model, folder, out)),
+        ("read_adapter(path)", lambda model, folder, out: read_adapter(model)),
+        ("check_adapter(model, adapter)", lambda model, folder, out: check_adapter(model, folder)),
+        ("load_mixed_adapters(model, adapters)", lambda model, folder, out: load_mixed_adapters(model, [folder])),
+        ("load_mixed_adapters(model, adapters)", lambda model, folder, out: load_mixed_adapters(model, str(folder))),
+    ],
+    ids=["load_adapter", "merge_adapter", "save_merged", "read_adapter", "check_adapter", "mixed-list", "mixed-str"],
+)
+def test_swapped_or_mistyped_arguments_are_one_line(tmp_path, selected_run, call, swapped):
+    _, folder, _ = selected_run
+    model = tiny_bert()
+    with pytest.raises(AdapterError, match=re.escape(call) + " takes .*; it was given ") as error:
+        swapped(model, folder, tmp_path / "merged")
+    assert "\n" not in str(error.value)
+    if "mixed" in call:
+        assert "a mapping name -> BeftAdapter or its folder" in str(error.value)
+    assert not hasattr(model, "beft_adapters") and not hasattr(model, "beft_mixed_adapters")
+    assert not (tmp_path / "merged").exists()
 
 
 def test_bad_folders_are_refused(tmp_path, selected_run):

@@ -53,6 +53,16 @@ def test_report_errors(tmp_path, capsys):
     (tmp_path / "beft_selection.json").write_text(json.dumps({"unexpected": 1}))
     assert main(["report", str(tmp_path)]) == 1
     assert "not a BEFT selection report" in capsys.readouterr().err
+    (tmp_path / "beft_selection.json").write_text("{not json")
+    assert main(["report", str(tmp_path)]) == 1
+    assert "not a BEFT selection report" in _one_line_error(capsys, "report")
+
+
+def test_report_plot_through_a_file_is_one_line(trained, tmp_path, capsys):
+    root, _ = trained
+    report = root / "out" / "beft_selection.json"
+    assert main(["report", str(root / "out"), "--png", str(report / "x.png")]) == 1
+    assert f"{report} is a file, not a folder" in _one_line_error(capsys, "report")
 
 
 def test_inspect_local_model(trained, capsys):
@@ -227,12 +237,15 @@ def _edit_report(root, tmp_path, edit) -> str:
         (lambda r: r.update(score="nope"), "'score' must be one of"),
         (lambda r: r.update(inert=["k"]), "'inert' must be an object"),
         (lambda r: r["trainable_parameters"].update(after="many"), "'trainable_parameters' must map"),
-        (lambda r: r["scores"][r["candidates"][0]].update(per_layer=[1]), "cannot plot its per-layer scores"),
-        (lambda r: r["scores"][r["candidates"][0]]["per_layer"]["fisher"].update(x=1), "cannot plot its per-layer"),
-        (lambda r: r.pop("candidates"), "not a BEFT selection report"),
+        (lambda r: r["scores"][r["candidates"][0]].update(per_layer=[1]), "['per_layer'] must map each score"),
+        (lambda r: r["scores"][r["candidates"][0]]["per_layer"]["fisher"].update(x=1), "['per_layer'] must map"),
+        (lambda r: r.pop("candidates"), "lacks the fields ['candidates']"),
+        (lambda r: r.update(extra=1), "unknown fields ['extra']"),
+        (lambda r: r.update(selected=["zz"]), "'selected' names 'zz', which is not among the candidates"),
     ],
     ids=["no-fisher", "no-deciding-score", "no-candidate-scores", "candidates-string", "unknown-score",
-         "inert-list", "counts-string", "per-layer-list", "per-layer-bad-layer", "no-candidates"],
+         "inert-list", "counts-string", "per-layer-list", "per-layer-bad-layer", "no-candidates", "extra-field",
+         "selected-not-a-candidate"],
 )  # fmt: skip
 def test_report_on_malformed_report_is_one_line(trained, tmp_path, capsys, edit, message):
     root, _ = trained

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from beft_trainer.errors import ReportError
 from beft_trainer.plot import plot_report
 from beft_trainer.report import SelectionReport, write_report
 
@@ -68,8 +69,17 @@ def test_plot_marks_choice_and_inert(tmp_path, monkeypatch):
 
 
 def test_plot_missing_report_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ReportError, match="none.json does not exist"):
         plot_report(tmp_path / "none.json", tmp_path / "p.png")
+
+
+def test_plot_refuses_a_png_path_onto_a_folder_or_through_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ReportError, match="notes.txt is a file, not a folder"):
+        plot_report(make_report(), tmp_path / "notes.txt" / "sub" / "plot.png")
+    with pytest.raises(ReportError, match="it is a folder; give the path of a .png file"):
+        plot_report(make_report(), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_plotting_leaves_the_users_matplotlib_backend_alone(tmp_path):

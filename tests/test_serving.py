@@ -289,3 +289,37 @@ def test_a_parameter_of_a_module_with_submodules_is_refused_in_one_line():
     model = with_attention_bias(tiny_model("bert")).eval()
     with pytest.raises(AdapterError, match=r"attention \(BertAttention\), which has submodules.*leaf modules only"):
         load_mixed_adapters(model, {"odd": adapter})
+
+
+def test_no_adapter_is_applied_to_a_model_serving_mixed_batches():
+    adapters = classifier_adapters("bert")
+    model = tiny_model("bert").eval()
+    load_mixed_adapters(model, {"t0": adapters["t0"]})
+    names = ["t0", None, "t0", None, None, "t0"]
+    with torch.no_grad():
+        expected = model(**batch(), adapter_names=names).logits
+    for apply in (load_adapter, merge_adapter):
+        with pytest.raises(AdapterError, match=r"serves mixed batches \(load_mixed_adapters: t0\).*unload\(\) first"):
+            apply(model, adapters["t2"])
+    with torch.no_grad():
+        assert torch.equal(model(**batch(), adapter_names=names).logits, expected)
+    assert not hasattr(model, "beft_adapters")
+    model.beft_mixed_adapters.unload()
+    load_adapter(model, adapters["t2"])  # the plain model again: it takes the adapter
+
+
+@pytest.mark.parametrize("adapter_name", ["default", "other"])
+def test_merge_refuses_a_model_holding_loaded_adapters(adapter_name):
+    adapters = classifier_adapters("bert")
+    model = tiny_model("bert").eval()
+    load_adapter(model, adapters["t0"], adapter_name=adapter_name)
+    with torch.no_grad():
+        expected = model(**batch()).logits
+    with pytest.raises(AdapterError, match=rf"holds adapters from load_adapter \({adapter_name}\).*freshly loaded"):
+        merge_adapter(model, adapters["t2"])
+    with torch.no_grad():
+        assert torch.equal(model(**batch()).logits, expected)
+    model.beft_adapters.remove(adapter_name)  # the base model again: merging into it is fine
+    merge_adapter(model, adapters["t2"])
+    with torch.no_grad():
+        assert torch.equal(model(**batch()).logits, single_task_logits("bert", adapters["t2"], batch()))

@@ -1,6 +1,7 @@
 """BEFT adapters: the trained bias deltas and the task head of a run, in kilobytes.
 
-- ``format``: the files (``adapter.safetensors`` + ``beft_adapter.json``), ``BeftAdapter``, ``read_adapter``
+- ``format``: the files (``adapter.safetensors`` + ``beft_adapter.json``), ``BeftAdapter``, ``read_adapter``,
+  ``require_argument_types`` (the one check of swapped or mistyped arguments)
 - ``metadata``: ``AdapterMetadata``, validated field by field when read
 - ``integrity``: the tensors' checksum and the checks of stored dtypes and values
 - ``arithmetic``: exact deltas (``pretrained + delta`` is the trained value bit for bit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable
 
@@ -13,7 +14,7 @@ from ..errors import AdapterError
 from ..vectors import prepare_model
 from .arithmetic import apply_delta
 from .fingerprint import base_model_fingerprint, combine_digests, parameter_digests
-from .format import BeftAdapter, read_adapter
+from .format import ADAPTER_TYPES, BeftAdapter, read_adapter, require_argument_types
 from .metadata import AdapterMetadata
 
 __all__ = ["AdapterSet", "check_adapter", "load_adapter", "prepare_base_model"]
@@ -39,6 +40,7 @@ class AdapterSet:
 
     def add(self, adapter: BeftAdapter | str | os.PathLike, adapter_name: str = "default") -> BeftAdapter:
         """Check ``adapter`` (or the folder it is in) against the base model and keep it under ``adapter_name``."""
+        _refuse_mixed_batches(self.model)
         if not isinstance(adapter, BeftAdapter):
             adapter = read_adapter(adapter)
         if adapter_name in self.adapters:
@@ -87,6 +89,17 @@ class AdapterSet:
         del self.adapters[adapter_name]
 
 
+def _refuse_mixed_batches(model: nn.Module) -> None:
+    """Refuse a model that serves mixed batches: their rows share its weights, which an applied adapter changes."""
+    mixed = getattr(model, "beft_mixed_adapters", None)
+    if mixed is not None:
+        raise AdapterError(
+            f"This model serves mixed batches (load_mixed_adapters: {', '.join(mixed.adapters) or 'no adapters'}): "
+            "an adapter applied to its weights would change the base every row shares (rows with None would no "
+            "longer be the base model). Call model.beft_mixed_adapters.unload() first, or use another base model."
+        )
+
+
 def prepare_base_model(model: nn.Module, metadata: AdapterMetadata) -> None:
     """Give a freshly loaded base model the parameter layout the trainer gave it.
 
@@ -110,9 +123,20 @@ def check_adapter(
     weight that differs from the adapter's base model is refused. With ``any_num_labels`` a head
     parameter may differ from the model's in its label dimension (dim 0 of size
     ``config.num_labels``): mixed batches run each task's head with its own label count.
+
+    ``model`` may be freshly loaded: it is checked in the layout ``load_adapter`` gives it
+    (``prepare_base_model``), on a copy of its module tree that shares its weights, so ``model``
+    itself is left as it is.
     """
-    params = dict(model.named_parameters())
+    require_argument_types(
+        "check_adapter(model, adapter)",
+        "the base model (a torch.nn.Module), then a BeftAdapter (read_adapter(folder))",
+        (model, nn.Module),
+        (adapter, BeftAdapter),
+    )
     metadata = adapter.metadata
+    model = _prepared_view(model, metadata)
+    params = dict(model.named_parameters())
     model_type = model_type_of(model)
     if model_type != metadata.model_type:
         raise AdapterError(
@@ -147,6 +171,31 @@ def check_adapter(
         )
 
 
+def _prepared_view(model: nn.Module, metadata: AdapterMetadata) -> nn.Module:
+    """``model`` as ``prepare_base_model`` would leave it, ``model`` itself unchanged.
+
+    Preparing renames, adds and attaches parameters (GPT-2's split q/k/v bias, added biases,
+    scaling vectors): a check must not do that to the user's model, so it prepares a copy of the
+    module tree whose modules hold the same weight tensors (only the few vectors it creates are new).
+    """
+    copies: dict[int, nn.Module] = {}
+
+    def copy_module(module: nn.Module) -> nn.Module:
+        if id(module) not in copies:  # a module reachable twice stays one module
+            clone = copies[id(module)] = copy.copy(module)
+            # A shallow copy shares the registries (parameters, submodules, hooks): preparing would edit the original's.
+            for key, value in vars(module).items():
+                if isinstance(value, (dict, set)):
+                    vars(clone)[key] = copy.copy(value)
+            for key, child in module._modules.items():
+                clone._modules[key] = None if child is None else copy_module(child)
+        return copies[id(module)]
+
+    view = copy_module(model)
+    prepare_base_model(view, metadata)
+    return view
+
+
 def _differs_in_labels(model: nn.Module, param: torch.Tensor, stored: torch.Tensor) -> bool:
     """Whether two head shapes differ only in the label dimension (dim 0 of size ``config.num_labels``)."""
     num_labels = getattr(getattr(model, "config", None), "num_labels", None)
@@ -165,8 +214,14 @@ def load_adapter(
     Calling it again on the same model adds another adapter to the same set (and, with
     ``activate``, switches to it); ``AdapterSet.set_adapter(name)`` switches between them.
     Raises ``AdapterError`` if the adapter is damaged or the model is not its base model
-    (architecture, shapes, or any weight outside the head).
+    (architecture, shapes, or any weight outside the head), and a model serving mixed batches.
     """
+    require_argument_types(
+        "load_adapter(model, path)",
+        "the base model (a torch.nn.Module), then a BeftAdapter or its folder",
+        (model, nn.Module),
+        (path, ADAPTER_TYPES),
+    )
     adapter_set = getattr(model, "beft_adapters", None)
     if not isinstance(adapter_set, AdapterSet):
         adapter_set = AdapterSet(model)

@@ -25,7 +25,16 @@ from ..errors import AdapterError
 from .integrity import check_stored_values, dtype_name, tensor_checksum
 from .metadata import AdapterMetadata
 
-__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "BeftAdapter", "format_size", "read_adapter"]
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_TYPES",
+    "ADAPTER_WEIGHTS_NAME",
+    "PATH_TYPES",
+    "BeftAdapter",
+    "format_size",
+    "read_adapter",
+    "require_argument_types",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +104,25 @@ class BeftAdapter:
         return output_dir
 
 
+#: What a path argument may be.
+PATH_TYPES = (str, os.PathLike)
+#: What an adapter argument may be: the adapter in memory, or the folder it was saved to.
+ADAPTER_TYPES = (BeftAdapter, *PATH_TYPES)
+
+
+def require_argument_types(call: str, expected: str, *arguments: tuple[object, type | tuple[type, ...]]) -> None:
+    """Raise one ``AdapterError`` line unless each ``(value, types)`` pair matches.
+
+    Swapped or mistyped arguments would otherwise fail deep inside (``os.fspath`` of a model, ``.items()``
+    of a list) with an error that names neither the call nor the order it expects: ``call`` is the
+    signature, ``expected`` says what goes where.
+    """
+    if all(isinstance(value, types) for value, types in arguments):
+        return
+    given = ", ".join(type(value).__name__ for value, _ in arguments)
+    raise AdapterError(f"{call} takes {expected}; it was given {given}.")
+
+
 def read_adapter(path: str | os.PathLike) -> BeftAdapter:
     """Read an adapter folder (JSON and safetensors only), refusing anything incomplete or altered.
 
@@ -102,6 +130,7 @@ def read_adapter(path: str | os.PathLike) -> BeftAdapter:
     the tensors the metadata lists, their dtypes and values (``check_stored_values``), and last
     the checksum, which catches any other change to the stored bytes.
     """
+    require_argument_types("read_adapter(path)", "the folder of an adapter (a str or os.PathLike)", (path, PATH_TYPES))
     path = os.fspath(path)
     config_path = os.path.join(path, ADAPTER_CONFIG_NAME)
     weights_path = os.path.join(path, ADAPTER_WEIGHTS_NAME)

@@ -16,8 +16,8 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..vectors import fold_scaling_vectors
-from .apply import load_adapter
-from .format import BeftAdapter, read_adapter
+from .apply import AdapterSet, load_adapter
+from .format import ADAPTER_TYPES, PATH_TYPES, BeftAdapter, read_adapter, require_argument_types
 from .peft import check_out_dir
 
 __all__ = ["merge_adapter", "save_merged"]
@@ -27,10 +27,25 @@ def merge_adapter(model: nn.Module, adapter: BeftAdapter | str | os.PathLike) ->
     """Fold ``adapter`` into its freshly loaded base ``model`` (in place) and return the model.
 
     Checked like ``load_adapter`` (any other base model is refused). The result is a plain model:
-    no adapter set is kept on it, and ``save_pretrained`` writes the merged weights.
+    no adapter set is kept on it, and ``save_pretrained`` writes the merged weights. A model holding
+    adapters from ``load_adapter``, or serving mixed batches, is refused.
     """
+    require_argument_types(
+        "merge_adapter(model, adapter)",
+        "the base model (a torch.nn.Module), then a BeftAdapter or its folder",
+        (model, nn.Module),
+        (adapter, ADAPTER_TYPES),
+    )
     if not isinstance(adapter, BeftAdapter):
         adapter = read_adapter(adapter)
+    loaded = getattr(model, "beft_adapters", None)
+    if isinstance(loaded, AdapterSet) and loaded.adapters:
+        # The merged model keeps no adapter set, so these adapters would be dropped (the active one with them).
+        raise AdapterError(
+            f"merge_adapter folds an adapter into a bare base model, but this model holds adapters from load_adapter "
+            f"({', '.join(loaded.adapters)}): merge into a freshly loaded base model, or remove them first "
+            "(model.beft_adapters.remove(name))."
+        )
     if adapter.metadata.added_biases:
         raise AdapterError(
             f"This adapter added q/k/v biases to a bias-free {adapter.metadata.model_type!r} model, which its "
@@ -53,6 +68,13 @@ def save_merged(
     ``out_dir`` must be new or empty unless ``overwrite`` (checked before anything is loaded or
     written, by the same check as ``export_peft``). Returns the folder.
     """
+    require_argument_types(
+        "save_merged(adapter, model, out_dir)",
+        "a BeftAdapter or its folder, then the base model (a torch.nn.Module), then the folder to write",
+        (adapter, ADAPTER_TYPES),
+        (model, nn.Module),
+        (out_dir, PATH_TYPES),
+    )
     out_dir = os.fspath(out_dir)
     check_out_dir(out_dir, overwrite)
     merge_adapter(model, adapter)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from .apply import AdapterSet, check_adapter, prepare_base_model
-from .format import BeftAdapter, read_adapter
+from .format import BeftAdapter, read_adapter, require_argument_types
 from .task_layers import TaskLayers
 
 __all__ = ["BASE_ADAPTER_NAME", "MixedAdapters", "load_mixed_adapters"]
@@ -190,6 +190,13 @@ def load_mixed_adapters(model: nn.Module, adapters: Mapping[str, BeftAdapter | s
     Calling it again on the same model adds to the same set. Then
     ``model(**batch, adapter_names=[...])`` and ``model.generate(..., adapter_names=[...])``.
     """
+    require_argument_types(
+        "load_mixed_adapters(model, adapters)",
+        "the base model (a torch.nn.Module), then a mapping name -> BeftAdapter or its folder, "
+        "e.g. {'sst2': 'out/sst2', 'cola': 'out/cola'}",
+        (model, nn.Module),
+        (adapters, Mapping),
+    )
     mixed = getattr(model, "beft_mixed_adapters", None)
     if not isinstance(mixed, MixedAdapters):
         mixed = MixedAdapters(model)
