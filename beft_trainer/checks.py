@@ -12,8 +12,9 @@ from .resume import RUN_SETTINGS_NAME
 
 #: Optimizers that ignore a parameter group's lr, so an lr of 0 would not freeze anything.
 _LR_IGNORING_OPTIMIZERS = ("lomo", "adalomo", "schedule_free", "galore", "apollo")
-#: Files that mark a folder as written by an earlier beft-trainer run (which a new run may overwrite).
-_RUN_MARKERS = (RUN_SETTINGS_NAME, "beft_selection.json", "beft_adapter.json")
+#: Files that mark a folder as written by an earlier run (which a new run may overwrite); the recipes' full and peft
+#: methods write only eval_results.json.
+_RUN_MARKERS = (RUN_SETTINGS_NAME, "beft_selection.json", "beft_adapter.json", "eval_results.json")
 
 
 def check_model(model: nn.Module | None) -> None:

@@ -7,8 +7,10 @@
     beft plan MODEL --gpus N --gpu-memory GIB  GPU memory of bias-only training per backend, and what to launch
 
 MODEL is a local model folder or an alias (``minilm``: the packaged all-MiniLM-L6-v2). Weights
-are read from safetensors only; nothing is unpickled. Every wrong input ends in one line,
-``beft COMMAND: error: ...``, and exit code 1.
+are read from safetensors only; nothing is unpickled. A wrong input (a missing or malformed file,
+the wrong base model, a non-empty OUT_DIR) ends in one line, ``beft COMMAND: error: ...``, and exit
+code 1; a command line argparse cannot parse (a missing argument, an unknown option, a value of the
+wrong type) ends in argparse's usage and error lines and exit code 2.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--head", choices=sorted(_HEADS), default="sequence-classification", help="task head to inspect with"
     )
-    inspect.add_argument("--num-labels", type=int, default=2, help="labels of a classification head")
+    inspect.add_argument("--num-labels", type=_positive_int, default=2, help="labels of a classification head")
     inspect.set_defaults(func=inspect_command)
 
     export = commands.add_parser("export-peft", help="export a BEFT adapter as a peft BEFT adapter folder")
@@ -72,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
         "head_modules); default: the base model recorded in the adapter, if it is a local folder",
     )
     export.add_argument(
-        "--overwrite", action="store_true", help="replace the adapter files of a non-empty OUT_DIR (default: refuse)"
+        "--overwrite",
+        action="store_true",
+        help="replace the adapter files of a non-empty OUT_DIR (default: refuse); one holding a model is refused",
     )
     export.set_defaults(func=_export_peft)
     add_merge_parser(commands)
@@ -80,23 +84,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a head of 0 or -3 labels builds without complaint, a model no task has."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
+
+
 # -- report -----------------------------------------------------------------------------------
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .adapters import ADAPTER_CONFIG_NAME, format_size, read_adapter
-    from .plot import plot_report
+    from .plot import check_png_path, plot_report
     from .report import PLOT_NAME, read_report
 
     report = read_report(args.output_dir)  # every check of the file lives there
     folder = args.output_dir if os.path.isdir(args.output_dir) else os.path.dirname(args.output_dir)
-    adapter_line = None
-    if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_NAME)):
-        metadata = read_adapter(folder).metadata  # read first: a damaged adapter is the only output
-        adapter_line = (
-            f"adapter: {'+'.join(metadata.bias_types) or 'head only'} + head, "
-            f"{metadata.parameter_count:,} parameters, {format_size(metadata.file_size)}"
-        )
+    png = check_png_path(args.png or os.path.join(folder, PLOT_NAME))  # a refusal is the only output
+    adapter_line = _adapter_line(folder, report.selected)
     print(report.summary())
     print()
     print(f"{'type':<10}{'projection':>12}{'magnitude':>12}{'fisher':>12}  status")
@@ -110,9 +119,29 @@ def _report(args: argparse.Namespace) -> int:
         print(f"inert {bias_type}: {reason}")
     if adapter_line:
         print(adapter_line)
-    png = plot_report(report, args.png or os.path.join(folder, PLOT_NAME))
-    print(f"plot: {png}")
+    print(f"plot: {plot_report(report, png)}")
     return 0
+
+
+def _adapter_line(folder: str, selected: list[str]) -> str | None:
+    """The line on the adapter beside the report, or a warning when it is not the report's selection."""
+    from .adapters import ADAPTER_CONFIG_NAME, format_size, read_adapter
+
+    if not os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_NAME)):
+        return None
+    metadata = read_adapter(folder).metadata  # read before printing: a damaged adapter is the only output
+    trained = [*metadata.bias_types, *metadata.scaling_types]
+    described = (
+        f"{'+'.join(trained) or 'head only'} + head, {metadata.parameter_count:,} parameters, "
+        f"{format_size(metadata.file_size)}"
+    )
+    if set(trained) == set(selected):
+        return f"adapter: {described}"
+    # A later run with fixed types rewrites the adapter but leaves the selection run's report.
+    return (
+        f"warning: the adapter in {folder} ({described}) is not this report's selection "
+        f"({'+'.join(selected)}): it comes from another run, which this report does not describe"
+    )
 
 
 # -- inspect ----------------------------------------------------------------------------------

@@ -16,7 +16,11 @@ def add_merge_parser(commands) -> None:
     merge.add_argument("adapter_dir", help="folder with beft_adapter.json and adapter.safetensors")
     merge.add_argument("out_dir", help="folder to write config.json + model.safetensors to (new or empty)")
     merge.add_argument("--base-model", required=True, help="the adapter's base model: a local folder or an alias")
-    merge.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR (default: refuse)")
+    merge.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty OUT_DIR (default: refuse); one holding a peft adapter is refused",
+    )
     merge.set_defaults(func=_merge)
 
 
@@ -26,7 +30,7 @@ def _merge(args: argparse.Namespace) -> int:
     from .cli import _export_base_model
 
     adapter = read_adapter(args.adapter_dir)
-    check_out_dir(args.out_dir, args.overwrite)  # before loading the base model: refuse early
+    check_out_dir(args.out_dir, args.overwrite, writing="model")  # before loading the base model: refuse early
     model = _export_base_model(args.base_model, adapter.metadata)
     out_dir = save_merged(adapter, model, args.out_dir, overwrite=args.overwrite)
     size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))

@@ -45,6 +45,8 @@ ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000
 SLOWDOWN = {"plain": 1.0, "ddp": 1.0, "zero3": 1.8, "zero3_offload": 4.1}
 CHECKPOINTING_SLOWDOWN = 1 + 1 / 2.2
 DS_CONFIGS = {"zero3": "ds_configs/zero3.json", "zero3_offload": "ds_configs/zero3_offload.json"}
+_NOT_CAUSAL = "not a decoder-only causal LM: beft plan sizes those, trained with recipes/run_opt.py."
+_LABELS = {"plain": "plain bf16-frozen", "ddp": "DDP", "zero3": "ZeRO-3", "zero3_offload": "ZeRO-3 + CPU offload"}
 
 
 @dataclass(frozen=True)
@@ -90,14 +92,8 @@ class Option:
 
     def describe(self) -> str:
         """A short name: backend, GPUs, checkpointing."""
-        label = {
-            "plain": "plain bf16-frozen",
-            "ddp": "DDP",
-            "zero3": "ZeRO-3",
-            "zero3_offload": "ZeRO-3 + CPU offload",
-        }
         extra = ", gradient checkpointing" if self.checkpointing else ""
-        return f"{label[self.backend]} on {self.gpus} GPU{'s' if self.gpus > 1 else ''}{extra}"
+        return f"{_LABELS[self.backend]} on {self.gpus} GPU{'s' if self.gpus > 1 else ''}{extra}"
 
 
 def activation_bytes(shape: ModelShape, tokens: int, seq_len: int, checkpointing: bool = False) -> int:
@@ -174,9 +170,12 @@ def command(option: Option, model: str, batch_size: int, seq_len: int) -> str:
 
 
 def load_config(model: str):
-    """The transformers config of ``model``: a config.json, a folder with one, or a cached Hub id."""
+    """The transformers config of ``model``: a config.json, a folder with one, an alias or a cached Hub id."""
     import transformers
 
+    from .cli import MODEL_ALIASES, resolve_model
+
+    model = resolve_model(model) if model.lower() in MODEL_ALIASES else model
     is_file = os.path.isfile(model)
     if is_file and not model.endswith(".json"):
         raise CommandError(f"{model} is a file but not a config.json: pass the config, its folder or a Hub id.")
@@ -201,17 +200,8 @@ def load_config(model: str):
 
 def read_shape(model: str) -> ModelShape:
     """The ``ModelShape`` of a causal LM, its parameters counted on the meta device (nothing allocated)."""
-    import torch
-    import transformers
-
     config = load_config(model)
-    try:
-        with torch.device("meta"):
-            built = transformers.AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError) as error:
-        raise CommandError(
-            f"{model}: {type(config).__name__} is not a causal LM (beft plan sizes run_opt.py)."
-        ) from error
+    built = _build_causal_decoder(model, config)
     params = dict(built.named_parameters())  # tied weights once
     matrix = sum(p.numel() for p in params.values() if p.dim() >= 2)
     vector = sum(p.numel() for p in params.values() if p.dim() < 2)
@@ -234,13 +224,36 @@ def read_shape(model: str) -> ModelShape:
     )
 
 
+def _build_causal_decoder(model: str, config):
+    """The model on the meta device; refused unless a decoder-only causal LM, what plan's memory model covers."""
+    import torch
+    import transformers
+
+    encoder_decoder = config.is_encoder_decoder  # read first: BartForCausalLM's __init__ sets it False
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # BertLMHeadModel's "add is_decoder=True": refused below in one line
+    try:
+        with torch.device("meta"):
+            built = transformers.AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as error:
+        raise CommandError(f"{model}: {type(config).__name__} {_NOT_CAUSAL}") from error
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    # BERT-like encoders build as causal LMs too (BertLMHeadModel): no attention module set causal marks them.
+    causal = [m.is_causal for m in built.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    if encoder_decoder or (causal and not any(causal)):
+        kind = "an encoder-decoder" if encoder_decoder else "an encoder (no attention layer is causal)"
+        raise CommandError(f"{model}: {type(config).__name__} is {kind}, {_NOT_CAUSAL}")
+    return built
+
+
 # -- the command ----------------------------------------------------------------------------------
 
 
 def add_plan_command(commands) -> None:
     """Add ``beft plan`` to the ``beft`` command's subparsers."""
     plan = commands.add_parser("plan", help="estimate GPU memory of bias-only training, pick how to launch it")
-    plan.add_argument("model", help="a config.json, a model folder, or a Hub id in the local cache (weights unread)")
+    plan.add_argument("model", help="a config.json, a model folder, an alias (minilm) or a cached Hub id")
     plan.add_argument("--gpus", type=int, required=True, help="GPUs available (one node or several)")
     plan.add_argument("--gpu-memory", type=float, required=True, help="memory of each GPU, GiB (e.g. 80)")
     plan.add_argument("--cpu-memory", type=float, help="CPU memory for offloaded weights, GiB (default: unchecked)")

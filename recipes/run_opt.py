@@ -7,8 +7,9 @@ words' log-likelihood, accuracy on held-out examples. Launch with DeepSpeed:
 or without it (``accelerate launch recipes/run_opt.py ...``, or ``python recipes/run_opt.py ...``).
 A .json/.yaml file of arguments may come first; later arguments override it. Data: ``--train_file/
 --validation_file``, else ``--data_dir`` (``<data_dir>/<task>/{train,validation}.jsonl``, e.g.
-../shared/data/glue), else the Hub. Every option: ``--help``. Wrong options or data end the run with
-one line on stderr and exit status 2, before the model loads.
+../shared/data/glue), else the Hub. Every option: ``--help``. Wrong options or data, a model that is
+not a causal decoder or cannot load, a missing ``--resume_from_checkpoint``: one line on stderr and
+exit status 2. ``--resume_from_checkpoint OUTPUT_DIR/checkpoint-N`` resumes.
 Writes ``eval_results.json`` (zero-shot and final accuracy, trainable parameters) and for
 ``--method beft`` the selection report ``beft_selection.json`` to ``--output_dir``.
 """
@@ -30,6 +31,8 @@ from beft_trainer.recipes_support import (
     MethodArguments,
     RecipeTrainingArguments,
     build_trainer,
+    check_causal_config,
+    check_causal_model,
     check_probe_fits,
     encode_for_training,
     exit_on_usage_error,
@@ -37,11 +40,16 @@ from beft_trainer.recipes_support import (
     get_prompt_task,
     label_word_accuracy,
     label_word_evaluation,
+    load_pretrained,
     load_prompt_task,
+    load_tokenizer,
+    model_source,
     parse_recipe_args,
+    resume_checkpoint,
     sample_examples,
     start_processes,
     stop_processes,
+    train_or_resume,
 )
 from beft_trainer.recipes_support.decoders import plain_copy
 
@@ -112,14 +120,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     check_probe_fits(selection_config, method_args, training_args)
     task = get_prompt_task(data_args.task_name)
+    checkpoint = resume_checkpoint(training_args)
     start_processes(training_args)
     set_seed(training_args.seed)
-    tokenizer_kwargs = (
-        {} if model_args.tokenizer_name or not model_args.gguf_file else {"gguf_file": model_args.gguf_file}
-    )
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.tokenizer_name or model_args.model_name_or_path, **tokenizer_kwargs
-    )
+    gguf = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else {}
+    model_path = model_source(model_args.model_name_or_path, gguf_file=model_args.gguf_file)
+    check_causal_config(model_path, **gguf)  # an encoder would see the label word it is scored on
+    tokenizer = load_tokenizer(AutoTokenizer, model_args.tokenizer_name, model_path, **gguf)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has none; padded positions are masked anyway
     sample_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
@@ -132,10 +139,10 @@ def main(argv: list[str] | None = None) -> dict:
         train = encode_for_training(train, tokenizer, task, data_args.max_seq_length)
         held_out, score_label_words = label_word_evaluation(held_out, tokenizer, task, data_args.max_seq_length)
     # TrainingArguments exist already, so under ZeRO-3 the weights load partitioned.
-    gguf = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=torch.float32, **gguf)
+    model = load_pretrained(AutoModelForCausalLM, model_path, dtype=torch.float32, **gguf)
     if gguf:
         model = plain_copy(model)  # the Trainer refuses a GGUF-loaded model as quantized
+    check_causal_model(model, model_path)
     trainer = build_trainer(
         model,
         training_args,
@@ -150,8 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
         preprocess_logits_for_metrics=score_label_words,
         processing_class=tokenizer,
     )
-    trainer.train()
-    results = finish_run(trainer, method_args, "accuracy", task=task.name, model=model_args.model_name_or_path)
+    train_or_resume(trainer, checkpoint)
+    results = finish_run(trainer, method_args, "accuracy", task=task.name, model=model_path)
     stop_processes()
     return results
 

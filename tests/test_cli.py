@@ -273,3 +273,106 @@ def test_inspect_on_broken_model_folder_is_one_line(trained, tmp_path, capsys, f
         (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     assert main(["inspect", str(folder)]) == 1
     assert message in _one_line_error(capsys, "inspect")
+
+
+def _refused_before_printing(capsys, command: str) -> str:
+    captured = capsys.readouterr()
+    assert captured.out == "", captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"beft {command}: error: "), captured.err
+    return lines[0]
+
+
+def test_merge_overwrite_refuses_a_folder_holding_a_peft_adapter(trained, tmp_path, capsys):
+    from beft_trainer import PeftExportError, save_merged
+
+    pytest.importorskip("peft")
+    root, _ = trained
+    both = _copy_adapter(root / "out", tmp_path / "both")
+    assert main(["export-peft", str(both), str(both), "--overwrite"]) == 0  # beside the BEFT adapter: no model here
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in both.iterdir()}
+    argv = ["merge", str(both), str(both), "--base-model", str(root / "base"), "--overwrite"]
+    assert main(argv) == 1  # from_pretrained(both) would apply the peft adapter on top of the merged weights
+    line = _refused_before_printing(capsys, "merge")
+    assert "holds adapter_config.json, adapter_model.safetensors: a peft adapter" in line and "deletes nothing" in line
+    assert {p.name: p.read_bytes() for p in both.iterdir()} == before
+    with pytest.raises(PeftExportError, match="a peft adapter, which from_pretrained"):
+        save_merged(both, tiny_bert(), both, overwrite=True)
+
+
+def test_export_peft_overwrite_refuses_a_folder_holding_a_model(trained, tmp_path, capsys):
+    pytest.importorskip("peft")
+    root, model = trained
+    merged = tmp_path / "merged"
+    assert main(["merge", str(root / "out"), str(merged), "--base-model", str(root / "base")]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in merged.iterdir()}
+    assert main(["export-peft", str(root / "out"), str(merged), "--overwrite"]) == 1
+    line = _refused_before_printing(capsys, "export-peft")
+    assert "holds config.json, model.safetensors: a transformers model" in line and "applied on top" in line
+    assert {p.name: p.read_bytes() for p in merged.iterdir()} == before
+    inputs = TokenDataset(size=8, seed=5).input_ids
+    with torch.no_grad():  # what the merge printed to load gives the trained model, the adapter applied once
+        loaded = tf.AutoModelForSequenceClassification.from_pretrained(merged).eval()
+        torch.testing.assert_close(loaded(input_ids=inputs).logits, model(input_ids=inputs).logits, rtol=0, atol=1e-6)
+
+
+def test_report_says_when_the_adapter_is_from_another_run(trained, tmp_path, capsys):
+    root, _ = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "beft_selection.json").write_bytes((root / "out" / "beft_selection.json").read_bytes())
+    selected = json.loads((out / "beft_selection.json").read_text())["selected"]
+    other = next(t for t in ("q", "k", "v") if t not in selected)
+    trainer = BeftTrainer(  # a fixed-type run in the selection run's output_dir: a new adapter, the old report
+        tf.AutoModelForSequenceClassification.from_pretrained(root / "base"),
+        training_args(out, max_steps=1),
+        train_dataset=TokenDataset(),
+        beft_config=BeftConfig(bias_types=(other,)),
+    )
+    trainer.train()
+    trainer.save_adapter()
+    capsys.readouterr()
+    assert main(["report", str(out), "--png", str(tmp_path / "p.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"BEFT selected {'+'.join(selected)} ")
+    warning = [line for line in lines if line.startswith(("adapter", "warning"))]
+    assert len(warning) == 1 and warning[0].startswith(f"warning: the adapter in {out} ({other} + head, ")
+    assert f"is not this report's selection ({'+'.join(selected)})" in warning[0]
+    assert main(["report", str(root / "out"), "--png", str(tmp_path / "p.png")]) == 0  # the adapter of the selection
+    assert any(line.startswith("adapter: ") for line in capsys.readouterr().out.splitlines())
+
+
+@pytest.mark.parametrize("name", ["plot.txt", "plotnoext", "plot.png/x.pdf"])
+def test_report_refuses_a_plot_path_not_ending_in_png_before_printing(trained, tmp_path, capsys, name):
+    root, _ = trained
+    assert main(["report", str(root / "out"), "--png", str(tmp_path / name)]) == 1
+    assert "give a path ending in .png" in _refused_before_printing(capsys, "report")
+    assert os.listdir(tmp_path) == []
+
+
+def test_report_plot_through_a_file_is_refused_before_printing(trained, capsys):
+    root, _ = trained
+    report = root / "out" / "beft_selection.json"
+    assert main(["report", str(root / "out"), "--png", str(report / "x.png")]) == 1
+    assert f"{report} is a file, not a folder" in _refused_before_printing(capsys, "report")
+
+
+@pytest.mark.parametrize("labels", ["0", "-3", "two"])
+def test_inspect_num_labels_must_be_positive(trained, capsys, labels):
+    root, _ = trained
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", str(root / "base"), "--num-labels", labels])
+    assert exit_info.value.code == 2
+    assert f"argument --num-labels: must be a positive integer, not {labels!r}" in capsys.readouterr().err
+
+
+def test_argparse_usage_errors_exit_2_as_documented(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", "a", "b"])
+    assert exit_info.value.code == 2
+    assert "usage: beft merge" in capsys.readouterr().err
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "adapters.md")
+    with open(docs) as text:
+        assert "exit code 2" in text.read()

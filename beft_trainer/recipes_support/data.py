@@ -42,14 +42,11 @@ def task_files(
 ) -> dict[str, str] | None:
     """``{split: path}`` of the local files to read, or None for the Hub; each file checked to exist and hold data.
 
-    Explicit files win (both are needed); else ``data_dir/<task_name>/{train,validation}.jsonl``,
+    Explicit files (both, without ``data_dir``); else ``data_dir/<task_name>/{train,validation}.jsonl``,
     which must exist when ``data_dir`` is given (no silent fall-back to the Hub).
     """
+    check_data_sources(train_file, validation_file, data_dir)
     if train_file or validation_file:
-        if not (train_file and validation_file):
-            raise DataInputError(
-                "Pass both --train_file and --validation_file (or neither, to use --data_dir or the Hub)."
-            )
         files = {"train": train_file, "validation": validation_file}
         options = {"train": "--train_file", "validation": "--validation_file"}
     elif data_dir is not None:
@@ -67,6 +64,19 @@ def task_files(
     for split, path in files.items():
         check_file(path, options[split])
     return files
+
+
+def check_data_sources(train_file: str | None, validation_file: str | None, data_dir: object) -> None:
+    """Both files or neither, and never files together with ``--data_dir`` (one of them would be ignored)."""
+    if bool(train_file) != bool(validation_file):
+        raise DataInputError(
+            "Pass both --train_file and --validation_file (or neither, to use --data_dir or the Hub)."
+        )
+    if train_file and data_dir is not None:
+        raise DataInputError(
+            f"--data_dir {data_dir} with --train_file/--validation_file: the files would be read and the folder "
+            "ignored; pass the files or --data_dir, not both."
+        )
 
 
 def check_file(path: str, option: str) -> None:

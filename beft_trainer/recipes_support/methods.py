@@ -9,6 +9,7 @@ fixed BEFT tuner) are baselines on a plain ``transformers.Trainer``.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -118,27 +119,44 @@ class MethodArguments:
 
     def __post_init__(self) -> None:
         self.parsed = parse_method(self.method)
+        # peft would take r=0 or a dropout of 1.5 and fail inside the model load, or train nothing.
+        for name in ("lora_r", "lora_alpha", "num_virtual_tokens"):
+            if getattr(self, name) < 1:
+                raise BeftConfigError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise BeftConfigError(f"--lora_dropout must lie in [0, 1), got {self.lora_dropout}.")
 
 
-#: Options that only one kind of method reads: given to another, they would be ignored silently.
-_OPTIONS_OF = {
-    "lora": ("lora_r", "lora_alpha", "lora_dropout"),
-    "prefix": ("num_virtual_tokens",),
-    "prompt_tuning": ("num_virtual_tokens",),
-    "p_tuning": ("num_virtual_tokens",),
+#: The methods that read each peft option: given to any other, it would be ignored silently.
+_READERS = {
+    "lora_r": ("lora",),
+    "lora_alpha": ("lora",),
+    "lora_dropout": ("lora",),
+    "num_virtual_tokens": ("prefix", "prompt_tuning", "p_tuning"),
 }
 
 
-def _changed_options(config: Any, names: tuple[str, ...] | None = None) -> list[str]:
-    """The options of a dataclass that differ from their defaults (what the user set)."""
+def _changed_options(config: Any) -> set[str]:
+    """The options of a dataclass that differ from their defaults: all a caller without a command line says."""
     default = type(config)()
-    names = names or tuple(f.name for f in fields(config))
-    return [f"--{name}" for name in names if getattr(config, name) != getattr(default, name)]
+    return {f.name for f in fields(config) if getattr(config, f.name) != getattr(default, f.name)}
 
 
-def configure_method(method_args: MethodArguments, selection: SelectionConfig, beft: BeftConfig) -> BeftConfig:
-    """``beft`` with ``bias_types`` set from ``--method``; refuse options the method would ignore.
+def _ignored_options(method: Method, given: Collection[str]) -> list[str]:
+    """The given options, in declaration order, that ``method`` does not read."""
+    unread = [f.name for f in fields(SelectionConfig)] if method.kind != "beft" else []
+    unread += [f.name for f in fields(BeftConfig)] if not method.trains_biases_only else []
+    unread += [name for name, readers in _READERS.items() if method.kind not in readers]
+    return [f"--{name}" for name in unread if name in given]
 
+
+def configure_method(
+    method_args: MethodArguments, selection: SelectionConfig, beft: BeftConfig, given: Collection[str] | None = None
+) -> BeftConfig:
+    """``beft`` with ``bias_types`` set from ``--method``; refuse given options the method would ignore.
+
+    ``given``: the options a command line or config file gave, whatever their value (the recipes
+    pass them); without it, the options that differ from their defaults.
     ``--method`` is the one place that says what trains: ``--bias_types`` next to it is refused.
     """
     method = method_args.parsed
@@ -147,10 +165,9 @@ def configure_method(method_args: MethodArguments, selection: SelectionConfig, b
             f"--bias_types {_type_names(beft.bias_types)}: choose the trained bias types with --method "
             "(e.g. --method q,v, or --method bitfit for every bias), not --bias_types."
         )
-    ignored = [] if method.kind == "beft" else _changed_options(selection)
-    ignored += [] if method.trains_biases_only else _changed_options(beft)
-    for kind, names in _OPTIONS_OF.items():
-        ignored += [] if method.kind == kind else _changed_options(method_args, names)
+    if given is None:
+        given = _changed_options(method_args) | _changed_options(selection) | _changed_options(beft)
+    ignored = _ignored_options(method, given)
     if ignored:
         raise BeftConfigError(
             f"--method {method}: {', '.join(ignored)} would be ignored: drop them, or choose a --method that reads them."
