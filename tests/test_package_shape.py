@@ -37,6 +37,20 @@ def test_every_public_name_is_documented():
             assert (value.__doc__ or "").strip(), f"beft_trainer.{name} has no docstring"
 
 
+def test_the_readme_lists_every_public_name():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = readme[readme.index("### Public API") : readme.index("## Recipes, launchers")]
+    missing = [name for name in beft_trainer.__all__ if f"`{name}`" not in table]
+    assert not missing, f"README's Public API table lacks {missing}"
+
+
+def test_every_hook_the_callback_overrides_says_what_it_does():
+    hooks = [name for name in vars(beft_trainer.BiasSelectionCallback) if name.startswith("on_")]
+    assert hooks, "no hook found: the check would compare nothing"
+    for name in hooks:
+        assert (getattr(beft_trainer.BiasSelectionCallback, name).__doc__ or "").strip(), f"{name} has no docstring"
+
+
 def _imported_top_level_modules(code: str) -> set[str]:
     script = f"import sys\n{code}\nprint(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
     output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
