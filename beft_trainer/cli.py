@@ -130,12 +130,13 @@ def _adapter_line(folder: str, selected: list[str]) -> str | None:
     if not os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_NAME)):
         return None
     metadata = read_adapter(folder).metadata  # read before printing: a damaged adapter is the only output
-    trained = [*metadata.bias_types, *metadata.scaling_types]
     described = (
-        f"{'+'.join(trained) or 'head only'} + head, {metadata.parameter_count:,} parameters, "
+        f"{'+'.join(metadata.bias_types) or 'head only'} + head, {metadata.parameter_count:,} parameters, "
         f"{format_size(metadata.file_size)}"
     )
-    if set(trained) == set(selected):
+    # The adapter's own record of what still trained at the end, not what it stores: with rewind=False it
+    # also stores the frozen types that moved while probing. Adapters that record nothing are not judged.
+    if not metadata.selected or set(metadata.selected) == set(selected):
         return f"adapter: {described}"
     # A later run with fixed types rewrites the adapter but leaves the selection run's report.
     return (

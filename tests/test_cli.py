@@ -344,6 +344,26 @@ def test_report_says_when_the_adapter_is_from_another_run(trained, tmp_path, cap
     assert any(line.startswith("adapter: ") for line in capsys.readouterr().out.splitlines())
 
 
+def test_report_of_a_run_without_rewind_describes_its_own_adapter(tmp_path, capsys):
+    # rewind=False leaves the frozen types' probing changes in the model, so the adapter stores more types than
+    # the selection kept: still the report's own adapter.
+    trainer = BeftTrainer(
+        tiny_bert(),
+        training_args(tmp_path, max_steps=6),
+        train_dataset=TokenDataset(),
+        callbacks=[BiasSelectionCallback(probe_steps=3, rewind=False)],
+    )
+    trainer.train()
+    trainer.save_adapter()
+    stored = json.loads((tmp_path / "beft_adapter.json").read_text())["bias_groups"]
+    assert len(stored) > len(trainer.selection_callback.selected)  # the case this test is about
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--png", str(tmp_path / "p.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("adapter: ") for line in lines)
+    assert not any(line.startswith("warning") for line in lines)
+
+
 @pytest.mark.parametrize("name", ["plot.txt", "plotnoext", "plot.png/x.pdf"])
 def test_report_refuses_a_plot_path_not_ending_in_png_before_printing(trained, tmp_path, capsys, name):
     root, _ = trained
