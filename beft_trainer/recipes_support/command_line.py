@@ -13,7 +13,6 @@ from ..biases import VECTOR_TYPES
 from ..checks import check_output_dir
 from ..errors import BeftConfigError
 from ..option_values import parse_type_list
-from .results import RESULTS_NAME
 
 _BIAS_TYPES_HELP = (
     "Refused by the recipes: --method alone says what trains (e.g. --method q,v, or --method bitfit for every bias)."
@@ -57,11 +56,10 @@ def check_single_candidate(given: dict[str, Any]) -> None:
 def check_output_folder(output_dir: str, resume_from_checkpoint: str | None) -> None:
     """A folder a new run may write into, for every method (``BeftTrainer`` checks its own only when training starts).
 
-    A resume continues in an earlier run's folder; a recipe's ``eval_results.json`` marks the folder of
-    an earlier run of a method that writes no other beft-trainer file (``full``, peft's methods).
+    A resume continues in an earlier run's folder; ``check_output_dir`` counts a recipe's
+    ``eval_results.json`` as an earlier run's (``full`` and peft's methods write no other file).
     """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise BeftConfigError(f"--output_dir {output_dir}: a file, not a folder; choose a new or empty folder.")
-    if resume_from_checkpoint or os.path.isfile(os.path.join(output_dir, RESULTS_NAME)):
-        return
-    check_output_dir(output_dir)
+    if not resume_from_checkpoint:
+        check_output_dir(output_dir)
