@@ -18,8 +18,10 @@ Module map (data flows one way: model -> biases -> groups -> probe -> scores -> 
 - ``report``, ``plot``: the selection report (``beft_selection.json``) and its figure.
 - ``adapters/``: the adapter file format, checksum, base-model fingerprint, exact arithmetic, apply, peft export
   (BEFT tuner and IA3), mixed batches (one adapter per row), merged checkpoints.
-- ``errors``: every error class.
-- ``cli``, ``cli_merge``: the ``beft`` command (report, inspect, export-peft, merge).
+- ``errors``: every error class, and ``one_line`` (a message as one line).
+- ``cli``, ``cli_inspect``, ``cli_merge``, ``cli_plan``: the ``beft`` command (report, inspect, export-peft, merge,
+  plan).
+- ``plan``: the memory model behind ``beft plan`` (a model's shape from its config, estimates per backend).
 - ``recipes_support/``: tasks, data checks, methods and argument parsing for ``recipes/`` (not imported here).
 """
 

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 
 from .cli_inspect import inspect_command
 from .cli_merge import add_merge_parser
-from .errors import BeftConfigError, CommandError
-from .plan import add_plan_command
+from .cli_plan import add_plan_command
+from .errors import BeftConfigError, CommandError, one_line
 
 #: Model aliases: name -> function returning a local folder.
 MODEL_ALIASES = ("minilm", "all-minilm-l6-v2")
@@ -43,8 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CommandError, BeftConfigError, OSError) as error:
-        message = " ".join(str(error).split())  # one line, even for multi-line library messages
-        print(f"beft {args.command}: error: {message}", file=sys.stderr)
+        print(f"beft {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 1
 
 

@@ -1,4 +1,4 @@
-"""Every error beft_trainer raises, in one place; each message says what to do."""
+"""Every error beft_trainer raises, in one place; each message says what to do (``one_line``: on one line)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ __all__ = [
     "PeftExportError",
     "ReportError",
     "ResumeError",
+    "one_line",
 ]
 
 
@@ -44,3 +45,8 @@ class DataInputError(BeftConfigError):
 
 class CommandError(BeftConfigError):
     """A user error the ``beft`` command reports in one line."""
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message on one line: a command prints a single line, whatever the message holds."""
+    return " ".join(str(error).split())

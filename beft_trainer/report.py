@@ -6,13 +6,14 @@ import json
 import os
 import statistics
 from collections.abc import Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 
 from .biases import SCALING_TYPES, BiasLayout
 from .errors import ReportError
+from .json_fields import is_number, is_object, is_str_list, required_fields
 from .scores import (
     attribution_score,
     fisher_score,
@@ -211,30 +212,34 @@ def _fields_problem(payload: Any) -> str | None:
     """What keeps ``payload`` from being ``SelectionReport`` fields, or None."""
     if not isinstance(payload, dict):
         return f"it holds a JSON {type(payload).__name__}, not an object"
-    known = {f.name: f for f in fields(SelectionReport)}
-    unknown = sorted(set(payload) - set(known))
-    required = [n for n, f in known.items() if f.default is MISSING and f.default_factory is MISSING]
-    missing = [n for n in required if n not in payload]
+    unknown = sorted(set(payload) - {f.name for f in fields(SelectionReport)})
+    missing = [name for name in required_fields(SelectionReport) if name not in payload]
     if unknown or missing:
         return f"unknown fields {unknown[:5]}" if unknown else f"it lacks the fields {missing}"
     return None
 
 
+#: What the fields the summary and the plot read must hold (``json_fields``' table style).
+_FIELD_CHECKS = {
+    "candidates": (is_str_list, "a list of bias types"),
+    "selected": (is_str_list, "a list of bias types"),
+    "scores": (is_object, "an object"),
+    "inert": (is_object, "an object"),
+    "trainable_parameters": (is_object, "an object"),
+}
+
+
 def _report_problem(report: SelectionReport) -> str | None:
     """What is missing or mistyped among the fields the summary and the plot read, or None."""
-    for field_name in ("candidates", "selected"):
-        value = getattr(report, field_name)
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            return f"{field_name!r} must be a list of bias types"
-    for field_name in ("scores", "inert", "trainable_parameters"):
-        if not isinstance(getattr(report, field_name), dict):
-            return f"{field_name!r} must be an object"
+    for field_name, (check, expected) in _FIELD_CHECKS.items():
+        if not check(getattr(report, field_name)):
+            return f"{field_name!r} must be {expected}"
     for field_name in ("selected", "inert"):
         strangers = [t for t in getattr(report, field_name) if t not in report.candidates]
         if strangers:
             return f"{field_name!r} names {strangers[0]!r}, which is not among the candidates {report.candidates}"
     counts = report.trainable_parameters
-    if not all(_is_number(v) for v in counts.values()) or ("total" in counts and "after" not in counts):
+    if not all(is_number(v) for v in counts.values()) or ("total" in counts and "after" not in counts):
         return "'trainable_parameters' must map 'before', 'after' and 'total' to numbers"
     if not isinstance(report.score, str) or report.score not in REPORTED_SCORES:
         return f"'score' must be one of {', '.join(REPORTED_SCORES)}, not {report.score!r}"
@@ -251,9 +256,9 @@ def _scores_problem(bias_type: str, scores: Any, deciding: str) -> str | None:
     # Reports written before a score existed lack it; a score present must be a number (the plot draws it).
     needed = {"projection", "magnitude", "fisher", deciding} | set(scores)
     for name in [s for s in REPORTED_SCORES if s in needed]:
-        if not _is_number(scores.get(name)):
+        if not is_number(scores.get(name)):
             return f"scores[{bias_type!r}] lacks a numeric {name!r} score"
-    if "parameters" in scores and not _is_number(scores["parameters"]):
+    if "parameters" in scores and not is_number(scores["parameters"]):
         return f"scores[{bias_type!r}]['parameters'] must be a number"
     per_layer = scores.get("per_layer", {})
     if not isinstance(per_layer, dict) or not all(_is_layer_map(values) for values in per_layer.values()):
@@ -262,8 +267,4 @@ def _scores_problem(bias_type: str, scores: Any, deciding: str) -> str | None:
 
 
 def _is_layer_map(values: Any) -> bool:
-    return isinstance(values, dict) and all(k.isdecimal() and _is_number(v) for k, v in values.items())
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(values, dict) and all(k.isdecimal() and is_number(v) for k, v in values.items())

@@ -46,7 +46,7 @@ class AdapterSet:
         if adapter_name in self.adapters:
             raise AdapterError(f"An adapter named {adapter_name!r} is already loaded; pick another name.")
         prepare_base_model(self.model, adapter.metadata)
-        check_adapter(self.model, adapter, self.base_fingerprint(exclude=adapter.head))
+        check_prepared(self.model, adapter, self.base_fingerprint(exclude=adapter.head))
         params = dict(self.model.named_parameters())
         for name in [*adapter.bias_names, *adapter.head]:
             if name not in self._base:
@@ -134,8 +134,14 @@ def check_adapter(
         (model, nn.Module),
         (adapter, BeftAdapter),
     )
+    check_prepared(_prepared_view(model, adapter.metadata), adapter, base_fingerprint, any_num_labels=any_num_labels)
+
+
+def check_prepared(
+    model: nn.Module, adapter: BeftAdapter, base_fingerprint: str | None = None, *, any_num_labels: bool = False
+) -> None:
+    """``check_adapter`` on a model ``prepare_base_model`` has prepared already (so nothing is prepared twice)."""
     metadata = adapter.metadata
-    model = _prepared_view(model, metadata)
     params = dict(model.named_parameters())
     model_type = model_type_of(model)
     if model_type != metadata.model_type:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..errors import AdapterError
+from ..json_fields import is_str, is_str_list, is_whole_number, json_kind, map_of, optional, required_fields
 
 __all__ = ["ADAPTER_FORMAT_VERSION", "STORED_DTYPES", "AdapterMetadata"]
 
@@ -65,18 +66,17 @@ class AdapterMetadata:
     def from_dict(cls, payload: Any, source: str = "the adapter config") -> AdapterMetadata:
         """Inverse of ``to_dict``; one ``AdapterError`` naming ``source`` and the field for any wrong input."""
         if not isinstance(payload, Mapping):
-            raise AdapterError(f"{source} must hold a JSON object, not {_json_kind(payload)}; save the adapter again.")
+            raise AdapterError(f"{source} must hold a JSON object, not {json_kind(payload)}; save the adapter again.")
         _check_version(payload.get("format_version"), source)
-        for spec in fields(cls):
-            if spec.name not in payload:
-                if spec.default is MISSING and spec.default_factory is MISSING:
-                    raise AdapterError(f"{source} lacks the field {spec.name!r}; save the adapter again.")
-                continue
-            check, expected = _FIELD_CHECKS[spec.name]
-            if not check(payload[spec.name]):
+        required = required_fields(cls)
+        for name, (check, expected) in _FIELD_CHECKS.items():
+            if name not in payload:
+                if name in required:
+                    raise AdapterError(f"{source} lacks the field {name!r}; save the adapter again.")
+            elif not check(payload[name]):
                 raise AdapterError(
-                    f"{source}: field {spec.name!r} must be {expected}, not {_json_kind(payload[spec.name])} "
-                    f"({payload[spec.name]!r:.60}); the file was edited or is not a BEFT adapter config."
+                    f"{source}: field {name!r} must be {expected}, not {json_kind(payload[name])} "
+                    f"({payload[name]!r:.60}); the file was edited or is not a BEFT adapter config."
                 )
         metadata = cls(**{spec.name: payload[spec.name] for spec in fields(cls) if spec.name in payload})
         metadata.check_names(source)
@@ -120,52 +120,27 @@ def _is_parameter_name(name: str) -> bool:
     return all(part and "/" not in part and part.strip() == part for part in name.split("."))
 
 
-def _json_kind(value: Any) -> str:
-    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
-    return "null" if value is None else kinds.get(type(value), type(value).__name__)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(item, str) for item in value)
-
-
-def _is_str_map(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda value: isinstance(value, dict) and all(check(item) for item in value.values())
-
-
-def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda value: value is None or check(value)
-
-
-def _is_str(value: Any) -> bool:
-    return isinstance(value, str)
-
-
 def _is_sha256(value: Any) -> bool:
     return isinstance(value, str) and _SHA256.fullmatch(value) is not None
 
 
-_FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "model_type": (_is_str, "a string"),
+_FIELD_CHECKS = {
+    "model_type": (is_str, "a string"),
     "fingerprint": (_is_sha256, "a SHA-256 hex digest"),
-    "bias_groups": (_is_str_map(_is_str_list), "an object of lists of parameter names"),
-    "head": (_is_str_list, "a list of parameter names"),
-    "selected": (_is_str_list, "a list of bias types"),
-    "score": (_optional(_is_str), "a string or null"),
-    "base_model": (_optional(_is_str), "a string or null"),
-    "model_class": (_optional(_is_str), "a string or null"),
-    "backbone_prefix": (_optional(_is_str), "a string or null"),
-    "num_labels": (_optional(_is_int), "a whole number or null"),
+    "bias_groups": (map_of(is_str_list), "an object of lists of parameter names"),
+    "head": (is_str_list, "a list of parameter names"),
+    "selected": (is_str_list, "a list of bias types"),
+    "score": (optional(is_str), "a string or null"),
+    "base_model": (optional(is_str), "a string or null"),
+    "model_class": (optional(is_str), "a string or null"),
+    "backbone_prefix": (optional(is_str), "a string or null"),
+    "num_labels": (optional(is_whole_number), "a whole number or null"),
     "added_biases": (lambda value: isinstance(value, bool), "true or false"),
-    "scaling_types": (_is_str_list, "a list of scaling-vector types"),
-    "dtypes": (_is_str_map(_is_str), "an object of dtype names"),
+    "scaling_types": (is_str_list, "a list of scaling-vector types"),
+    "dtypes": (map_of(is_str), "an object of dtype names"),
     "checksum": (_is_sha256, "a SHA-256 hex digest"),
-    "parameter_count": (_is_int, "a whole number"),
-    "file_size": (_is_int, "a whole number"),
-    "library_version": (_is_str, "a string"),
-    "format_version": (_is_int, "a whole number"),
+    "parameter_count": (is_whole_number, "a whole number"),
+    "file_size": (is_whole_number, "a whole number"),
+    "library_version": (is_str, "a string"),
+    "format_version": (is_whole_number, "a whole number"),
 }

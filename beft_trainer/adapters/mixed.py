@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from .apply import AdapterSet, check_adapter, prepare_base_model
+from .apply import AdapterSet, check_prepared, prepare_base_model
 from .format import BeftAdapter, read_adapter, require_argument_types
 from .task_layers import TaskLayers
 
@@ -78,7 +78,7 @@ class MixedAdapters:
             )
         prepare_base_model(self.model, adapter.metadata)
         fingerprint = self._hasher.base_fingerprint(exclude=adapter.head)
-        check_adapter(self.model, adapter, fingerprint, any_num_labels=True)
+        check_prepared(self.model, adapter, fingerprint, any_num_labels=True)
         self.layers.add(adapter_name, adapter)
         self.adapters[adapter_name] = adapter
         return adapter

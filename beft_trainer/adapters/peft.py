@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import PeftExportError
-from .apply import check_adapter, prepare_base_model
+from .apply import check_prepared, prepare_base_model
 from .arithmetic import exact_delta
 from .format import BeftAdapter, read_adapter
 from .peft_ia3 import ia3_targets, write_ia3
@@ -194,7 +194,7 @@ def _with_whole_backbone_modules(
 def _check_base_model(adapter: BeftAdapter, base_model: nn.Module) -> None:
     """Give ``base_model`` the trainer's parameter layout and refuse it unless the adapter was trained from it."""
     prepare_base_model(base_model, adapter.metadata)
-    check_adapter(base_model, adapter)
+    check_prepared(base_model, adapter)
 
 
 def _required_base_model(names: list[str], base_model: nn.Module | None, why: str) -> nn.Module:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, NoReturn, TypeVar
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..config import BeftConfig, SelectionConfig
-from ..errors import BeftConfigError, DataInputError
+from ..errors import BeftConfigError, DataInputError, one_line
 from .command_line import check_output_folder, check_single_candidate, describe_recipe_flags, given_options
 from .data import check_data_sources
 from .methods import MethodArguments, configure_method
@@ -107,8 +107,8 @@ def read_config_file(path: str) -> dict[str, Any]:
         with open(path) as f:
             values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
     except (OSError, ValueError, yaml.YAMLError) as error:  # missing file, bad JSON (a ValueError), bad YAML
-        message = " ".join(str(error).split())
-        raise BeftConfigError(f"{path}: cannot read the options file ({type(error).__name__}: {message}).") from error
+        reason = f"{type(error).__name__}: {one_line(error)}"
+        raise BeftConfigError(f"{path}: cannot read the options file ({reason}).") from error
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -184,8 +184,7 @@ def exit_on_usage_error(main: Callable[..., Result]) -> Callable[..., Result]:
         try:
             return main(*args, **kwargs)
         except BeftConfigError as error:
-            message = " ".join(str(error).split())  # one line, whatever the message holds
-            print(f"{program}: error: {message}", file=sys.stderr)
+            print(f"{program}: error: {one_line(error)}", file=sys.stderr)
             raise SystemExit(USAGE_ERROR_STATUS) from None
 
     return run

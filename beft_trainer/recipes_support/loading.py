@@ -21,15 +21,11 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from ..cli import MODEL_ALIASES, resolve_model
-from ..errors import BeftConfigError, CommandError
+from ..errors import BeftConfigError, CommandError, one_line
 
 
 class ModelLoadError(BeftConfigError):
     """A model, tokenizer or GGUF file a recipe cannot load, or a model ``run_opt.py`` cannot score."""
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
 
 
 def model_source(name: str, option: str = "--model_name_or_path", gguf_file: str | None = None) -> str:
@@ -42,7 +38,7 @@ def model_source(name: str, option: str = "--model_name_or_path", gguf_file: str
         try:
             return resolve_model(name)
         except CommandError as error:
-            raise ModelLoadError(f"{option} {_one_line(error)}") from error
+            raise ModelLoadError(f"{option} {one_line(error)}") from error
     # Hub ids are "name" or "org/name"; anything else that is no folder was meant as a local path.
     if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"{option} {name}: no such folder (pass a local model folder or a Hub id).")
@@ -61,7 +57,7 @@ def load_pretrained(auto_class: Any, source: str, option: str = "--model_name_or
         offline = " (HF_HUB_OFFLINE is set: only local folders and cached models load)" if _offline() else ""
         raise ModelLoadError(
             f"{option} {source}: cannot load it with {getattr(auto_class, '__name__', auto_class)}{offline}: "
-            f"{type(error).__name__}: {_one_line(error)}"
+            f"{type(error).__name__}: {one_line(error)}"
         ) from error
 
 
