@@ -1,8 +1,10 @@
 """BiasSelectionCallback: probe the candidate bias types, score them, select one, re-freeze.
 
 Events used: ``on_init_end`` (refuses a plain Trainer), ``on_train_begin`` (validates, resumes,
-starts gradient tracking), ``on_step_end`` (the switch at ``probe_steps``) and ``on_save``
-(writes its state next to the checkpoint; a probing checkpoint never counts as the best model).
+starts gradient tracking; a resumed state's probing checkpoint never counts as the best model),
+``on_step_end`` (the switch at ``probe_steps``), ``on_save`` (writes its state next to the
+checkpoint) and ``on_train_end`` (warns when training stopped before the switch). ``BeftTrainer``
+keeps evaluations while probing from counting as the best.
 """
 
 from __future__ import annotations
@@ -145,7 +147,6 @@ class BiasSelectionCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         """Hook: store the probe's sums (per rank) and the selection into the checkpoint."""
         folder = self.trainer.checkpoint_dir(state.global_step)
-        self._forget_probing_best(state)
         if not os.path.isdir(folder):
             return
         if self.selected is None:
@@ -156,14 +157,25 @@ class BiasSelectionCallback(TrainerCallback):
                 json.dump(payload, f, indent=2)
 
     def on_train_end(self, args, state, control, **kwargs):
-        """Hook: stop the probe's gradient hooks and wait for the report's plot."""
+        """Hook: stop the probe's gradient hooks, wait for the report's plot, warn if nothing was selected."""
         self.probe.stop()
+        if self.selected is None and state.global_step > 0:
+            # Stopped early (EarlyStoppingCallback counts no probing evaluation, but another callback
+            # or a short IterableDataset can): the model holds every candidate trained, as the adapter will say.
+            logger.warning(
+                "Training stopped at step %d, before the switch at probe_steps=%d: nothing was selected and every "
+                "candidate type (%s) trained. Train for more than probe_steps, or lower probe_steps.",
+                state.global_step,
+                self.probe_step_count,
+                ", ".join(self.candidates),
+            )
         if self._plotting is not None:
             self._plotting.join()
 
     def _forget_probing_best(self, state) -> None:
         # With load_best_model_at_end a probing checkpoint would bring back every candidate type
         # trained, while the report says one: only checkpoints after the switch may be the best.
+        # BeftTrainer never counts a probing evaluation; a resumed state may (an older beft-trainer's).
         switch_step = self.report.step if self.report is not None else None
         best = state.best_global_step
         if best and (switch_step is None or best < switch_step):

@@ -125,10 +125,11 @@ def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _innermost_scheduler(scheduler: Any) -> Any:
-    while scheduler is not None and not hasattr(scheduler, "base_lrs") and hasattr(scheduler, "scheduler"):
+def _innermost_scheduler(scheduler: Any, attribute: str = "base_lrs") -> Any:
+    """The scheduler under accelerate's wrapper that holds ``attribute``, or None."""
+    while scheduler is not None and not hasattr(scheduler, attribute) and hasattr(scheduler, "scheduler"):
         scheduler = scheduler.scheduler
-    return scheduler if hasattr(scheduler, "base_lrs") else None
+    return scheduler if hasattr(scheduler, attribute) else None
 
 
 def zero_group_learning_rates(optimizer: Any, scheduler: Any, indices: list[int]) -> None:
@@ -148,6 +149,9 @@ def set_group_base_rates(optimizer: Any, scheduler: Any, indices: list[int], bas
     """
     groups = innermost_optimizer(optimizer).param_groups
     inner = _innermost_scheduler(scheduler)
+    # transformers' GreedyLR (lr_scheduler_type="greedy") has no base rates: its reset puts back the rates
+    # it was built with, which would make a frozen group train again.
+    initial = _innermost_scheduler(scheduler, "_init_lrs")
     for i in indices:
         old_base = inner.base_lrs[i] if inner is not None else groups[i].get("initial_lr", groups[i]["lr"])
         factor = groups[i]["lr"] / old_base if old_base else 1.0
@@ -158,6 +162,8 @@ def set_group_base_rates(optimizer: Any, scheduler: Any, indices: list[int], bas
             inner.base_lrs[i] = base_rate
             if getattr(inner, "_last_lr", None):
                 inner._last_lr[i] = base_rate * factor
+        if initial is not None:
+            initial._init_lrs[i] = base_rate
 
 
 def last_learning_rates(scheduler: Any) -> list[float] | None:

@@ -109,6 +109,10 @@ class ProbeStatistics:
             self._hooks.append(module.register_forward_hook(self._token_hook(wanted)))
 
     def _token_hook(self, slices: dict[str, slice]):
+        # Run eagerly under torch.compile (TrainingArguments(torch_compile=True)): traced, a forward hook that
+        # registers a tensor hook lost the model's loss or never saw a gradient (all-zero sums: every type
+        # "inert"). Only the probing steps pay the graph break; the hooks are removed at the switch.
+        @torch.compiler.disable
         def on_output(module, inputs, output) -> None:
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 output.register_hook(accumulate)

@@ -20,6 +20,10 @@ logger = logging.getLogger(__name__)
 
 #: File name of the run's settings inside each checkpoint folder.
 RUN_SETTINGS_NAME = "beft_run.json"
+#: What the Trainer writes into every checkpoint it can resume from (transformers' TRAINER_STATE_NAME and
+#: SCHEDULER_NAME; the scheduler is the Trainer's own, since DeepSpeed's is refused).
+_TRAINER_STATE = "trainer_state.json"
+_SCHEDULER_STATE = "scheduler.pt"
 
 
 def run_settings(
@@ -74,6 +78,7 @@ def check_resume(checkpoint: str, settings: dict[str, Any]) -> None:
     """
     if not os.path.isdir(checkpoint):
         raise ResumeError(f"resume_from_checkpoint={checkpoint!r} is not a folder; pass a checkpoint-N folder.")
+    _check_training_state(checkpoint)
     path = os.path.join(checkpoint, RUN_SETTINGS_NAME)
     if not os.path.isfile(path):
         logger.warning("%s has no %s: cannot check that this run's settings match it.", checkpoint, RUN_SETTINGS_NAME)
@@ -102,4 +107,19 @@ def check_resume(checkpoint: str, settings: dict[str, Any]) -> None:
         raise ResumeError(
             f"Cannot resume from {checkpoint}: this run's settings differ from the checkpoint's ({details}). "
             "Resume with the checkpoint's settings, or start a new run in another output_dir."
+        )
+
+
+def _check_training_state(checkpoint: str) -> None:
+    """Refuse a folder the Trainer would not continue exactly: no step count, or no optimizer and scheduler."""
+    if not os.path.isfile(os.path.join(checkpoint, _TRAINER_STATE)):
+        raise ResumeError(
+            f"{checkpoint} is not a checkpoint (no {_TRAINER_STATE}): the Trainer would restart at step 0 "
+            "and probe again. Pass an OUTPUT_DIR/checkpoint-N folder."
+        )
+    if not os.path.isfile(os.path.join(checkpoint, _SCHEDULER_STATE)):
+        raise ResumeError(
+            f"{checkpoint} holds no optimizer or scheduler state (saved with save_only_model=True): a resume would "
+            "restart the learning-rate schedule and the optimizer's moments, not continue the run. Resume from a "
+            "checkpoint saved without save_only_model, or start a new run from its weights."
         )

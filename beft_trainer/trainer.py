@@ -2,8 +2,9 @@
 
 Overridden hooks: ``__init__`` (prepares the model and the trainable set), ``create_optimizer``
 (one parameter group per bias type), ``train`` (checks the checkpoint it resumes from),
-``save_model`` (adds the adapter and the run's settings) and ``_get_learning_rate`` (logs a group
-that still trains).
+``save_model`` (adds the adapter and the run's settings), ``_get_learning_rate`` (logs a group
+that still trains), ``_determine_best_metric`` (an evaluation while probing is never the best) and
+``_clip_grad_norm`` (frozen groups' gradients stay out of the clipped norm).
 """
 
 from __future__ import annotations
@@ -85,8 +86,13 @@ class BeftTrainer(Trainer):
         self.resume_checkpoint_dir: str | None = None
         if selection is not None:
             selection.bind(self)
-        super().__init__(model, args, *trainer_args, callbacks=callbacks, **trainer_kwargs)
-        check_optimizer(self.args, self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None)
+        try:
+            super().__init__(model, args, *trainer_args, callbacks=callbacks, **trainer_kwargs)
+            check_optimizer(self.args, self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None)
+        except BaseException:
+            if selection is not None:  # a refused trainer holds no selection: the callback can serve the next one
+                selection.trainer = None
+            raise
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -233,6 +239,32 @@ class BeftTrainer(Trainer):
         if rates is None or not active or len(rates) != len(self.parameter_groups):
             return super()._get_learning_rate()
         return rates[active[0]]
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
+        """Override: an evaluation while probing never counts as the best (nor as an improvement).
+
+        Its model has every candidate type trained, not what the report selects: with
+        ``load_best_model_at_end`` it could never be the final model, and as the best metric it would
+        hide the best checkpoint after the switch and let ``EarlyStoppingCallback`` stop the probe.
+        """
+        if self.selection_callback is None or self.selection_callback.selected is not None:
+            return super()._determine_best_metric(metrics, trial)
+        best = self.state.best_metric, self.state.best_global_step
+        super()._determine_best_metric(metrics, trial)  # its checks still run (a metric the evaluation lacks)
+        self.state.best_metric, self.state.best_global_step = best
+        return False
+
+    def _clip_grad_norm(self, model: nn.Module):
+        """Override: drop the frozen groups' gradients before clipping (one process computes none).
+
+        Under DDP a frozen group keeps ``requires_grad`` and its gradient; clipping by a norm that
+        holds it would shrink the kept types' updates. DeepSpeed clips inside its engine.
+        """
+        if self.frozen_groups and not self.is_deepspeed_enabled:
+            params = dict(self.model.named_parameters())
+            for name in (n for g in self.frozen_groups for n in self.parameter_groups[g]):
+                params[name].grad = None
+        return super()._clip_grad_norm(model)
 
     # -- the switch ---------------------------------------------------------------------------
 
