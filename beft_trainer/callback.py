@@ -25,6 +25,7 @@ from .plot import plot_in_background
 from .precision import gradient_dtypes
 from .probe import ProbeStatistics
 from .report import PLOT_NAME, REPORT_NAME, SelectionReport, write_report
+from .resume import forget_best_before
 from .scores import (
     find_inert,
     gradient_coherence,
@@ -123,7 +124,7 @@ class BiasSelectionCallback(TrainerCallback):
         if self.selected is not None:
             self.trainer.freeze_groups([t for t in self.candidates if t not in self.selected])
             self._set_phase_learning_rate(args)
-            self._forget_probing_best(state)
+            forget_best_before(state, self.report.step if self.report is not None else None)
             return
         self._set_phase_learning_rate(args)
         if not self.probe.tracking:
@@ -133,7 +134,7 @@ class BiasSelectionCallback(TrainerCallback):
             # output gradient); scaling vectors are never inert by construction, see _find_inert.
             self.probe.track_tokens(self.trainer.model, [n for n in params if not is_scaling_parameter(n)])
         self.probe.start_step(self._candidate_values())
-        self._forget_probing_best(state)
+        forget_best_before(state, self.report.step if self.report is not None else None)
 
     def on_step_end(self, args, state, control, **kwargs):
         """Hook: record the probing step; at ``probe_steps``, select, freeze and publish the report."""
@@ -171,17 +172,6 @@ class BiasSelectionCallback(TrainerCallback):
             )
         if self._plotting is not None:
             self._plotting.join()
-
-    def _forget_probing_best(self, state) -> None:
-        # With load_best_model_at_end a probing checkpoint would bring back every candidate type
-        # trained, while the report says one: only checkpoints after the switch may be the best.
-        # BeftTrainer never counts a probing evaluation; a resumed state may (an older beft-trainer's).
-        switch_step = self.report.step if self.report is not None else None
-        best = state.best_global_step
-        if best and (switch_step is None or best < switch_step):
-            state.best_metric = None
-            state.best_global_step = None
-            state.best_model_checkpoint = None
 
     # -- probing ------------------------------------------------------------------------------
 

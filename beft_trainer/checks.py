@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from .callback import BiasSelectionCallback
 from .errors import BeftConfigError
 from .resume import RUN_SETTINGS_NAME
 
@@ -85,3 +86,21 @@ def check_output_dir(output_dir: str) -> None:
             f"output_dir={output_dir!r} already holds files that no beft-trainer run wrote ({shown}); "
             "training would write its checkpoints, report and adapter among them. Choose an empty or new folder."
         )
+
+
+def find_selection_callback(callbacks: list | None, beft_config: Any) -> BiasSelectionCallback | None:
+    """The one ``BiasSelectionCallback`` instance among ``callbacks`` (None without); refused beside fixed types."""
+    if any(isinstance(cb, type) and issubclass(cb, BiasSelectionCallback) for cb in callbacks or []):
+        raise BeftConfigError(
+            "callbacks holds the BiasSelectionCallback class; pass an instance: "
+            "callbacks=[BiasSelectionCallback(probe_steps=50)]."
+        )
+    found = [cb for cb in callbacks or [] if isinstance(cb, BiasSelectionCallback)]
+    if len(found) > 1:
+        raise BeftConfigError("Pass at most one BiasSelectionCallback.")
+    if found and beft_config.bias_types is not None:
+        raise BeftConfigError(
+            "BeftConfig.bias_types fixes the trained types, BiasSelectionCallback selects them: "
+            "use one or the other (the callback's `candidates` say what is probed)."
+        )
+    return found[0] if found else None

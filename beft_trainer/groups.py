@@ -106,3 +106,10 @@ def build_optimizer(
             "(TrainingArguments(optim='adafactor') does)."
         )
     return optimizer
+
+
+def freeze_all_but(model: nn.Module, trainable: list[str]) -> None:
+    """Let only the parameters named in ``trainable`` take gradients."""
+    keep = set(trainable)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in keep)

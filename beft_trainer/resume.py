@@ -13,6 +13,8 @@ import logging
 import os
 from typing import Any
 
+from transformers.trainer_utils import get_last_checkpoint
+
 from .config import BeftConfig, SelectionConfig
 from .errors import ResumeError
 
@@ -123,3 +125,29 @@ def _check_training_state(checkpoint: str) -> None:
             "restart the learning-rate schedule and the optimizer's moments, not continue the run. Resume from a "
             "checkpoint saved without save_only_model, or start a new run from its weights."
         )
+
+
+def resolve_checkpoint(resume_from_checkpoint: str | os.PathLike | bool | None, output_dir: str) -> str | None:
+    """The checkpoint folder ``Trainer.train(resume_from_checkpoint=...)`` resumes from, or None for a new run."""
+    if resume_from_checkpoint is True:
+        resume_from_checkpoint = get_last_checkpoint(output_dir)
+        if resume_from_checkpoint is None:
+            raise ResumeError(
+                f"resume_from_checkpoint=True, but {output_dir} holds no checkpoint-N folder. "
+                "Pass the checkpoint's path, or start without resume_from_checkpoint."
+            )
+    return os.fspath(resume_from_checkpoint) if resume_from_checkpoint else None
+
+
+def forget_best_before(state: Any, switch_step: int | None) -> None:
+    """Drop a best checkpoint taken while probing (``switch_step`` None: still probing) from a Trainer state.
+
+    With load_best_model_at_end a probing checkpoint would bring back every candidate type trained,
+    while the report says one. BeftTrainer never counts a probing evaluation; a resumed state may
+    (an older beft-trainer's).
+    """
+    best = state.best_global_step
+    if best and (switch_step is None or best < switch_step):
+        state.best_metric = None
+        state.best_global_step = None
+        state.best_model_checkpoint = None

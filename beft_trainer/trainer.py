@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
 
 from .adapters import AdapterMetadata, BeftAdapter, base_model_fingerprint, build_adapter
+from .adapters.build import groups_to_store
 from .biases import SCALING_TYPES, has_added_biases
 from .callback import BiasSelectionCallback
-from .checks import check_model, check_no_optimizer_given, check_optimizer, check_output_dir
+from .checks import check_model, check_no_optimizer_given, check_optimizer, check_output_dir, find_selection_callback
 from .config import BeftConfig
 from .distributed import (
     full_numel,
@@ -33,11 +33,18 @@ from .distributed import (
     write_full_fp32,
     zero_group_learning_rates,
 )
-from .errors import BeftConfigError, ResumeError
-from .groups import HEAD_GROUPS, bias_parameter_names, build_optimizer, head_parameter_names, trainable_groups
+from .errors import BeftConfigError
+from .groups import (
+    HEAD_GROUPS,
+    bias_parameter_names,
+    build_optimizer,
+    freeze_all_but,
+    head_parameter_names,
+    trainable_groups,
+)
 from .heads import find_head_parameters
 from .precision import cast_frozen_parameters, resolve_frozen_dtype
-from .resume import check_resume, run_settings, write_run_settings
+from .resume import check_resume, resolve_checkpoint, run_settings, write_run_settings
 from .vectors import prepare_model
 
 
@@ -66,14 +73,14 @@ class BeftTrainer(Trainer):
         self.beft_config = beft_config or BeftConfig()
         if not isinstance(self.beft_config, BeftConfig):
             raise BeftConfigError(f"beft_config must be a BeftConfig, not {type(self.beft_config).__name__}.")
-        selection = self._selection_callback(callbacks)
+        selection = find_selection_callback(callbacks, self.beft_config)
         self.selection_callback = selection
         self.trained_types = self._requested_types(selection)
         self.bias_layout = prepare_model(model, self.beft_config.add_missing_biases, self.trained_types or ())
         self.parameter_groups = self._trainable_groups(model)
         self.frozen_groups: list[str] = []
         trainable = [n for names in self.parameter_groups.values() for n in names]
-        _freeze_all_but(model, trainable)
+        freeze_all_but(model, trainable)
         # Before the cast below: adapters load onto the original (float32) checkpoint.
         self.base_fingerprint = base_model_fingerprint(model, exclude=head_parameter_names(self.parameter_groups))
         frozen_dtype = resolve_frozen_dtype(self.beft_config.frozen_dtype, args)
@@ -95,22 +102,6 @@ class BeftTrainer(Trainer):
             raise
 
     # -- set-up -------------------------------------------------------------------------------
-
-    def _selection_callback(self, callbacks: list | None) -> BiasSelectionCallback | None:
-        if any(isinstance(cb, type) and issubclass(cb, BiasSelectionCallback) for cb in callbacks or []):
-            raise BeftConfigError(
-                "callbacks holds the BiasSelectionCallback class; pass an instance: "
-                "callbacks=[BiasSelectionCallback(probe_steps=50)]."
-            )
-        found = [cb for cb in callbacks or [] if isinstance(cb, BiasSelectionCallback)]
-        if len(found) > 1:
-            raise BeftConfigError("Pass at most one BiasSelectionCallback.")
-        if found and self.beft_config.bias_types is not None:
-            raise BeftConfigError(
-                "BeftConfig.bias_types fixes the trained types, BiasSelectionCallback selects them: "
-                "use one or the other (the callback's `candidates` say what is probed)."
-            )
-        return found[0] if found else None
 
     def _requested_types(self, selection: BiasSelectionCallback | None) -> tuple[str, ...] | None:
         """The vector types that train (the candidates while probing); None for BitFit (every bias)."""
@@ -178,14 +169,8 @@ class BeftTrainer(Trainer):
         """
         settle_zero3(self.model_wrapped)
         head = head_parameter_names(self.parameter_groups)
-        params = dict(self.model.named_parameters())
         bias_groups = {g: names for g, names in self.parameter_groups.items() if g not in HEAD_GROUPS}
-        stored = {
-            group: names
-            for group, names in bias_groups.items()
-            if group in self.active_groups
-            or any(not torch.equal(read_full_fp32(params[n]), self.pretrained_biases[n]) for n in names)
-        }
+        stored = groups_to_store(self.model, bias_groups, self.active_groups, self.pretrained_biases)
         selection = self.selection_callback
         return build_adapter(
             self.model,
@@ -212,19 +197,13 @@ class BeftTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """Override: check the checkpoint against this run's settings, and remember it for the callback."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ResumeError(
-                    f"resume_from_checkpoint=True, but {self.args.output_dir} holds no checkpoint-N folder. "
-                    "Pass the checkpoint's path, or start without resume_from_checkpoint."
-                )
-        if resume_from_checkpoint:
-            check_resume(os.fspath(resume_from_checkpoint), self.run_settings())
+        checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None:
+            check_resume(checkpoint, self.run_settings())
         else:
             check_output_dir(self.args.output_dir)
-        self.resume_checkpoint_dir = os.fspath(resume_from_checkpoint) if resume_from_checkpoint else None
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self.resume_checkpoint_dir = checkpoint
+        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
 
     def run_settings(self) -> dict[str, Any]:
         """What shaped this run (parameter groups, BeftConfig, selection options), stored with each checkpoint."""
@@ -241,12 +220,10 @@ class BeftTrainer(Trainer):
         return rates[active[0]]
 
     def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
-        """Override: an evaluation while probing never counts as the best (nor as an improvement).
+        """Override: an evaluation while probing (every candidate trained) never counts as the best.
 
-        Its model has every candidate type trained, not what the report selects: with
-        ``load_best_model_at_end`` it could never be the final model, and as the best metric it would
-        hide the best checkpoint after the switch and let ``EarlyStoppingCallback`` stop the probe.
-        """
+        As the best metric it would hide the best checkpoint after the switch and let
+        ``EarlyStoppingCallback`` stop the probe."""
         if self.selection_callback is None or self.selection_callback.selected is not None:
             return super()._determine_best_metric(metrics, trial)
         best = self.state.best_metric, self.state.best_global_step
@@ -255,11 +232,9 @@ class BeftTrainer(Trainer):
         return False
 
     def _clip_grad_norm(self, model: nn.Module):
-        """Override: drop the frozen groups' gradients before clipping (one process computes none).
+        """Override: clip by the norm of the groups that still train (DDP keeps frozen groups' gradients).
 
-        Under DDP a frozen group keeps ``requires_grad`` and its gradient; clipping by a norm that
-        holds it would shrink the kept types' updates. DeepSpeed clips inside its engine.
-        """
+        DeepSpeed clips inside its engine (docs/errors.md)."""
         if self.frozen_groups and not self.is_deepspeed_enabled:
             params = dict(self.model.named_parameters())
             for name in (n for g in self.frozen_groups for n in self.parameter_groups[g]):
@@ -322,9 +297,3 @@ class BeftTrainer(Trainer):
     def checkpoint_dir(self, step: int) -> str:
         """The folder the Trainer writes the checkpoint of ``step`` to."""
         return os.path.join(self.args.output_dir, f"checkpoint-{step}")
-
-
-def _freeze_all_but(model: nn.Module, trainable: list[str]) -> None:
-    keep = set(trainable)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in keep)

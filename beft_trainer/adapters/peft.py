@@ -252,6 +252,10 @@ def _as_adapter(source: BeftAdapter | str | os.PathLike) -> BeftAdapter:
     )
 
 
+#: What each kind of writer puts into its folder, for the messages.
+_KIND_FILES = {"peft": "adapter", "model": "model"}
+
+
 def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False, writing: str = "peft") -> None:
     """Raise ``PeftExportError`` unless ``out_dir`` is new or empty (or ``overwrite``), before any write.
 
@@ -273,7 +277,7 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False, writing: 
     if not overwrite and held:
         raise PeftExportError(
             f"{out_dir} is not empty (holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); pass a new or empty "
-            "folder, or overwrite=True (on the command line: --overwrite) to replace its adapter files."
+            f"folder, or overwrite=True (on the command line: --overwrite) to replace its {_KIND_FILES[writing]} files."
         )
 
 
