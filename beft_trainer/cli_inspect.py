@@ -13,6 +13,7 @@ def inspect_command(args: argparse.Namespace) -> int:
 
     from .biases import SCALING_TYPES
     from .cli import _HEADS, load_model
+    from .heads import find_head_parameters
     from .vectors import prepare_model, supported_scaling_types
 
     transformers.logging.set_verbosity_error()  # "newly initialized head" warnings are expected here
@@ -35,19 +36,18 @@ def inspect_command(args: argparse.Namespace) -> int:
             f"{vector_type:<20}{kind:<7}{len(vectors):>8}{scalars:>10,}{100 * scalars / total:>9.4f}%  "
             f"{layers[0]}-{layers[-1]:<4}  {note}"
         )
-    _print_others(layout, params)
+    _print_others(layout, params, set(find_head_parameters(model)))
     _print_head(model, params)
     print(f"candidates for BiasSelectionCallback: {', '.join(layout.types) or 'none'}")
     print("inert types (gradient ~0, e.g. k with absolute positions) are found while probing and excluded.")
     return 0
 
 
-def _print_others(layout, params: dict[str, nn.Parameter]) -> None:
-    if layout.other_biases:
-        scalars = sum(params[n].numel() for n in layout.other_biases)
-        print(
-            f"{'other':<20}{'bias':<7}{len(layout.other_biases):>8}{scalars:>10,}  trained by BitFit only (not selectable)"
-        )
+def _print_others(layout, params: dict[str, nn.Parameter], head: set[str]) -> None:
+    others = [n for n in layout.other_biases if n not in head]  # the head's biases train with every method
+    if others:
+        scalars = sum(params[n].numel() for n in others)
+        print(f"{'other':<20}{'bias':<7}{len(others):>8}{scalars:>10,}  trained by BitFit only (not selectable)")
     if not layout.bias_types:
         print("no typed biases: pass BeftConfig(add_missing_biases=True) to add zero-initialised q/k/v biases")
     print()

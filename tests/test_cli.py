@@ -83,6 +83,10 @@ def test_inspect_local_model(trained, capsys):
     ]
     assert "classifier.weight [2, 16]" in out and "  bert.pooler.dense.bias [16]" not in out  # the backbone's
     assert "not in it: bert.pooler.dense.bias [16], the backbone's pooler bias" in out
+    # the embeddings' LayerNorm and the pooler: the head's classifier.bias trains with every method
+    assert [line.split()[:4] for line in out.splitlines() if line.startswith("other ")] == [
+        ["other", "bias", "2", "32"]
+    ]
     assert "candidates for BiasSelectionCallback: q, k, v, attn_out, mlp_in, mlp_out, ln, q_scale_in," in out
 
 
